@@ -1,0 +1,184 @@
+"""Typed, versioned, serialisable quantization configs.
+
+Every method has a frozen dataclass config; configs serialise with :meth:`to_dict` into a
+checkpoint or a report so a result can be reproduced from its file alone, and come back with
+:func:`config_from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .errors import BillmError
+
+
+class SalientMetric(str, enum.Enum):
+    """How salience of a weight is measured."""
+
+    HESSIAN = "hessian"  # s_ij = w_ij^2 / U_jj^2  (U = chol(H^-1), upper)
+    MAGNITUDE = "magnitude"  # s_ij = |w_ij|
+
+
+class SearchDomain(str, enum.Enum):
+    """Which matrix the two searches (salient columns, break point) score their error on."""
+
+    WEIGHT = "weight"  # the paper: error of the binarized weights
+    SALIENCE = "salience"  # the public reference code: error of the binarized salience matrix
+
+
+class BreakGrid(str, enum.Enum):
+    """Candidate break points for the non-salient split."""
+
+    QUANTILE = "quantile"  # quantiles 10 %..90 % of |M| (reference code: 81 of them)
+    LINEAR = "linear"  # p = i * max|M|, i in 0.1..0.9 (paper: 9 of them)
+
+
+_CONFIGS: dict[str, type["QuantConfig"]] = {}
+
+
+def register_config(cls: type["QuantConfig"]) -> type["QuantConfig"]:
+    """Class decorator: make a config constructible by its ``method`` name."""
+    _CONFIGS[cls.method] = cls
+    return cls
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise BillmError(f"invalid config: {msg}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Options shared by every method.
+
+    Attributes:
+        blocksize: columns per OBC block (beta).
+        percdamp: Hessian damping, as a fraction of mean(diag H); raised automatically
+            (x10 per retry) if the Cholesky factorisation fails.
+        include: fnmatch patterns of the linears to quantize, matched against the name inside
+            the decoder block (``self_attn.q_proj``) and the full name. Embeddings and
+            ``lm_head`` are outside the decoder blocks and always stay full precision.
+        exclude: fnmatch patterns of linears to leave in full precision.
+    """
+
+    method: ClassVar[str] = "base"
+    version: ClassVar[int] = 1
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Accept lists from JSON / callers but store tuples (frozen, hashable).
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _check(self.blocksize >= 1, f"blocksize must be >= 1, got {self.blocksize}")
+        _check(0.0 <= self.percdamp < 10.0, f"percdamp must be in [0, 10), got {self.percdamp}")
+        _check(len(self.include) > 0, "include needs at least one pattern")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, with ``method`` and ``version``."""
+        out: dict[str, Any] = {"method": self.method, "version": self.version}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, enum.Enum) else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
+        d = dict(d)
+        d.pop("method", None)
+        version = d.pop("version", cls.version)
+        _check(version <= cls.version, f"{cls.method} config version {version} is newer than this billm ({cls.version})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        _check(not unknown, f"unknown {cls.method} option(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@register_config
+@dataclass(frozen=True)
+class BiLLMConfig(QuantConfig):
+    """BiLLM: structured salient columns (residual binarization) + split non-salient weights.
+
+    Attributes:
+        salient_metric: ``hessian`` (w^2 / U_jj^2) or ``magnitude`` (|w|).
+        search_domain: ``salience`` (reference code: search on the salience matrix) or
+            ``weight`` (paper: search on the weights).
+        min_salient_cols, max_salient_cols: the salient column counts k tried per block.
+        salient_search_order: binarization order used to score both groups while choosing k.
+        salient_order: binarization order of the salient columns (2 = residual approximation).
+        break_grid, n_break_candidates: candidate break points of the non-salient split.
+        centred: subtract a per-row mean before each binarization (reference code) — one more
+            stored value per group and row, usually lower error.
+    """
+
+    method: ClassVar[str] = "billm"
+    version: ClassVar[int] = 1
+
+    salient_metric: SalientMetric = SalientMetric.HESSIAN
+    search_domain: SearchDomain = SearchDomain.SALIENCE
+    min_salient_cols: int = 1
+    max_salient_cols: int = 49
+    salient_search_order: int = 2
+    salient_order: int = 2
+    break_grid: BreakGrid = BreakGrid.QUANTILE
+    n_break_candidates: int = 81
+    centred: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, enum_cls in (("salient_metric", SalientMetric), ("search_domain", SearchDomain), ("break_grid", BreakGrid)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_cls(value))
+            except ValueError:
+                choices = ", ".join(e.value for e in enum_cls)
+                raise BillmError(f"invalid config: {name}={value!r}; choose one of: {choices}") from None
+        _check(0 <= self.min_salient_cols <= self.max_salient_cols,
+               f"need 0 <= min_salient_cols <= max_salient_cols, got {self.min_salient_cols}, {self.max_salient_cols}")
+        _check(self.salient_search_order in (1, 2), "salient_search_order must be 1 or 2")
+        _check(self.salient_order in (1, 2), "salient_order must be 1 or 2")
+        _check(self.n_break_candidates >= 1, "n_break_candidates must be >= 1")
+
+    @classmethod
+    def reference(cls, **overrides: Any) -> "BiLLMConfig":
+        """Exactly the public reference implementation's choices (DESIGN.md §5)."""
+        base = dict(salient_metric="hessian", search_domain="salience", min_salient_cols=1, max_salient_cols=49,
+                    salient_search_order=2, salient_order=2, break_grid="quantile", n_break_candidates=81, centred=True)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "BiLLMConfig":
+        """The paper's text: weight-domain searches, k in 3..30 scored at order 1, p = 0.1..0.9 * max|w|."""
+        base = dict(salient_metric="hessian", search_domain="weight", min_salient_cols=3, max_salient_cols=30,
+                    salient_search_order=1, salient_order=2, break_grid="linear", n_break_candidates=9, centred=False)
+        return cls(**{**base, **overrides})
+
+
+def config_from_dict(d: dict[str, Any]) -> QuantConfig:
+    """Build the right config class from a dict carrying ``method``."""
+    method = d.get("method")
+    if method not in _CONFIGS:
+        raise BillmError(f"unknown method {method!r}; known: {', '.join(sorted(_CONFIGS))}")
+    return _CONFIGS[method].from_dict(d)
+
+
+def known_methods() -> list[str]:
+    """Names of the methods that have a config."""
+    return sorted(_CONFIGS)
+
+
+__all__ = [
+    "BiLLMConfig", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain",
+    "config_from_dict", "known_methods", "register_config",
+]

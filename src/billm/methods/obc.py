@@ -1,0 +1,163 @@
+"""Hessian statistics and block-wise OBC/GPTQ error compensation (pure tensor math).
+
+``H = 2/N * sum_x x x^T`` accumulates as a running mean in float32, N counting calibration
+sequences as GPTQ does (the scale cancels in every use). :func:`prepare_hessian` handles dead
+columns and damping and returns ``U = chol(H^-1)`` (upper). :func:`obc_quantize` walks the columns
+in blocks; a per-block quantizer callback returns the block's quantized values (and optionally its
+own scaled error, for methods such as GPTQ that compensate inside the block), and the block's error
+is propagated to all later columns: ``W[:, end:] -= E @ U[block, end:]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..errors import QuantizationError
+
+log = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Running-mean accumulator of ``2/N * sum x x^T`` for one linear's inputs.
+
+    Args:
+        cols: input features of the linear.
+        device: where H lives (the block's device).
+    """
+
+    def __init__(self, cols: int, device: Union[str, torch.device] = "cpu") -> None:
+        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        """Add inputs ``x`` of shape (batch, ..., cols); each leading-batch row counts as one sample."""
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        batch = x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)  # (tokens, cols)
+        if not torch.isfinite(x).all():
+            raise QuantizationError("non-finite values (NaN/Inf) in a layer's calibration inputs")
+        total = self.nsamples + batch
+        self.H.mul_(self.nsamples / total)
+        x = x * (2.0 / total) ** 0.5
+        self.H.addmm_(x.t(), x)
+        self.nsamples = total
+
+
+@dataclass
+class PreparedHessian:
+    """Output of :func:`prepare_hessian`.
+
+    Attributes:
+        U: (cols, cols) upper Cholesky factor of the damped H^-1.
+        dead: (cols,) bool, columns with zero input energy (their weights were zeroed).
+        percdamp: the damping actually used (may exceed the requested one after retries).
+    """
+
+    U: Tensor
+    dead: Tensor
+    percdamp: float
+
+
+def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> PreparedHessian:
+    """Dead columns, damping and ``U = chol(H^-1)`` (upper), in place on copies the caller owns.
+
+    Dead columns (``H_jj == 0``) get ``H_jj = 1`` and ``W[:, j] = 0`` (``W`` is modified). Damping
+    ``percdamp * mean(diag H)`` is added to the diagonal; if the Cholesky factorisation fails it is
+    multiplied by 10 and retried, up to ``max_tries`` times.
+
+    Raises:
+        QuantizationError: non-finite H, or no damping made it positive definite.
+    """
+    if not torch.isfinite(H).all():
+        raise QuantizationError("the Hessian has non-finite entries (NaN/Inf in the calibration activations?)")
+    H = H.clone()
+    cols = H.shape[0]
+    diag = torch.arange(cols, device=H.device)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0
+    mean_diag = torch.mean(torch.diag(H))
+    damp_frac = percdamp
+    for attempt in range(max_tries):
+        Hd = H.clone()
+        Hd[diag, diag] += damp_frac * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                if attempt:
+                    log.warning("Hessian not positive definite at percdamp=%g; used percdamp=%g", percdamp, damp_frac)
+                return PreparedHessian(U=U, dead=dead, percdamp=damp_frac)
+        damp_frac = damp_frac * 10 if damp_frac > 0 else 1e-4
+    raise QuantizationError(
+        f"the Hessian could not be factored even with percdamp={damp_frac / 10:g} "
+        f"({max_tries} tries from {percdamp:g}); the calibration data may be degenerate")
+
+
+BlockQuantizer = Callable[[Tensor, Tensor, int], Union[Tensor, tuple[Tensor, Optional[Tensor]]]]
+"""Callback ``(Wb (rows, b), Ub (b, b), start_col) -> Qb`` or ``(Qb, Eb)``.
+
+``Eb`` is the block's scaled error ``(w - q) / U_jj`` per column when the method computes it
+itself (GPTQ, which compensates inside the block); ``None`` or a bare ``Qb`` lets the loop use
+``(Wb - Qb) / diag(Ub)``.
+"""
+
+
+@dataclass
+class OBCTimes:
+    """Seconds spent in the quantizer callbacks and in the error propagation."""
+
+    quantize: float = 0.0
+    compensate: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def obc_quantize(W: Tensor, U: Tensor, blocksize: int, quantize_block: BlockQuantizer,
+                 times: Optional[OBCTimes] = None) -> Tensor:
+    """Quantize ``W`` block by block with OBC error compensation between blocks.
+
+    Args:
+        W: (rows, cols) float32 weights; modified in place (it absorbs the compensation).
+        U: (cols, cols) upper Cholesky factor of H^-1 (from :func:`prepare_hessian`).
+        blocksize: columns per block.
+        quantize_block: see :data:`BlockQuantizer`.
+        times: optional accumulator of where the time went.
+
+    Returns:
+        Q (rows, cols), the quantized weights.
+    """
+    rows, cols = W.shape
+    Q = torch.zeros_like(W)
+    for st in range(0, cols, blocksize):
+        ed = min(st + blocksize, cols)
+        Wb = W[:, st:ed]  # (rows, b), already compensated by earlier blocks
+        Ub = U[st:ed, st:ed]  # (b, b)
+        t0 = time.perf_counter()
+        out = quantize_block(Wb.clone(), Ub, st)
+        Qb, Eb = out if isinstance(out, tuple) else (out, None)
+        t1 = time.perf_counter()
+        if Eb is None:
+            Eb = (Wb - Qb) / torch.diag(Ub).unsqueeze(0)  # (rows, b)
+        Q[:, st:ed] = Qb
+        if ed < cols:
+            W[:, ed:] -= Eb.matmul(U[st:ed, ed:])
+        if times is not None:
+            times.quantize += t1 - t0
+            times.compensate += time.perf_counter() - t1
+    return Q
+
+
+def hessian_error(W: Tensor, Q: Tensor, H: Tensor) -> tuple[float, float]:
+    """Output error proxy ``tr(D H D^T)`` with ``D = W - Q``, absolute and relative to ``tr(W H W^T)``."""
+    D = (W - Q).to(torch.float32)
+    num = float(torch.sum((D @ H) * D))
+    den = float(torch.sum((W.float() @ H) * W.float()))
+    return num, num / den if den > 0 else float("nan")

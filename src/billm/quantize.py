@@ -1,0 +1,203 @@
+"""The one entry point: ``billm.quantize(model, calibration, config) -> QuantReport``.
+
+Block by block: capture the first block's inputs, then for each decoder block accumulate the
+Hessian of every selected linear from the block's calibration inputs, quantize each linear with
+the configured method (simulated weights written in place), and run the quantized block again
+so the next block sees quantized outputs. Finished blocks go back to the offload device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .errors import BillmError, DataError, ModelError, QuantizationError
+from .methods import get_method
+from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
+from .model.walker import (
+    Device, capture_inputs, find_blocks, find_linears, get_weight, run_block, select_linears, set_weight,
+)
+
+log = logging.getLogger(__name__)
+
+PHASES = ("capture", "hessian", "search", "compensation", "propagation")
+
+
+@dataclass
+class LayerReport:
+    """What happened to one linear.
+
+    Attributes:
+        name: qualified module name.
+        shape: (out_features, in_features).
+        weight_bits: bits per weight as papers count them.
+        hessian_rel_err: ``tr(D H D^T) / tr(W H W^T)``, D = W - Q: relative output error on the calibration data.
+        weight_rel_err: ``||W - Q||_F / ||W||_F``.
+        seconds: time spent quantizing this linear.
+        info: method-specific figures (salient columns, break points, ...).
+    """
+
+    name: str
+    shape: tuple[int, int]
+    weight_bits: float
+    hessian_rel_err: float
+    weight_rel_err: float
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuantReport:
+    """Per-layer report and phase timings of one :func:`quantize` run."""
+
+    config: dict[str, Any]
+    layers: list[LayerReport]
+    phases: dict[str, float]
+    nsamples: int
+    seqlen: int
+
+    @property
+    def n_weights(self) -> int:
+        """Quantized weights in total."""
+        return sum(r.shape[0] * r.shape[1] for r in self.layers)
+
+    @property
+    def weight_bits(self) -> float:
+        """Average bits per quantized weight (paper counting), weighted by layer size."""
+        n = self.n_weights
+        return sum(r.weight_bits * r.shape[0] * r.shape[1] for r in self.layers) / n if n else float("nan")
+
+    @property
+    def seconds(self) -> float:
+        """Total wall time of the phases."""
+        return sum(self.phases.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"config": self.config, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "weight_bits": self.weight_bits, "n_weights": self.n_weights, "seconds": self.seconds,
+                "phases": dict(self.phases), "layers": [asdict(r) for r in self.layers]}
+
+
+def _as_batches(calibration: Union[Tensor, Sequence[Tensor]], batch_size: int) -> list[Tensor]:
+    if isinstance(calibration, Tensor):
+        if calibration.dim() == 1:
+            calibration = calibration.unsqueeze(0)
+        if calibration.dim() != 2:
+            raise DataError(f"calibration token ids must be (nsamples, seqlen), got shape {tuple(calibration.shape)}")
+        rows = list(calibration)
+    else:
+        rows = [t.reshape(-1) for t in calibration]
+    if not rows:
+        raise DataError("no calibration samples given")
+    lengths = {r.numel() for r in rows}
+    if len(lengths) != 1 or 0 in lengths:
+        raise DataError(f"calibration samples must all have the same non-zero length, got {sorted(lengths)}")
+    return [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def _max_positions(model: nn.Module) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
+             device: Optional[Device] = None, batch_size: int = 8, progress: bool = True) -> QuantReport:
+    """Quantize the linears of every decoder block of ``model`` in place (simulated weights).
+
+    Args:
+        model: a Hugging Face causal LM (or any model with a list of repeated decoder blocks).
+        calibration: token ids, (nsamples, seqlen) or a list of 1-D tensors of one length.
+        config: the method's config (e.g. :class:`billm.BiLLMConfig`).
+        device: where each block runs while it is quantized (e.g. ``"cuda"``); the rest of the
+            model waits on its current device. Default: the model's device.
+        batch_size: calibration sequences per forward call.
+        progress: show a tqdm bar over blocks.
+
+    Returns:
+        A :class:`QuantReport` with one :class:`LayerReport` per quantized linear.
+    """
+    fn = get_method(config.method)
+    batches = _as_batches(calibration, batch_size)
+    nsamples, seqlen = sum(b.shape[0] for b in batches), batches[0].shape[1]
+    max_pos = _max_positions(model)
+    if max_pos is not None and seqlen > max_pos:
+        raise DataError(f"calibration seqlen {seqlen} exceeds the model's maximum of {max_pos} positions")
+    blocks_name, blocks = find_blocks(model)
+    targets = [select_linears(find_linears(b), f"{blocks_name}.{i}", config.include, config.exclude)
+               for i, b in enumerate(blocks)]
+    if not any(targets):
+        raise ModelError(f"no linear layers to quantize in {type(model).__name__} "
+                         f"(include={list(config.include)}, exclude={list(config.exclude)})")
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    offload = home
+    phases = {p: 0.0 for p in PHASES}
+    was_training = model.training
+    model.eval()
+
+    t0 = time.perf_counter()
+    inputs = capture_inputs(model, batches, device=device, offload=offload)
+    phases["capture"] += time.perf_counter() - t0
+
+    layers: list[LayerReport] = []
+    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block")
+    for i, block in bar:
+        block.to(device)
+        linears = targets[i]
+        # 1) statistics: one pass of the calibration inputs through the (still full-precision) block
+        t0 = time.perf_counter()
+        accs = {n: HessianAccumulator(get_weight(m).shape[1], device) for n, m in linears.items()}
+        handles = [m.register_forward_hook(lambda _m, inp, _out, a=accs[n]: a.add_batch(inp[0].detach()))
+                   for n, m in linears.items()]
+        try:
+            run_block(block, inputs, device, offload)
+        finally:
+            for h in handles:
+                h.remove()
+        phases["hessian"] += time.perf_counter() - t0
+        # 2) quantize each linear
+        for name, mod in linears.items():
+            full = f"{blocks_name}.{i}.{name}"
+            W = get_weight(mod).to(torch.float32)
+            if not torch.isfinite(W).all():
+                raise QuantizationError(f"{full}: the weight has NaN/Inf entries; refusing to quantize it")
+            H = accs[name].H
+            times = OBCTimes()
+            t0 = time.perf_counter()
+            try:
+                res = fn(W.clone(), H, config, times)
+            except BillmError as e:
+                raise QuantizationError(f"{full}: {e}") from e
+            took = time.perf_counter() - t0
+            phases["search"] += times.quantize
+            phases["compensation"] += times.compensate
+            phases["hessian"] += took - times.quantize - times.compensate
+            _, rel = hessian_error(W, res.q, H)
+            wrel = float(torch.linalg.norm(W - res.q) / torch.linalg.norm(W).clamp(min=1e-12))
+            set_weight(mod, res.q)
+            layers.append(LayerReport(name=full, shape=tuple(W.shape), weight_bits=res.weight_bits,
+                                      hessian_rel_err=rel, weight_rel_err=wrel, seconds=took, info=res.info))
+            log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits, %.2fs",
+                     full, tuple(W.shape), rel, wrel, res.weight_bits, took)
+        del accs
+        # 3) propagate: the next block sees this block's quantized outputs
+        t0 = time.perf_counter()
+        inputs.hidden = run_block(block, inputs, device, offload)
+        block.to(offload)
+        phases["propagation"] += time.perf_counter() - t0
+        if layers:
+            bar.set_postfix(err=f"{layers[-1].hessian_rel_err:.3f}")
+    model.train(was_training)
+    return QuantReport(config=config.to_dict(), layers=layers, phases=phases, nsamples=nsamples, seqlen=seqlen)
