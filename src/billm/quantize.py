@@ -140,6 +140,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     if not any(targets):
         raise ModelError(f"no linear layers to quantize in {type(model).__name__} "
                          f"(include={list(config.include)}, exclude={list(config.exclude)})")
+    for i, lin in enumerate(targets):  # fail before any work, naming the layer
+        for name, mod in lin.items():
+            if not torch.isfinite(get_weight(mod)).all():
+                raise QuantizationError(f"{blocks_name}.{i}.{name}: the weight has NaN/Inf entries; refusing to quantize it")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     offload = home
@@ -163,6 +167,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                    for n, m in linears.items()]
         try:
             run_block(block, inputs, device, offload)
+        except QuantizationError as e:
+            raise QuantizationError(f"block {blocks_name}.{i}: {e}") from e
         finally:
             for h in handles:
                 h.remove()
@@ -171,8 +177,6 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         for name, mod in linears.items():
             full = f"{blocks_name}.{i}.{name}"
             W = get_weight(mod).to(torch.float32)
-            if not torch.isfinite(W).all():
-                raise QuantizationError(f"{full}: the weight has NaN/Inf entries; refusing to quantize it")
             H = accs[name].H
             times = OBCTimes()
             t0 = time.perf_counter()

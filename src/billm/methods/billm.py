@@ -21,7 +21,7 @@ def salience(Wb: Tensor, Ub: Tensor, metric: SalientMetric) -> Tensor:
     return Wb.abs()
 
 
-def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, int, float]:
+def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, Tensor, float]:
     """Binarize one block the BiLLM way.
 
     Args:
@@ -30,7 +30,7 @@ def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, int, 
         cfg: options.
 
     Returns:
-        (Qb (rows, b), number of salient columns, break point).
+        (Qb (rows, b), salient column indices (k,) in the block, break point).
     """
     S = salience(Wb, Ub, cfg.salient_metric)  # (rows, b)
     M = S if cfg.search_domain == SearchDomain.SALIENCE else Wb
@@ -42,7 +42,7 @@ def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, int, 
     conc, sparse, salient = split_masks(M, smask, brk.value)  # (rows, b) each
     Qb = (binarize(Wb, conc, 1, cfg.centred) + binarize(Wb, sparse, 1, cfg.centred)
           + binarize(Wb, salient, cfg.salient_order, cfg.centred))
-    return Qb, sal.k, brk.value
+    return Qb, sal.columns, brk.value
 
 
 @register_method("billm")
@@ -50,20 +50,20 @@ def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optiona
     """BiLLM-quantize ``W`` (rows, cols) with Hessian ``H`` (cols, cols); returns simulated weights."""
     W = W.to(torch.float32).clone()
     prep = prepare_hessian(H, W, cfg.percdamp)
-    ks: list[int] = []
+    salient: list[list[int]] = []  # per block, salient column indices (absolute)
     breaks: list[float] = []
 
     def quantize_block(Wb: Tensor, Ub: Tensor, start: int) -> Tensor:
-        Qb, k, p = billm_block(Wb, Ub, cfg)
-        ks.append(k)
+        Qb, cols_, p = billm_block(Wb, Ub, cfg)
+        salient.append(sorted(int(c) + start for c in cols_))
         breaks.append(p)
         return Qb
 
     Q = obc_quantize(W, prep.U, cfg.blocksize, quantize_block, times)
     cols = W.shape[1]
-    n_sal = sum(ks)
+    n_sal = sum(len(s) for s in salient)
     bits = (cfg.salient_order * n_sal + (cols - n_sal)) / cols
     return WeightResult(q=Q, weight_bits=bits, info={
-        "salient_cols": n_sal, "salient_per_block": ks, "break_points": breaks,
+        "salient_cols": n_sal, "salient_columns": salient, "break_points": breaks,
         "dead_cols": int(prep.dead.sum()), "percdamp_used": prep.percdamp,
     })

