@@ -198,7 +198,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         del accs
         # 3) propagate: the next block sees this block's quantized outputs
         t0 = time.perf_counter()
-        inputs.hidden = run_block(block, inputs, device, offload)
+        if i + 1 < len(blocks):
+            inputs.hidden = run_block(block, inputs, device, offload)
         block.to(offload)
         phases["propagation"] += time.perf_counter() - t0
         if layers:

@@ -17,6 +17,7 @@ bound memory). ``billm.methods.oracle`` keeps the plain loop versions these are 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,48 +25,95 @@ import torch
 from torch import Tensor
 DT = torch.float64
 
-_Interval = tuple[Tensor, Tensor]  # (lo, hi) sorted-index bounds of a group part, each (B, R), lo <= hi
+_Interval = tuple[Tensor, Tensor]  # (lo, hi) sorted-index bounds of a group part, each (R, B), lo <= hi
+
+# Layout: rows first. R rows of a block, n sorted entries per row, B candidates, P query points.
 
 
 class _Prefix:
-    """Prefix (count, sum, sum of squares) of a group's members along sorted rows.
+    """Prefix (count, sum, sum of squares) of all entries along the sorted rows ``vals`` (R, n).
 
-    ``P`` is (B, R, n+1, 3), or (1, R, n+1, 3) shared by all B candidates. ``index_map`` (R, N+1)
-    maps positions of a longer sorted row into P's rows (P is built on a subset of the row);
-    ``minus`` is another prefix subtracted lazily, so a complement group costs no copy.
+    ``minus`` (a :class:`_RankPrefix`) is subtracted lazily, so a complement group costs no copy.
     """
 
-    def __init__(self, P: Tensor, minus: "_Prefix | None" = None, index_map: Tensor | None = None) -> None:
-        self.P = P
-        self.minus = minus
-        self.index_map = index_map
-
-    @staticmethod
-    def build(vals: Tensor, members: Tensor) -> Tensor:
-        """(B, R, n+1, 3) prefix of vals (R, n) sorted rows, members (B, R, n) 0/1 in vals.dtype."""
-        pad = torch.nn.functional.pad
+    def __init__(self, vals: Tensor, minus: "_RankPrefix | None" = None) -> None:
         feats = torch.stack([torch.ones_like(vals), vals, vals * vals], dim=-1)  # (R, n, 3)
-        # A leading zero entry makes position 0 the empty prefix: (B, R, n+1, 3) straight from cumsum.
-        return (pad(members, (1, 0)).unsqueeze(-1) * pad(feats, (0, 0, 1, 0))).cumsum(dim=2)
+        self.P = torch.nn.functional.pad(feats, (0, 0, 1, 0)).cumsum(dim=1)  # (R, n+1, 3), P[:, 0] = 0
+        self.minus = minus
 
     def at(self, pos: Tensor) -> Tensor:
-        """Prefix values at sorted positions ``pos`` (B, R, K) -> (B, R, K, 3)."""
-        out = self._own(pos)
+        """Stats of the entries before sorted positions ``pos`` (R, B, P) -> (R, B, P, 3)."""
+        R, B, P = pos.shape
+        out = self.P.gather(1, pos.reshape(R, B * P, 1).expand(R, B * P, 3)).view(R, B, P, 3)
         return out if self.minus is None else out - self.minus.at(pos)
 
-    def _own(self, pos: Tensor) -> Tensor:
-        B, R, K = pos.shape
-        if self.index_map is not None:
-            pos = self.index_map.gather(1, pos.permute(1, 0, 2).reshape(R, B * K)).view(R, B, K).permute(1, 0, 2)
-        if self.P.shape[0] == 1 and B > 1:  # shared prefix: fold candidates into the gather dim
-            idx = pos.permute(1, 0, 2).reshape(1, R, B * K, 1).expand(1, R, B * K, 3)
-            return self.P.gather(2, idx).view(R, B, K, 3).permute(1, 0, 2, 3)
-        return self.P.gather(2, pos.unsqueeze(-1).expand(B, R, K, 3))
+
+class _RankPrefix:
+    """Stats of each candidate's salient entries (the top-b ranked columns of a row) before a position.
+
+    Candidate b's salient set is the row's first b entries in column-rank order. A full
+    (R, B, K+1, 3) table would cost O(B*K) per row. Instead ranks are cut in C blocks of
+    s ~ sqrt(K): one table holds, for each whole-block prefix (ranks < c*s), the stats below every
+    position of the value-sorted top-K entries, (R, C+1, K+1, 3); a second holds, inside each
+    block, the stats of its first j ranks below every in-block position, (R, C, s+1, s+1, 3).
+    Any query is then two ``searchsorted`` and two gathers.
+
+    Args:
+        vals: (R, n) the full sorted rows (positions passed to :meth:`at` index these).
+        y: (R, K) the row's entries of the top-K columns, in rank order.
+        ks: (B,) candidate counts, each <= K.
+    """
+
+    def __init__(self, vals: Tensor, y: Tensor, ks: Tensor) -> None:
+        R, K = y.shape
+        dev = y.device
+        s = math.isqrt(max(K - 1, 0)) + 1
+        C = -(-K // s) if K else 1
+        self.K, self.s, self.C = K, s, C
+        self.vals_ext = torch.nn.functional.pad(vals, (0, 1), value=float("inf"))  # position n -> +inf
+        # Whole-block prefixes over the value-sorted top-K entries.
+        self.ys, rank_of_sorted = torch.sort(y, dim=1)  # (R, K)
+        members = (rank_of_sorted.unsqueeze(1) < (torch.arange(C + 1, device=dev) * s).view(1, -1, 1)).to(y.dtype)
+        self.whole = self._prefix(self.ys, members).reshape(-1, 3)  # (R*(C+1)*(K+1), 3)
+        # Inside each block: ranks c*s .. c*s+s-1, padded with +inf past K (never below a threshold).
+        yb = torch.nn.functional.pad(y, (0, C * s - K), value=float("inf")).view(R, C, s)
+        ybs, in_rank = torch.sort(yb, dim=2)  # (R, C, s)
+        members = (in_rank.unsqueeze(2) < torch.arange(s + 1, device=dev).view(1, 1, -1, 1)).to(y.dtype)
+        self.inner = self._prefix(ybs, members).reshape(-1, 3)  # (R*C*(s+1)*(s+1), 3)
+        c_b = torch.div(ks, s, rounding_mode="floor")  # (B,) whole blocks of each candidate
+        j_b = ks - c_b * s  # ranks taken from the partial block
+        self.c_b = c_b
+        self.c_part = c_b.clamp(max=C - 1)
+        self.j_b = torch.where(c_b < C, j_b, 0)
+        self.ybs_b = ybs[:, self.c_part].contiguous()  # (R, B, s) the partial block's sorted values
+
+    @staticmethod
+    def _prefix(sorted_vals: Tensor, members: Tensor) -> Tensor:
+        """sorted_vals (..., m), members (..., J, m) 0/1 -> (..., J, m+1, 3) prefix stats."""
+        v = torch.where(torch.isfinite(sorted_vals), sorted_vals, 0.0)
+        feats = torch.stack([torch.ones_like(v), v, v * v], dim=-1).unsqueeze(-3)  # (..., 1, m, 3)
+        cum = (members.unsqueeze(-1) * feats).cumsum(dim=-2)
+        return torch.nn.functional.pad(cum, (0, 0, 1, 0))
+
+    def at(self, pos: Tensor) -> Tensor:
+        """Stats of salient entries before full-row positions ``pos`` (R, B, P) -> (R, B, P, 3)."""
+        R, B, P = pos.shape
+        K, s, C = self.K, self.s, self.C
+        # Entries before a left-insertion position are exactly those below the value found there.
+        t = self.vals_ext.gather(1, pos.reshape(R, B * P))  # (R, B*P)
+        rows = torch.arange(R, device=pos.device).view(R, 1, 1)
+        m1 = torch.searchsorted(self.ys, t).view(R, B, P)
+        i1 = (rows * (C + 1) + self.c_b.view(1, B, 1)) * (K + 1) + m1
+        t = t.view(R, B, P)
+        m2 = torch.searchsorted(self.ybs_b, t)  # (R, B, P) in-block positions
+        i2 = ((rows * C + self.c_part.view(1, B, 1)) * (s + 1) + self.j_b.view(1, B, 1)) * (s + 1) + m2
+        out = self.whole.index_select(0, i1.reshape(-1)) + self.inner.index_select(0, i2.reshape(-1))
+        return out.view(R, B, P, 3)
 
 
-def _ss(vals: Tensor, t: Tensor, right: bool = False) -> Tensor:
-    """Batched searchsorted: vals (R, n) sorted rows, t (B, R) -> (B, R) insertion indices."""
-    return torch.searchsorted(vals, t.transpose(0, 1).contiguous(), right=right).transpose(0, 1)
+def _ss(vals: Tensor, t: Tensor) -> Tensor:
+    """Left insertion points of thresholds ``t`` (R, B) in the sorted rows ``vals`` (R, n)."""
+    return torch.searchsorted(vals, t)
 
 
 class _Group:
@@ -75,17 +123,16 @@ class _Group:
     several positions at once, with one gather per call.
     """
 
-    def __init__(self, P: _Prefix, ivs: list[_Interval]) -> None:
+    def __init__(self, P: "_Prefix | _RankPrefix", ivs: list[_Interval]) -> None:
         self.P, self.ivs = P, ivs
-        ends = torch.stack([b for iv in ivs for b in iv], dim=-1)  # (B, R, 2*len(ivs))
-        f = P.at(ends)
-        self.base = sum(f[:, :, 2 * i] for i in range(len(ivs)))  # F at the interval starts, summed
-        self.total = sum(f[:, :, 2 * i + 1] - f[:, :, 2 * i] for i in range(len(ivs)))  # (B, R, 3)
+        f = P.at(torch.stack([b for iv in ivs for b in iv], dim=-1))  # (R, B, 2*len(ivs), 3)
+        self.base = sum(f[:, :, 2 * i] for i in range(len(ivs)))  # stats before each interval start, summed
+        self.total = sum(f[:, :, 2 * i + 1] - f[:, :, 2 * i] for i in range(len(ivs)))  # (R, B, 3)
 
     def cum(self, pos: Tensor) -> Tensor:
-        """pos (B, R, K) sorted indices -> (B, R, K, 3) stats of group entries below them."""
+        """pos (R, B, K) sorted indices -> (R, B, K, 3) stats of group entries below them."""
         clamped = [torch.minimum(torch.maximum(pos, lo.unsqueeze(-1)), hi.unsqueeze(-1)) for lo, hi in self.ivs]
-        f = self.P.at(torch.cat(clamped, dim=-1))  # (B, R, K*len(ivs), 3)
+        f = self.P.at(torch.cat(clamped, dim=-1))  # (R, B, K*len(ivs), 3)
         K = pos.shape[-1]
         return sum(f[:, :, i * K:(i + 1) * K] for i in range(len(self.ivs))) - self.base.unsqueeze(2)
 
@@ -96,19 +143,19 @@ def _deviations(n: Tensor, s1: Tensor, s2: Tensor, below: Tensor, t: Tensor) -> 
     return s1 - 2 * sb - t * (n - 2 * nb), s2 - 2 * t * s1 + n * t * t
 
 
-def group_error(P: _Prefix, vals: Tensor, ivs: list[_Interval], order: int, centred: bool) -> Tensor:
-    """Squared error of binarizing a group (order 1 or 2) per candidate and row: (B, R).
+def group_error(P: "_Prefix | _RankPrefix", vals: Tensor, ivs: list[_Interval], order: int, centred: bool) -> Tensor:
+    """Squared error of binarizing a group (order 1 or 2) per row and candidate: (R, B).
 
     The group is the members of ``P`` inside the index intervals ``ivs`` of the sorted rows
     ``vals`` (R, n). Signs are +-1 (sign(0) = +1), so each pass's error is
     ``sum (x - mu)^2 - n * alpha^2``.
     """
     g = _Group(P, ivs)
-    n, s1, s2 = g.total.unbind(-1)  # (B, R) each
+    n, s1, s2 = g.total.unbind(-1)  # (R, B) each
     nz = n.clamp(min=1)
     mu1 = s1 / nz if centred else torch.zeros_like(s1)
     pos1 = _ss(vals, mu1)
-    low = g.cum(pos1.unsqueeze(-1))[:, :, 0]  # (B, R, 3): entries with x < mu1
+    low = g.cum(pos1.unsqueeze(-1))[:, :, 0]  # (R, B, 3): entries with x < mu1
     abs1, sq1 = _deviations(n, s1, s2, low, mu1)
     alpha1 = abs1 / nz
     if order == 1:
@@ -121,8 +168,8 @@ def group_error(P: _Prefix, vals: Tensor, ivs: list[_Interval], order: int, cent
     mu2 = (up[..., 1] - up[..., 0] * c_up + low[..., 1] - low[..., 0] * c_lo) / nz if centred else torch.zeros_like(s1)
     t_up, t_lo = c_up + mu2, c_lo + mu2
     p_up = torch.maximum(_ss(vals, t_up), pos1)  # upper-part entries below t_up lie in [pos1, p_up)
-    p_lo = torch.minimum(_ss(vals, t_lo), pos1)  # lower-part entries below t_lo lie in [.., p_lo)
-    f = g.cum(torch.stack([p_up, p_lo], dim=-1))  # (B, R, 2, 3)
+    p_lo = torch.minimum(_ss(vals, t_lo), pos1)  # lower-part entries below t_lo lie before p_lo
+    f = g.cum(torch.stack([p_up, p_lo], dim=-1))  # (R, B, 2, 3)
     abs_up, sq_up = _deviations(*up.unbind(-1), f[:, :, 0] - low, t_up)
     abs_lo, sq_lo = _deviations(*low.unbind(-1), f[:, :, 1], t_lo)
     alpha2 = (abs_up + abs_lo) / nz
@@ -191,19 +238,15 @@ def search_salient_columns(M: Tensor, col_score: Tensor, k_min: int, k_max: int,
     # Only the top-kmax columns can ever be salient: build the per-candidate prefixes on that
     # subset (B, r, kmax+1, 3) and map full-row sorted positions into it.
     kmax = int(ks.max()) if B else 0
-    for sl in _row_chunks(rows, B * (kmax + 1) * 3 + (cols + 1) * 4):
+    top = ranking[:kmax]
+    for sl in _row_chunks(rows, (cols + 1) * 4 + B * 64):
         v = vals[sl].contiguous()  # (r, cols)
         r = v.shape[0]
-        in_sub = sorted_rank[sl] < kmax  # (r, cols), kmax True per row, in sorted order
-        v_sub = v[in_sub].view(r, kmax)  # (r, kmax) still sorted
-        rank_sub = sorted_rank[sl][in_sub].view(r, kmax)
-        sal = (rank_sub.unsqueeze(0) < ks.view(-1, 1, 1)).to(DT)  # (B, r, kmax)
-        index_map = torch.nn.functional.pad(in_sub.long().cumsum(dim=1), (1, 0))  # (r, cols+1)
-        P_sal = _Prefix(_Prefix.build(v_sub, sal), index_map=index_map)
-        P_non = _Prefix(_Prefix.build(v, torch.ones_like(v).unsqueeze(0)), minus=P_sal)
-        full = [(torch.zeros(B, r, dtype=torch.long, device=M.device), torch.full((B, r), cols, device=M.device))]
-        e = group_error(P_sal, v, full, order, centred) + group_error(P_non, v, full, order, centred)  # (B, r)
-        errors += e.sum(dim=1)
+        P_sal = _RankPrefix(v, x[sl][:, top], ks)
+        P_non = _Prefix(v, minus=P_sal)
+        full = [(torch.zeros(r, B, dtype=torch.long, device=M.device), torch.full((r, B), cols, device=M.device))]
+        e = group_error(P_sal, v, full, order, centred) + group_error(P_non, v, full, order, centred)  # (r, B)
+        errors += e.sum(dim=0)
     best = int(torch.argmin(errors))
     k = int(ks[best])
     return SalientSearch(k=k, columns=ranking[:k], candidates=ks, errors=errors)
@@ -254,17 +297,17 @@ def search_break_point(M: Tensor, salient: Tensor, candidates: Tensor, order: in
     p = candidates.detach().to(device=M.device, dtype=DT)
     vals, _ = torch.sort(x, dim=1)
     errors = torch.zeros(C, dtype=DT, device=M.device)
-    for sl in _row_chunks(rows, (n + 1) * 3):
+    for sl in _row_chunks(rows, (n + 1) * 3 + C * 64):
         v = vals[sl].contiguous()
         r = v.shape[0]
-        P = _Prefix(_Prefix.build(v, torch.ones_like(v).unsqueeze(0)))
-        pc = p.view(C, 1).expand(C, r)
+        P = _Prefix(v)
+        pc = p.view(1, C).expand(r, C).contiguous()
         hi = _ss(v, pc)  # first index with v >= p
-        lo = torch.minimum(_ss(v, -pc, right=True), hi)  # first index with v > -p
+        lo = torch.minimum(torch.searchsorted(v, -pc, right=True), hi)  # first index with v > -p
         zero = torch.zeros_like(lo)
         end = torch.full_like(lo, n)
         e = group_error(P, v, [(lo, hi)], order, centred) + group_error(P, v, [(zero, lo), (hi, end)], order, centred)
-        errors += e.sum(dim=1)
+        errors += e.sum(dim=0)
     best = int(torch.argmin(errors))
     return BreakSearch(index=best, value=float(candidates[best]), candidates=candidates, errors=errors)
 
