@@ -26,6 +26,19 @@ from billm.eval import perplexity
 from billm.model.loading import load_model
 
 
+def _parse(kv: str) -> tuple[str, object]:
+    key, _, value = kv.partition("=")
+    low = value.lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -33,6 +46,8 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--preset", default="default", choices=["default", "reference", "paper"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. search_domain=weight centred=false")
     ap.add_argument("--eval-windows", type=int, default=0)
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -40,7 +55,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = {"reference": billm.BiLLMConfig.reference, "paper": billm.BiLLMConfig.paper,
-           "default": billm.BiLLMConfig}[args.preset]()
+           "default": billm.BiLLMConfig}[args.preset](**dict(_parse(kv) for kv in args.set))
     print(f"$ python {' '.join(sys.argv)}")
     print(f"torch {torch.__version__}, {args.threads} threads, preset {args.preset}")
 
@@ -49,7 +64,8 @@ def main() -> int:
     t_load = time.perf_counter() - t0
     calib = get_calibration_batches("c4", tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                                     data_dir=args.data_dir)
-    out: dict = {"nsamples": args.nsamples, "seqlen": args.seqlen, "preset": args.preset, "load_s": t_load}
+    out: dict = {"nsamples": args.nsamples, "seqlen": args.seqlen, "preset": args.preset, "config": cfg.to_dict(),
+                 "load_s": t_load}
     if args.eval_windows:
         test = get_eval_tokens("wikitext2", tok, args.eval_seqlen, data_dir=args.data_dir)
         out["fp_ppl"] = perplexity(model, test, seqlen=args.eval_seqlen, max_windows=args.eval_windows).ppl

@@ -84,16 +84,21 @@ def test_structure_is_really_billm(cfg):
     assert non >= 3  # the split is really used (not a plain sign quantizer)
 
 
+@pytest.fixture(scope="module")
+def default_quantized():
+    base = tiny_model("llama")
+    billm.quantize(base, _ids(), BiLLMConfig(), progress=False)
+    return get_weight(base.model.layers[0].mlp.down_proj).clone()
+
+
 @pytest.mark.parametrize("opts", [
     dict(salient_metric="magnitude"), dict(search_domain="weight"), dict(break_grid="linear", n_break_candidates=9),
     dict(centred=False), dict(max_salient_cols=4), dict(percdamp=0.1),
 ])
-def test_options_change_the_result(opts):
-    base = tiny_model("llama")
-    billm.quantize(base, _ids(), BiLLMConfig(), progress=False)
+def test_options_change_the_result(opts, default_quantized):
     other = tiny_model("llama")
     rep = billm.quantize(other, _ids(), BiLLMConfig(**opts), progress=False)
-    a = get_weight(base.model.layers[0].mlp.down_proj)
+    a = default_quantized
     b = get_weight(other.model.layers[0].mlp.down_proj)
     assert not torch.equal(a, b)
     if "max_salient_cols" in opts:
@@ -147,3 +152,17 @@ def test_deterministic():
     billm.quantize(b, _ids(), BiLLMConfig(), progress=False)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("family,expected", [
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    ("opt", [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]]),
+])
+def test_linears_fed_one_tensor_share_one_hessian(family, expected):
+    from billm.quantize import shared_input_groups
+
+    model = tiny_model(family)
+    block = find_blocks(model)[1][0]
+    inputs = capture_inputs(model, [_ids(2, 16)])
+    assert shared_input_groups(block, find_linears(block), inputs, "cpu") == expected

@@ -112,6 +112,35 @@ def _max_positions(model: nn.Module) -> Optional[int]:
     return None
 
 
+def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs, device: Device) -> list[list[str]]:
+    """Group the linears of a block that receive the very same input tensor (one Hessian each group).
+
+    Found by running the block on one calibration batch and comparing the input tensors, so
+    q/k/v projections (or gate/up) share one accumulator on any architecture that feeds them one
+    tensor, with no name matching.
+    """
+    seen: dict[str, Tensor] = {}  # holding the inputs keeps them alive, so ids cannot be reused
+    hooks = [m.register_forward_hook(lambda _m, inp, _out, n=n: seen.__setitem__(n, inp[0]))
+             for n, m in linears.items()]
+    try:
+        run_block(block, BlockInputsView(inputs), device, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: dict[object, list[str]] = {}
+    for n in linears:
+        groups.setdefault(id(seen[n]) if n in seen else ("unseen", n), []).append(n)
+    return list(groups.values())
+
+
+class BlockInputsView:
+    """The first batch of captured block inputs (for a probe run)."""
+
+    def __init__(self, inputs) -> None:
+        self.hidden = inputs.hidden[:1]
+        self.kwargs = inputs.kwargs[:1]
+
+
 def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
              device: Optional[Device] = None, batch_size: int = 8, progress: bool = True) -> QuantReport:
     """Quantize the linears of every decoder block of ``model`` in place (simulated weights).
@@ -156,15 +185,23 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     phases["capture"] += time.perf_counter() - t0
 
     layers: list[LayerReport] = []
+    groups: Optional[list[list[str]]] = None
     bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block")
     for i, block in bar:
         block.to(device)
         linears = targets[i]
         # 1) statistics: one pass of the calibration inputs through the (still full-precision) block
         t0 = time.perf_counter()
-        accs = {n: HessianAccumulator(get_weight(m).shape[1], device) for n, m in linears.items()}
-        handles = [m.register_forward_hook(lambda _m, inp, _out, a=accs[n]: a.add_batch(inp[0].detach()))
-                   for n, m in linears.items()]
+        # Blocks repeat one structure: probe the input sharing once, reuse it while the names match.
+        if groups is None or {n for g in groups for n in g} != set(linears):
+            groups = shared_input_groups(block, linears, inputs, device)
+        accs: dict[str, HessianAccumulator] = {}
+        handles = []
+        for group in groups:  # one accumulator per distinct input (q/k/v share one, gate/up another)
+            acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], device)
+            accs.update({n: acc for n in group})
+            handles.append(linears[group[0]].register_forward_hook(
+                lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
         try:
             run_block(block, inputs, device, offload)
         except QuantizationError as e:

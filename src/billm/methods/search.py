@@ -176,7 +176,7 @@ def group_error(P: "_Prefix | _RankPrefix", vals: Tensor, ivs: list[_Interval], 
     return (sq_up + sq_lo - n * alpha2 * alpha2).clamp(min=0)
 
 
-def _row_chunks(rows: int, per_row: int, budget: int = 1 << 19) -> list[slice]:
+def _row_chunks(rows: int, per_row: int, budget: int = 1 << 24) -> list[slice]:
     step = max(1, budget // max(per_row, 1))
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 

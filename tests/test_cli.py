@@ -1,0 +1,96 @@
+"""The billm command line on a tiny model saved as a normal Hugging Face folder."""
+
+import json
+
+import pytest
+import torch
+
+from billm.cli import main, save_quantized
+
+from conftest import tiny_config
+from test_data import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    cfg.vocab_size = 260  # the byte tokenizer's 257 ids
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder)
+    byte_tokenizer(model_max_length=256).save_pretrained(folder)
+    return folder
+
+
+def test_quantize_eval_inspect(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_folder), "--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--out", str(out),
+               "--eval", "pydoc", "--eval-seqlen", "64", "--max-windows", "2", "--quiet"])
+    assert rc == 0
+    assert (out / "config.json").exists() and (out / "billm_report.json").exists()
+    report = json.loads((out / "billm_report.json").read_text())
+    q = report["quantization"]
+    assert q["config"]["method"] == "billm" and len(q["layers"]) == 14
+    assert 1 < q["weight_bits"] < 2
+    ppl_at_quantize = report["eval"]["pydoc"]["ppl"]
+    # The saved folder evaluates to the same perplexity: the simulated weights were saved.
+    j = tmp_path / "ppl.json"
+    assert main(["eval", str(out), "--tasks", "pydoc", "--seqlen", "64", "--max-windows", "2", "--json", str(j)]) == 0
+    again = json.loads(j.read_text())["perplexity"]["pydoc"]["ppl"]
+    assert again == pytest.approx(ppl_at_quantize, rel=1e-5)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "self_attn.q_proj" in text and "weight bits" in text
+
+
+def test_presets_and_options_reach_the_config(tiny_folder, tmp_path):
+    out = tmp_path / "p"
+    assert main(["quantize", str(tiny_folder), "--calib", "pydoc", "--nsamples", "2", "--seqlen", "32", "--out", str(out),
+                 "--preset", "paper", "--exclude", "*.down_proj", "--blocksize", "32", "--quiet"]) == 0
+    cfg = json.loads((out / "billm_report.json").read_text())["quantization"]["config"]
+    assert cfg["search_domain"] == "weight" and cfg["blocksize"] == 32 and cfg["exclude"] == ["*.down_proj"]
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    rc = main(["eval", str(tmp_path / "no-such-model"), "--tasks", "pydoc"])
+    assert rc == 2
+    assert "could not load model" in capsys.readouterr().err
+
+
+def test_too_little_calibration_text_is_a_clear_error(tiny_folder, tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("only a few words here")
+    rc = main(["quantize", str(tiny_folder), "--calib", str(small), "--nsamples", "4", "--seqlen", "64",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "billm: error:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path):
+    class Broken:
+        def save_pretrained(self, path):
+            (path / "partial.bin").write_bytes(b"x")
+            raise OSError("disk full")
+
+    out = tmp_path / "out"
+    with pytest.raises(OSError):
+        save_quantized(Broken(), None, out, {})
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_replaces_existing_output_atomically(tmp_path):
+    class Ok:
+        def save_pretrained(self, path):
+            (path / "weights").write_text("new")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    save_quantized(Ok(), None, out, {"a": 1})
+    assert (out / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
