@@ -7,12 +7,12 @@ from billm.config import BreakGrid, SalientMetric, SearchDomain
 
 
 def test_round_trip_through_json():
-    cfg = BiLLMConfig(search_domain="weight", exclude=["*.down_proj"], blocksize=64)
+    cfg = BiLLMConfig(search_domain="salience", exclude=["*.down_proj"], blocksize=64)
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["method"] == "billm" and d["version"] == 1
     back = config_from_dict(d)
     assert back == cfg
-    assert back.search_domain is SearchDomain.WEIGHT and back.exclude == ("*.down_proj",)
+    assert back.search_domain is SearchDomain.SALIENCE and back.exclude == ("*.down_proj",)
 
 
 def test_presets():
@@ -20,6 +20,7 @@ def test_presets():
     assert (ref.search_domain, ref.max_salient_cols, ref.break_grid) == (SearchDomain.SALIENCE, 49, BreakGrid.QUANTILE)
     assert (paper.search_domain, paper.min_salient_cols, paper.max_salient_cols) == (SearchDomain.WEIGHT, 3, 30)
     assert paper.n_break_candidates == 9 and paper.salient_metric is SalientMetric.HESSIAN
+    assert BiLLMConfig() == paper  # the measured best variant is the default (README)
 
 
 @pytest.mark.parametrize("bad", [

@@ -73,7 +73,7 @@ def _distinct_levels(model, rep, blocksize=128):
     return worst
 
 
-@pytest.mark.parametrize("cfg", [BiLLMConfig(), BiLLMConfig.paper(), BiLLMConfig(blocksize=32)])
+@pytest.mark.parametrize("cfg", [BiLLMConfig(), BiLLMConfig.reference(), BiLLMConfig(blocksize=32)])
 def test_structure_is_really_billm(cfg):
     # Within every row of every block: non-salient entries take at most 4 values
     # (2 per split group), salient columns at most 4 (order-2 residual binarization).
@@ -87,22 +87,22 @@ def test_structure_is_really_billm(cfg):
 @pytest.fixture(scope="module")
 def default_quantized():
     base = tiny_model("llama")
-    billm.quantize(base, _ids(), BiLLMConfig(), progress=False)
+    billm.quantize(base, _ids(), BiLLMConfig(blocksize=32), progress=False)  # several blocks: compensation acts
     return get_weight(base.model.layers[0].mlp.down_proj).clone()
 
 
 @pytest.mark.parametrize("opts", [
-    dict(salient_metric="magnitude"), dict(search_domain="weight"), dict(break_grid="linear", n_break_candidates=9),
-    dict(centred=False), dict(max_salient_cols=4), dict(percdamp=0.1),
+    dict(salient_metric="magnitude"), dict(search_domain="salience"), dict(break_grid="quantile", n_break_candidates=81),
+    dict(centred=True), dict(min_salient_cols=1, max_salient_cols=1), dict(percdamp=0.1), dict(salient_search_order=2),
 ])
 def test_options_change_the_result(opts, default_quantized):
     other = tiny_model("llama")
-    rep = billm.quantize(other, _ids(), BiLLMConfig(**opts), progress=False)
+    rep = billm.quantize(other, _ids(), BiLLMConfig(blocksize=32, **opts), progress=False)
     a = default_quantized
     b = get_weight(other.model.layers[0].mlp.down_proj)
     assert not torch.equal(a, b)
     if "max_salient_cols" in opts:
-        assert all(len(c) <= 4 for r in rep.layers for c in r.info["salient_columns"])
+        assert all(len(c) == 1 for r in rep.layers for c in r.info["salient_columns"])
 
 
 def test_include_exclude_patterns():

@@ -11,7 +11,11 @@ index intervals of the sorted row, and everything binarization needs is an inter
   and a lower part (x - mu1 + alpha1); the second pass's mean, absolute deviation and squared
   deviation are again interval queries on those two parts, at thresholds mu1 +- alpha1 + mu2.
 
-All candidates are scored in a handful of batched tensor operations (float64, row-chunked to
+The salient search needs, for each candidate k, the stats of the row's top-k ranked entries below
+a threshold; :class:`_RankPrefix` answers that with a two-level (sqrt) decomposition of the ranks
+instead of a (k, position) table per row.
+
+All candidates are scored in a few dozen batched tensor operations (float64, row-chunked to
 bound memory). ``billm.methods.oracle`` keeps the plain loop versions these are tested against.
 """
 
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-DT = torch.float64
+
+DT = torch.float64  # search statistics in double precision: the choices must match the loop oracle
 
 _Interval = tuple[Tensor, Tensor]  # (lo, hi) sorted-index bounds of a group part, each (R, B), lo <= hi
 
@@ -40,6 +45,11 @@ class _Prefix:
         feats = torch.stack([torch.ones_like(vals), vals, vals * vals], dim=-1)  # (R, n, 3)
         self.P = torch.nn.functional.pad(feats, (0, 0, 1, 0)).cumsum(dim=1)  # (R, n+1, 3), P[:, 0] = 0
         self.minus = minus
+
+    def total(self) -> Tensor:
+        """Stats of the whole row (less ``minus``'s members): (R, B, 3), or (R, 1, 3) without ``minus``."""
+        tot = self.P[:, -1:, :]
+        return tot if self.minus is None else tot - self.minus.total()
 
     def at(self, pos: Tensor) -> Tensor:
         """Stats of the entries before sorted positions ``pos`` (R, B, P) -> (R, B, P, 3)."""
@@ -86,6 +96,13 @@ class _RankPrefix:
         self.c_part = c_b.clamp(max=C - 1)
         self.j_b = torch.where(c_b < C, j_b, 0)
         self.ybs_b = ybs[:, self.c_part].contiguous()  # (R, B, s) the partial block's sorted values
+        feats = torch.stack([torch.ones_like(y), y, y * y], dim=-1)  # (R, K, 3) in rank order
+        rank_cum = torch.nn.functional.pad(feats.cumsum(dim=1), (0, 0, 1, 0))  # (R, K+1, 3)
+        self._total = rank_cum[:, ks]  # (R, B, 3): stats of each candidate's whole salient set
+
+    def total(self) -> Tensor:
+        """Stats of each candidate's salient set: (R, B, 3)."""
+        return self._total
 
     @staticmethod
     def _prefix(sorted_vals: Tensor, members: Tensor) -> Tensor:
@@ -123,14 +140,19 @@ class _Group:
     several positions at once, with one gather per call.
     """
 
-    def __init__(self, P: "_Prefix | _RankPrefix", ivs: list[_Interval]) -> None:
+    def __init__(self, P: "_Prefix | _RankPrefix", ivs: "list[_Interval] | None") -> None:
         self.P, self.ivs = P, ivs
+        if ivs is None:  # the whole row: no interval ends to look up
+            self.base, self.total = None, P.total()
+            return
         f = P.at(torch.stack([b for iv in ivs for b in iv], dim=-1))  # (R, B, 2*len(ivs), 3)
         self.base = sum(f[:, :, 2 * i] for i in range(len(ivs)))  # stats before each interval start, summed
         self.total = sum(f[:, :, 2 * i + 1] - f[:, :, 2 * i] for i in range(len(ivs)))  # (R, B, 3)
 
     def cum(self, pos: Tensor) -> Tensor:
         """pos (R, B, K) sorted indices -> (R, B, K, 3) stats of group entries below them."""
+        if self.ivs is None:
+            return self.P.at(pos)
         clamped = [torch.minimum(torch.maximum(pos, lo.unsqueeze(-1)), hi.unsqueeze(-1)) for lo, hi in self.ivs]
         f = self.P.at(torch.cat(clamped, dim=-1))  # (R, B, K*len(ivs), 3)
         K = pos.shape[-1]
@@ -143,11 +165,12 @@ def _deviations(n: Tensor, s1: Tensor, s2: Tensor, below: Tensor, t: Tensor) -> 
     return s1 - 2 * sb - t * (n - 2 * nb), s2 - 2 * t * s1 + n * t * t
 
 
-def group_error(P: "_Prefix | _RankPrefix", vals: Tensor, ivs: list[_Interval], order: int, centred: bool) -> Tensor:
+def group_error(P: "_Prefix | _RankPrefix", vals: Tensor, ivs: "list[_Interval] | None", order: int,
+                centred: bool) -> Tensor:
     """Squared error of binarizing a group (order 1 or 2) per row and candidate: (R, B).
 
     The group is the members of ``P`` inside the index intervals ``ivs`` of the sorted rows
-    ``vals`` (R, n). Signs are +-1 (sign(0) = +1), so each pass's error is
+    ``vals`` (R, n) (``None``: the whole row). Signs are +-1 (sign(0) = +1), so each pass's error is
     ``sum (x - mu)^2 - n * alpha^2``.
     """
     g = _Group(P, ivs)
@@ -177,6 +200,7 @@ def group_error(P: "_Prefix | _RankPrefix", vals: Tensor, ivs: list[_Interval], 
 
 
 def _row_chunks(rows: int, per_row: int, budget: int = 1 << 24) -> list[slice]:
+    """Row slices holding about ``budget`` working elements each (few, large ops are fastest)."""
     step = max(1, budget // max(per_row, 1))
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
@@ -244,8 +268,7 @@ def search_salient_columns(M: Tensor, col_score: Tensor, k_min: int, k_max: int,
         r = v.shape[0]
         P_sal = _RankPrefix(v, x[sl][:, top], ks)
         P_non = _Prefix(v, minus=P_sal)
-        full = [(torch.zeros(r, B, dtype=torch.long, device=M.device), torch.full((r, B), cols, device=M.device))]
-        e = group_error(P_sal, v, full, order, centred) + group_error(P_non, v, full, order, centred)  # (r, B)
+        e = group_error(P_sal, v, None, order, centred) + group_error(P_non, v, None, order, centred)  # (r, B)
         errors += e.sum(dim=0)
     best = int(torch.argmin(errors))
     k = int(ks[best])
