@@ -98,3 +98,16 @@ def test_callback_may_return_its_own_error():
     obc_quantize(W, U + torch.triu(torch.ones(8, 8), 1), 4, cb)
     assert seen == [0, 4]
     torch.testing.assert_close(W, W0)
+
+
+@pytest.mark.parametrize("cols,tile", [(600, 256), (300, 128), (64, 256)])
+def test_tiled_symmetric_accumulation_equals_full_product(cols, tile):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 7, cols, generator=g) for _ in range(3)]
+    acc = HessianAccumulator(cols, tile=tile)
+    for x in xs:
+        acc.add_batch(x)
+    X = torch.cat([x.reshape(-1, cols) for x in xs])
+    H = acc.H
+    torch.testing.assert_close(H, 2 / 6 * X.t() @ X, rtol=1e-4, atol=1e-4)
+    assert torch.equal(H, H.t())
