@@ -91,6 +91,27 @@ def test_save_replaces_existing_output_atomically(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "weights").write_text("old")
+    (out / "billm_report.json").write_text("{}")  # a previous billm output may be replaced
     save_quantized(Ok(), None, out, {"a": 1})
     assert (out / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_billm_output(tiny_folder, tmp_path, capsys):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    rc = main(["quantize", str(tiny_folder), "--calib", "pydoc", "--nsamples", "2", "--seqlen", "32",
+               "--out", str(precious)])
+    assert rc == 2 and "refusing to overwrite" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--nsamples", "0"], "--nsamples must be >= 1"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+])
+def test_bad_numbers_and_devices_fail_before_loading(tmp_path, capsys, argv, msg):
+    rc = main(["quantize", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "o")] + argv)
+    assert rc == 2 and msg in capsys.readouterr().err

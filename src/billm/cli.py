@@ -24,6 +24,13 @@ REPORT_NAME = "billm_report.json"
 
 # ----------------------------------------------------------------------------- helpers
 
+def _follow_umask(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask-based mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +39,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+        _follow_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,7 +58,8 @@ def _config_from_args(args: argparse.Namespace):
     from .config import BiLLMConfig, config_from_dict
 
     if args.method != "billm":
-        overrides = {"method": args.method, "blocksize": args.blocksize, "percdamp": args.percdamp}
+        overrides = {"method": args.method, "blocksize": args.blocksize, "percdamp": args.percdamp,
+                     "include": args.include or None, "exclude": args.exclude or None}
         return config_from_dict({k: v for k, v in overrides.items() if v is not None})
     base = {"reference": BiLLMConfig.reference, "paper": BiLLMConfig.paper, "default": BiLLMConfig}[args.preset]
     opts = {
@@ -90,9 +99,16 @@ def _evaluate(model, tokenizer, tasks: Sequence[str], seqlen: int, max_windows: 
 
 def save_quantized(model, tokenizer, out: Path, report: dict) -> None:
     """Save the (simulated) quantized model, its tokenizer and the report atomically into ``out``."""
+    from .errors import BillmError
+
     out = out.resolve()
+    if out.exists() and not (out.is_dir() and (out / REPORT_NAME).is_file()):
+        raise BillmError(f"refusing to overwrite {out}: it exists and is not a billm output folder")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise BillmError(f"refusing to write the output over {out}, which holds the working directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _follow_umask(tmp, directory=True)
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -101,7 +117,11 @@ def save_quantized(model, tokenizer, out: Path, report: dict) -> None:
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, backup)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(backup, out)  # put the previous output back
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -112,13 +132,39 @@ def save_quantized(model, tokenizer, out: Path, report: dict) -> None:
 
 # ----------------------------------------------------------------------------- subcommands
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject impossible numbers and devices before anything slow (loading a model) starts."""
+    import torch
+
+    from .errors import BillmError
+
+    for name in ("nsamples", "seqlen", "batch_size", "eval_seqlen", "eval_batch_size", "max_windows", "calib_seqlen"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise BillmError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if getattr(args, "seqlen", None) is not None and args.seqlen < 2:
+        raise BillmError("--seqlen must be >= 2")
+    dev = getattr(args, "device", None)
+    if dev is not None:
+        try:
+            d = torch.device(dev)
+        except RuntimeError as e:
+            raise BillmError(f"--device {dev!r} is not a torch device: {e}") from None
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise BillmError(f"--device {dev}: CUDA is not available on this machine")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import billm
     from .data import get_calibration_batches
     from .model.loading import load_model
 
+    _check_args(args)
     cfg = _config_from_args(args)
     out = Path(args.out)
+    if out.exists() and not (out / REPORT_NAME).is_file():
+        from .errors import BillmError
+        raise BillmError(f"refusing to overwrite {out}: it exists and is not a billm output folder")
     model, tok = load_model(args.model)
     t0 = time.perf_counter()
     calib = get_calibration_batches(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -127,10 +173,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = {"model": args.model, "calibration": {"source": args.calib, "nsamples": args.nsamples,
                                                    "seqlen": args.seqlen, "seed": args.seed},
               "quantization": report.to_dict(), "seconds": time.perf_counter() - t0}
+    save_quantized(model, tok, out, result)  # the quantized model is safe before any evaluation starts
     if args.eval:
         result["eval"] = _evaluate(model, tok, args.eval.split(","), args.eval_seqlen or args.seqlen,
                                    args.max_windows, args.data_dir, args.device, args.eval_batch_size)
-    save_quantized(model, tok, out, result)
+        write_json_atomic(out / REPORT_NAME, result)
     rows = [[r.name, f"{r.shape[0]}x{r.shape[1]}", r.weight_bits, r.hessian_rel_err, r.seconds]
             for r in report.layers]
     if not args.quiet:
@@ -146,6 +193,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .model.loading import load_model
 
+    _check_args(args)
     model, tok = load_model(args.model)
     results = _evaluate(model, tok, args.tasks.split(","), args.seqlen, args.max_windows, args.data_dir,
                         args.device, args.batch_size)
@@ -163,6 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import get_calibration_batches
     from .model.loading import load_model
 
+    _check_args(args)
     tasks = args.tasks.split(",")
     t_start = time.perf_counter()
     model, tok = load_model(None)

@@ -156,6 +156,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
 
     Returns:
         A :class:`QuantReport` with one :class:`LayerReport` per quantized linear.
+
+    Raises:
+        QuantizationError: a weight or activation is not finite, or a Hessian cannot be factored.
+            Blocks finished before the failure stay quantized in place; reload the model to retry.
     """
     fn = get_method(config.method)
     batches = _as_batches(calibration, batch_size)
@@ -180,66 +184,75 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     was_training = model.training
     model.eval()
 
-    t0 = time.perf_counter()
-    inputs = capture_inputs(model, batches, device=device, offload=offload)
-    phases["capture"] += time.perf_counter() - t0
+    current: Optional[nn.Module] = None
+    try:
+        t0 = time.perf_counter()
+        inputs = capture_inputs(model, batches, device=device, offload=offload)
+        phases["capture"] += time.perf_counter() - t0
 
-    layers: list[LayerReport] = []
-    groups: Optional[list[list[str]]] = None
-    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block")
-    for i, block in bar:
-        block.to(device)
-        linears = targets[i]
-        # 1) statistics: one pass of the calibration inputs through the (still full-precision) block
-        t0 = time.perf_counter()
-        # Blocks repeat one structure: probe the input sharing once, reuse it while the names match.
-        if groups is None or {n for g in groups for n in g} != set(linears):
-            groups = shared_input_groups(block, linears, inputs, device)
-        accs: dict[str, HessianAccumulator] = {}
-        handles = []
-        for group in groups:  # one accumulator per distinct input (q/k/v share one, gate/up another)
-            acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], device)
-            accs.update({n: acc for n in group})
-            handles.append(linears[group[0]].register_forward_hook(
-                lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
-        try:
-            run_block(block, inputs, device, offload)
-        except QuantizationError as e:
-            raise QuantizationError(f"block {blocks_name}.{i}: {e}") from e
-        finally:
-            for h in handles:
-                h.remove()
-        phases["hessian"] += time.perf_counter() - t0
-        # 2) quantize each linear
-        for name, mod in linears.items():
-            full = f"{blocks_name}.{i}.{name}"
-            W = get_weight(mod).to(torch.float32)
-            H = accs[name].H
-            times = OBCTimes()
+        layers: list[LayerReport] = []
+        groups: Optional[list[list[str]]] = None
+        bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block")
+        for i, block in bar:
+            current = block
+            block.to(device)
+            linears = targets[i]
+            # 1) statistics: one pass of the calibration inputs through the (still full-precision) block
             t0 = time.perf_counter()
+            # Blocks repeat one structure: probe the input sharing once, reuse it while the names match.
+            if groups is None or {n for g in groups for n in g} != set(linears):
+                groups = shared_input_groups(block, linears, inputs, device)
+            accs: dict[str, HessianAccumulator] = {}
+            handles = []
+            for group in groups:  # one accumulator per distinct input (q/k/v share one, gate/up another)
+                acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], device)
+                accs.update({n: acc for n in group})
+                handles.append(linears[group[0]].register_forward_hook(
+                    lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
             try:
-                res = fn(W.clone(), H, config, times)
-            except BillmError as e:
-                raise QuantizationError(f"{full}: {e}") from e
-            took = time.perf_counter() - t0
-            phases["search"] += times.quantize
-            phases["compensation"] += times.compensate
-            phases["hessian"] += took - times.quantize - times.compensate
-            _, rel = hessian_error(W, res.q, H)
-            wrel = float(torch.linalg.norm(W - res.q) / torch.linalg.norm(W).clamp(min=1e-12))
-            set_weight(mod, res.q)
-            layers.append(LayerReport(name=full, shape=tuple(W.shape), weight_bits=res.weight_bits,
-                                      hessian_rel_err=rel, weight_rel_err=wrel, seconds=took, info=res.info))
-            log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits, %.2fs",
-                     full, tuple(W.shape), rel, wrel, res.weight_bits, took)
-        del accs
-        # 3) propagate: the next block sees this block's quantized outputs
-        t0 = time.perf_counter()
-        if i + 1 < len(blocks):
-            inputs.hidden = run_block(block, inputs, device, offload)
-        block.to(offload)
-        phases["propagation"] += time.perf_counter() - t0
-        if layers:
-            bar.set_postfix(err=f"{layers[-1].hessian_rel_err:.3f}")
-    model.train(was_training)
+                run_block(block, inputs, device, offload)
+            except QuantizationError as e:
+                raise QuantizationError(f"block {blocks_name}.{i}: {e}") from e
+            finally:
+                for h in handles:
+                    h.remove()
+            phases["hessian"] += time.perf_counter() - t0
+            # 2) quantize each linear
+            for name, mod in linears.items():
+                full = f"{blocks_name}.{i}.{name}"
+                W = get_weight(mod).to(torch.float32)
+                if accs[name].nsamples == 0:
+                    raise QuantizationError(f"{full}: received no calibration input (is it on an unused "
+                                            f"path?); exclude it with --exclude")
+                H = accs[name].H
+                times = OBCTimes()
+                t0 = time.perf_counter()
+                try:
+                    res = fn(W.clone(), H, config, times)
+                except BillmError as e:
+                    raise QuantizationError(f"{full}: {e}") from e
+                took = time.perf_counter() - t0
+                phases["search"] += times.quantize
+                phases["compensation"] += times.compensate
+                phases["hessian"] += took - times.quantize - times.compensate
+                _, rel = hessian_error(W, res.q, H)
+                wrel = float(torch.linalg.norm(W - res.q) / torch.linalg.norm(W).clamp(min=1e-12))
+                set_weight(mod, res.q)
+                layers.append(LayerReport(name=full, shape=tuple(W.shape), weight_bits=res.weight_bits,
+                                          hessian_rel_err=rel, weight_rel_err=wrel, seconds=took, info=res.info))
+                log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits, %.2fs",
+                         full, tuple(W.shape), rel, wrel, res.weight_bits, took)
+            del accs
+            # 3) propagate: the next block sees this block's quantized outputs
+            t0 = time.perf_counter()
+            if i + 1 < len(blocks):
+                inputs.hidden = run_block(block, inputs, device, offload)
+            block.to(offload)
+            phases["propagation"] += time.perf_counter() - t0
+            if layers:
+                bar.set_postfix(err=f"{layers[-1].hessian_rel_err:.3f}")
+    finally:  # on any failure: the block back where it was, the mode restored
+        if current is not None:
+            current.to(offload)
+        model.train(was_training)
     return QuantReport(config=config.to_dict(), layers=layers, phases=phases, nsamples=nsamples, seqlen=seqlen)

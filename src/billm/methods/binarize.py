@@ -7,6 +7,9 @@ that row's masked entries only:
     alpha = mean |x - mu|
     b     = alpha * sign(x - mu) + mu    with sign(0) = +1, so every entry is one stored bit
 
+(The reference code's torch.sign gives 0 there; the two differ only for an entry exactly equal to
+its group's mean, and the reference test reproduces its output.)
+
 Order 2 repeats this on the residual ``x - b`` and sums (binary residual approximation). A row
 with no masked entries gets 0. Entries outside the mask are 0 in the result.
 """
