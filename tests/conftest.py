@@ -27,6 +27,11 @@ def tiny_config(family: str):
         return tf.Qwen2Config(**TINY, num_key_value_heads=2)
     if family == "phi3":
         return tf.Phi3Config(**TINY, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gemma2":  # alternating sliding-window / global layers: per-layer masks
+        return tf.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=16, sliding_window=4, pad_token_id=0)
+    if family == "gemma3":  # local/global layers with different rotary embeddings too
+        return tf.Gemma3TextConfig(**TINY, num_key_value_heads=2, head_dim=16, sliding_window=4, pad_token_id=0,
+                                   layer_types=["sliding_attention", "full_attention"])
     if family == "opt":
         return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
                             max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
@@ -37,7 +42,7 @@ def tiny_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "phi3", "opt", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "phi3", "opt", "gpt2", "gemma2", "gemma3"]
 
 
 def tiny_model(family: str, seed: int = 0):

@@ -28,8 +28,8 @@ def test_walker_replays_the_model_exactly(family):
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     hook.remove()
-    for b in blocks:
-        inputs.hidden = run_block(b, inputs, "cpu")
+    for i, b in enumerate(blocks):
+        inputs.hidden = run_block(b, inputs, "cpu", "cpu", i)
     torch.testing.assert_close(inputs.hidden[0], seen["out"], rtol=1e-5, atol=1e-5)
 
 

@@ -22,7 +22,7 @@ from .errors import BillmError, DataError, ModelError, QuantizationError
 from .methods import get_method
 from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
 from .model.walker import (
-    Device, capture_inputs, find_blocks, find_linears, get_weight, run_block, select_linears, set_weight,
+    BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, run_block, select_linears, set_weight,
 )
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def _max_positions(model: nn.Module) -> Optional[int]:
     return None
 
 
-def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs, device: Device) -> list[list[str]]:
+def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs, device: Device,
+                        index: int = 0) -> list[list[str]]:
     """Group the linears of a block that receive the very same input tensor (one Hessian each group).
 
     Found by running the block on one calibration batch and comparing the input tensors, so
@@ -123,7 +124,7 @@ def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs,
     hooks = [m.register_forward_hook(lambda _m, inp, _out, n=n: seen.__setitem__(n, inp[0]))
              for n, m in linears.items()]
     try:
-        run_block(block, BlockInputsView(inputs), device, device)
+        run_block(block, BlockInputsView(inputs), device, device, index)
     finally:
         for h in hooks:
             h.remove()
@@ -139,6 +140,10 @@ class BlockInputsView:
     def __init__(self, inputs) -> None:
         self.hidden = inputs.hidden[:1]
         self.kwargs = inputs.kwargs[:1]
+        self.layer_kwargs = inputs.layer_kwargs[:1]
+
+    def for_block(self, batch: int, index: int):
+        return BlockInputs.for_block(self, batch, index)  # type: ignore[arg-type]
 
 
 def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
@@ -201,7 +206,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             t0 = time.perf_counter()
             # Blocks repeat one structure: probe the input sharing once, reuse it while the names match.
             if groups is None or {n for g in groups for n in g} != set(linears):
-                groups = shared_input_groups(block, linears, inputs, device)
+                groups = shared_input_groups(block, linears, inputs, device, i)
             accs: dict[str, HessianAccumulator] = {}
             handles = []
             for group in groups:  # one accumulator per distinct input (q/k/v share one, gate/up another)
@@ -210,7 +215,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                 handles.append(linears[group[0]].register_forward_hook(
                     lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
             try:
-                run_block(block, inputs, device, offload)
+                run_block(block, inputs, device, offload, i)
             except QuantizationError as e:
                 raise QuantizationError(f"block {blocks_name}.{i}: {e}") from e
             finally:
@@ -246,7 +251,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             # 3) propagate: the next block sees this block's quantized outputs
             t0 = time.perf_counter()
             if i + 1 < len(blocks):
-                inputs.hidden = run_block(block, inputs, device, offload)
+                inputs.hidden = run_block(block, inputs, device, offload, i)
             block.to(offload)
             phases["propagation"] += time.perf_counter() - t0
             if layers:

@@ -8,6 +8,7 @@ identical modules; linears are ``nn.Linear`` and GPT-2's ``Conv1D`` (a transpose
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import inspect
 import logging
@@ -29,6 +30,21 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 Device = Union[str, torch.device]
 
 
+def _decoder_root(model: nn.Module) -> tuple[str, nn.Module]:
+    """The language decoder of a model (``get_decoder()``), so a vision tower is never taken for it."""
+    get = getattr(model, "get_decoder", None)
+    if callable(get):
+        try:
+            dec = get()
+        except (AttributeError, NotImplementedError, TypeError):
+            dec = None
+        if isinstance(dec, nn.Module) and dec is not model:
+            for name, mod in model.named_modules():
+                if mod is dec:
+                    return name, dec
+    return "", model
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder-block list of a model: (qualified name, ModuleList).
 
@@ -36,7 +52,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         ModelError: no repeated block list was found.
     """
     wanted = set(getattr(model, "_no_split_modules", None) or [])
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    root_name, root = _decoder_root(model)
+    lists = [((f"{root_name}.{n}" if root_name else n), m) for n, m in root.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0]
     for name, ml in lists:
         if wanted and all(type(b).__name__ in wanted for b in ml):
             return name, ml
@@ -94,6 +112,13 @@ class BlockInputs:
 
     hidden: list[Tensor]
     kwargs: list[dict[str, Any]]
+    layer_kwargs: list[list[dict[str, Any]]] = dataclasses.field(default_factory=list)
+
+    def for_block(self, batch: int, index: int) -> dict[str, Any]:
+        """Keyword arguments of block ``index`` for ``batch``: block 0's, with that block's own overrides."""
+        if not self.layer_kwargs or not self.layer_kwargs[batch][index]:
+            return self.kwargs[batch]
+        return {**self.kwargs[batch], **self.layer_kwargs[batch][index]}
 
 
 def _to(obj: Any, device: Device) -> Any:
@@ -153,12 +178,74 @@ def _split_call(block: nn.Module, args: tuple, kw: dict) -> tuple[Tensor, dict[s
     return hidden, named
 
 
+class _Recorder(nn.Module):
+    """Stands in for a decoder block during a probe: records its call, passes the hidden states on."""
+
+    def __init__(self, real: nn.Module, index: int, seen: dict, template: dict, last: bool) -> None:
+        super().__init__()
+        self._real = [real]  # a list, so the real block is not registered (and not moved) as a submodule
+        self._index, self._seen, self._template, self._last = index, seen, template, last
+
+    def __getattr__(self, name: str) -> Any:  # the model may read block attributes (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._real[0], name)
+
+    def forward(self, *args: Any, **kw: Any) -> Any:
+        h, rest = _split_call(self._real[0], args, kw)
+        self._seen[self._index] = rest
+        if self._last:
+            raise _Captured
+        out = self._template["out"]
+        return h if isinstance(out, Tensor) else (h,) + tuple(out[1:])
+
+
+def _layer_overrides(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, device: Device,
+                     offload: Device) -> list[dict[str, Any]]:
+    """Per block, the keyword arguments that differ from block 0's (sliding-window masks, local rotary ...).
+
+    One probe forward of ``ids`` where block 0 runs for real and every later block is a
+    :class:`_Recorder`: the model computes each layer's arguments as usual, at almost no cost.
+    """
+    n = len(blocks)
+    if n == 1:
+        return [{}]
+    seen: dict[int, dict] = {}
+    template: dict[str, Any] = {}
+    originals = list(blocks)
+    pre = originals[0].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__(0, _split_call(m, a, k)[1]), with_kwargs=True)
+    post = originals[0].register_forward_hook(lambda m, a, o: template.__setitem__("out", o))
+    try:
+        for i in range(1, n):
+            blocks[i] = _Recorder(originals[i], i, seen, template, last=i == n - 1)
+        with torch.inference_mode():
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for i in range(1, n):
+            blocks[i] = originals[i]
+        pre.remove()
+        post.remove()
+    if len(seen) != n:
+        log.warning("could not observe the arguments of every block (%d of %d); replaying block 0's", len(seen), n)
+        return [{} for _ in range(n)]
+    base = seen[0]
+    return [{k: _to(v, offload) for k, v in seen[i].items() if k not in base or not _same(v, base[k])}
+            for i in range(n)]
+
+
 def capture_inputs(model: nn.Module, batches: list[Tensor], device: Optional[Device] = None,
                    offload: Device = "cpu") -> BlockInputs:
     """Run the model on each batch of token ids up to the first block; record its inputs.
 
     Keyword arguments (masks, position ids, rotary ``position_embeddings``, cache positions ...)
     are recorded per batch; a tensor equal to the first batch's is stored once and shared.
+    Arguments that differ between blocks (per-layer sliding-window masks, local/global rotary
+    embeddings) are recorded per block, once per distinct batch shape.
     """
     blocks_name, blocks = find_blocks(model)
     device = device or next(model.parameters()).device
@@ -168,6 +255,7 @@ def capture_inputs(model: nn.Module, batches: list[Tensor], device: Optional[Dev
     first.to(device)
     hidden: list[Tensor] = []
     kwargs: list[dict[str, Any]] = []
+    per_shape: dict[tuple, list[dict[str, Any]]] = {}
 
     def hook(_mod: nn.Module, args: tuple, kw: dict) -> None:
         h, rest = _split_call(_mod, args, kw)
@@ -180,29 +268,37 @@ def capture_inputs(model: nn.Module, batches: list[Tensor], device: Optional[Dev
         kwargs.append(rest)
         raise _Captured
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
-            for ids in batches:
-                try:
-                    model(input_ids=ids.to(device), use_cache=False)
-                except _Captured:
-                    pass
+        for ids in batches:
+            if tuple(ids.shape) not in per_shape:
+                per_shape[tuple(ids.shape)] = _layer_overrides(model, blocks, ids, device, offload)
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                for ids in batches:
+                    try:
+                        model(input_ids=ids.to(device), use_cache=False)
+                    except _Captured:
+                        pass
+        finally:
+            handle.remove()
     finally:
-        handle.remove()
         first.to(home)
         _move_outside_blocks(model, blocks_name, home)
     if len(hidden) != len(batches):
         raise ModelError("the first decoder block was not reached during the forward pass")
-    return BlockInputs(hidden=hidden, kwargs=kwargs)
+    if any(any(o) for o in per_shape.values()):
+        log.info("blocks receive different arguments (per-layer masks or rotary); replaying each block's own")
+    return BlockInputs(hidden=hidden, kwargs=kwargs, layer_kwargs=[per_shape[tuple(ids.shape)] for ids in batches])
 
 
-def run_block(block: nn.Module, inputs: BlockInputs, device: Device, offload: Device = "cpu") -> list[Tensor]:
-    """Run ``block`` (already on ``device``) on every captured batch; outputs on ``offload``."""
+def run_block(block: nn.Module, inputs: BlockInputs, device: Device, offload: Device = "cpu",
+              index: int = 0) -> list[Tensor]:
+    """Run ``block`` (already on ``device``, block number ``index``) on every captured batch; outputs on ``offload``."""
     outs = []
     with torch.inference_mode():
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
-            out = block(h.to(device), **_to(kw, device))
+        for b, h in enumerate(inputs.hidden):
+            out = block(h.to(device), **_to(inputs.for_block(b, index), device))
             out = out[0] if isinstance(out, (tuple, list)) else out
             outs.append(out.to(offload))
     return outs
