@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import BillmError, DataError, ModelError, QuantizationError
+from .eval.perplexity import max_positions
 from .methods import get_method
 from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
 from .model.walker import (
@@ -103,15 +104,6 @@ def _as_batches(calibration: Union[Tensor, Sequence[Tensor]], batch_size: int) -
     return [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
-def _max_positions(model: nn.Module) -> Optional[int]:
-    cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs, device: Device,
                         index: int = 0) -> list[list[str]]:
     """Group the linears of a block that receive the very same input tensor (one Hessian each group).
@@ -124,7 +116,8 @@ def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs,
     hooks = [m.register_forward_hook(lambda _m, inp, _out, n=n: seen.__setitem__(n, inp[0]))
              for n, m in linears.items()]
     try:
-        run_block(block, BlockInputsView(inputs), device, device, index)
+        first = BlockInputs(hidden=inputs.hidden[:1], kwargs=inputs.kwargs[:1], layer_kwargs=inputs.layer_kwargs[:1])
+        run_block(block, first, device, device, index)
     finally:
         for h in hooks:
             h.remove()
@@ -132,18 +125,6 @@ def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs,
     for n in linears:
         groups.setdefault(id(seen[n]) if n in seen else ("unseen", n), []).append(n)
     return list(groups.values())
-
-
-class BlockInputsView:
-    """The first batch of captured block inputs (for a probe run)."""
-
-    def __init__(self, inputs) -> None:
-        self.hidden = inputs.hidden[:1]
-        self.kwargs = inputs.kwargs[:1]
-        self.layer_kwargs = inputs.layer_kwargs[:1]
-
-    def for_block(self, batch: int, index: int):
-        return BlockInputs.for_block(self, batch, index)  # type: ignore[arg-type]
 
 
 def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
@@ -169,7 +150,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     fn = get_method(config.method)
     batches = _as_batches(calibration, batch_size)
     nsamples, seqlen = sum(b.shape[0] for b in batches), batches[0].shape[1]
-    max_pos = _max_positions(model)
+    max_pos = max_positions(getattr(model, "config", None))
     if max_pos is not None and seqlen > max_pos:
         raise DataError(f"calibration seqlen {seqlen} exceeds the model's maximum of {max_pos} positions")
     blocks_name, blocks = find_blocks(model)
