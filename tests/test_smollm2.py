@@ -41,3 +41,20 @@ def test_smollm2_quantizes_end_to_end(smollm2):
     # embeddings and lm_head untouched, every block linear binarized (few levels per row)
     w = model.model.layers[3].mlp.up_proj.weight[0, :128]
     assert len(torch.unique(w)) <= 8
+
+
+def test_demo_command_runs_on_the_embedded_model(tmp_path, capsys):
+    # The README's main command, shrunk: calibration, quantization, side-by-side table, JSON.
+    from billm.cli import main
+
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--tasks", "pydoc,wikitext2", "--nsamples", "2", "--calib-seqlen", "64", "--seqlen", "128",
+               "--max-windows", "2", "--out", str(out), "--data-dir", str(tmp_path)])  # no wikitext2 there: skipped
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "full precision" in text and "BiLLM" in text and "pydoc" in text
+    import json
+
+    d = json.loads(out.read_text())
+    assert set(d["billm"]) == {"pydoc"}  # the missing dataset was skipped, not fatal
+    assert d["billm"]["pydoc"]["ppl"] > d["full_precision"]["pydoc"]["ppl"]

@@ -199,9 +199,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         args.device, args.batch_size)
     rows = [[t, r["ppl"], r["n_windows"], r["seqlen"], r["seconds"]] for t, r in results.items()]
     print(format_table(rows, ["task", "perplexity", "windows", "seqlen", "sec"]))
-    if args.json:
-        write_json_atomic(Path(args.json), {"model": args.model, "perplexity": results})
-        print(f"written {args.json}")
+    write_json_atomic(Path(args.json), {"model": args.model, "perplexity": results})
+    print(f"written {args.json}")
     return 0
 
 
@@ -305,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="cap on evaluated windows (default: all)")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--device", default=None)
-    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--json", default="billm-eval.json", help="also write the results to this JSON file")
     _add_data(e)
     e.set_defaults(fn=cmd_eval)
 
