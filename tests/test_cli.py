@@ -115,3 +115,13 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_billm_output(tiny_folder, t
 def test_bad_numbers_and_devices_fail_before_loading(tmp_path, capsys, argv, msg):
     rc = main(["quantize", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "o")] + argv)
     assert rc == 2 and msg in capsys.readouterr().err
+
+
+def test_baseline_methods_from_the_command_line(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["quantize", str(tiny_folder), "--method", "gptq", "--bits", "3", "--groupsize", "32", "--act-order",
+                 "--calib", "pydoc", "--nsamples", "2", "--seqlen", "32", "--out", str(out), "--quiet"]) == 0
+    cfg = json.loads((out / "billm_report.json").read_text())["quantization"]["config"]
+    assert (cfg["method"], cfg["bits"], cfg["groupsize"], cfg["act_order"]) == ("gptq", 3, 32, True)
+    rc = main(["quantize", str(tiny_folder), "--method", "rtn", "--search-domain", "weight", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "billm only" in capsys.readouterr().err

@@ -58,8 +58,17 @@ def _config_from_args(args: argparse.Namespace):
     from .config import BiLLMConfig, config_from_dict
 
     if args.method != "billm":
+        from .errors import BillmError
+
+        billm_only = {"salient_metric", "search_domain", "max_salient_cols", "min_salient_cols", "break_grid",
+                      "n_break_candidates"}
+        given = sorted(k for k in billm_only if getattr(args, k) is not None)
+        if given or args.preset != "default":
+            raise BillmError(f"option(s) {given or ['--preset']} apply to --method billm only")
         overrides = {"method": args.method, "blocksize": args.blocksize, "percdamp": args.percdamp,
-                     "include": args.include or None, "exclude": args.exclude or None}
+                     "include": args.include or None, "exclude": args.exclude or None, "bits": args.bits,
+                     "groupsize": args.groupsize, "act_order": args.act_order or None,
+                     "obc": args.obc, "centred": args.centred}
         return config_from_dict({k: v for k, v in overrides.items() if v is not None})
     base = {"reference": BiLLMConfig.reference, "paper": BiLLMConfig.paper, "default": BiLLMConfig}[args.preset]
     opts = {
@@ -277,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default=None, help="where each block is quantized, e.g. cuda (default: model's)")
     q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    q.add_argument("--bits", type=int, help="rtn/gptq: bits per weight")
+    q.add_argument("--groupsize", type=int, help="rtn/gptq: columns per scale group (-1: per row)")
+    q.add_argument("--act-order", action="store_true", default=None, help="gptq: descending Hessian diagonal order")
+    q.add_argument("--no-obc", dest="obc", action="store_false", default=None, help="sign: no error compensation")
     q.add_argument("--blocksize", type=int)
     q.add_argument("--percdamp", type=float)
     q.add_argument("--salient-metric", choices=["hessian", "magnitude"])

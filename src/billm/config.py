@@ -66,6 +66,7 @@ class QuantConfig:
 
     method: ClassVar[str] = "base"
     version: ClassVar[int] = 1
+    uses_hessian: ClassVar[bool] = True  # False: the driver skips the statistics pass
 
     blocksize: int = 128
     percdamp: float = 0.01
@@ -167,6 +168,52 @@ class BiLLMConfig(QuantConfig):
         return cls(**{**base, **overrides})
 
 
+@register_config
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """Round-to-nearest, asymmetric min-max, per output channel or per group of ``groupsize`` columns."""
+
+    method: ClassVar[str] = "rtn"
+    uses_hessian: ClassVar[bool] = False
+    bits: int = 4
+    groupsize: int = -1  # -1: one scale/zero per output channel
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(1 <= self.bits <= 8, f"bits must be in 1..8, got {self.bits}")
+        _check(self.groupsize == -1 or self.groupsize >= 1, f"groupsize must be -1 or >= 1, got {self.groupsize}")
+
+
+@register_config
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ: column-by-column rounding with Hessian-based error compensation (lazy block updates)."""
+
+    method: ClassVar[str] = "gptq"
+    bits: int = 4
+    groupsize: int = -1
+    act_order: bool = False  # quantize columns in order of descending Hessian diagonal
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(1 <= self.bits <= 8, f"bits must be in 1..8, got {self.bits}")
+        _check(self.groupsize == -1 or self.groupsize >= 1, f"groupsize must be -1 or >= 1, got {self.groupsize}")
+
+
+@register_config
+@dataclass(frozen=True)
+class SignConfig(QuantConfig):
+    """Plain 1-bit binarization with a per-row scale (XNOR-style), optionally with OBC compensation."""
+
+    method: ClassVar[str] = "sign"
+    centred: bool = False
+    obc: bool = True
+
+    @property
+    def uses_hessian(self) -> bool:  # type: ignore[override]
+        return self.obc
+
+
 def config_from_dict(d: dict[str, Any]) -> QuantConfig:
     """Build the right config class from a dict carrying ``method``."""
     method = d.get("method")
@@ -181,6 +228,6 @@ def known_methods() -> list[str]:
 
 
 __all__ = [
-    "BiLLMConfig", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain",
+    "BiLLMConfig", "GPTQConfig", "RTNConfig", "SignConfig", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain",
     "config_from_dict", "known_methods", "register_config",
 ]

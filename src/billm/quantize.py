@@ -186,17 +186,18 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             # 1) statistics: one pass of the calibration inputs through the (still full-precision) block
             t0 = time.perf_counter()
             # Blocks repeat one structure: probe the input sharing once, reuse it while the names match.
-            if groups is None or {n for g in groups for n in g} != set(linears):
+            if config.uses_hessian and (groups is None or {n for g in groups for n in g} != set(linears)):
                 groups = shared_input_groups(block, linears, inputs, device, i)
             accs: dict[str, HessianAccumulator] = {}
             handles = []
-            for group in groups:  # one accumulator per distinct input (q/k/v share one, gate/up another)
+            for group in (groups if config.uses_hessian else []):  # one accumulator per distinct input (q/k/v share one, gate/up another)
                 acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], device)
                 accs.update({n: acc for n in group})
                 handles.append(linears[group[0]].register_forward_hook(
                     lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
             try:
-                run_block(block, inputs, device, offload, i)
+                if handles:
+                    run_block(block, inputs, device, offload, i)
             except QuantizationError as e:
                 raise QuantizationError(f"block {blocks_name}.{i}: {e}") from e
             finally:
@@ -207,10 +208,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             for name, mod in linears.items():
                 full = f"{blocks_name}.{i}.{name}"
                 W = get_weight(mod).to(torch.float32)
-                if accs[name].nsamples == 0:
+                if config.uses_hessian and accs[name].nsamples == 0:
                     raise QuantizationError(f"{full}: received no calibration input (is it on an unused "
                                             f"path?); exclude it with --exclude")
-                H = accs[name].H
+                H = accs[name].H if config.uses_hessian else None
                 times = OBCTimes()
                 t0 = time.perf_counter()
                 try:
@@ -221,7 +222,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                 phases["search"] += times.quantize
                 phases["compensation"] += times.compensate
                 phases["hessian"] += took - times.quantize - times.compensate
-                _, rel = hessian_error(W, res.q, H)
+                rel = hessian_error(W, res.q, H)[1] if H is not None else float("nan")
                 wrel = float(torch.linalg.norm(W - res.q) / torch.linalg.norm(W).clamp(min=1e-12))
                 set_weight(mod, res.q)
                 layers.append(LayerReport(name=full, shape=tuple(W.shape), weight_bits=res.weight_bits,

@@ -1,0 +1,89 @@
+"""RTN, GPTQ and plain sign binarization on the shared OBC loop."""
+
+import pytest
+import torch
+
+import billm
+from billm.config import GPTQConfig, RTNConfig, SignConfig, config_from_dict
+from billm.methods import get_method
+from billm.methods.obc import hessian_error
+from billm.methods.rtn import rtn
+
+from conftest import tiny_model
+
+
+def _real(shared_data, name="q_proj"):
+    from safetensors.torch import load_file
+
+    path = shared_data / "reference" / "billm_reference_block0.safetensors"
+    if not path.exists():
+        pytest.skip("reference file missing")
+    d = load_file(str(path))
+    return d[f"{name}.weight"], d[f"{name}.hessian"]
+
+
+@pytest.mark.parametrize("bits,groupsize", [(2, -1), (3, 16), (4, 32), (8, -1)])
+def test_rtn_levels_and_range(bits, groupsize):
+    W = torch.randn(12, 64)
+    Q = rtn(W, bits, groupsize)
+    gs = 64 if groupsize == -1 else groupsize
+    for r in range(12):
+        for st in range(0, 64, gs):
+            assert len(torch.unique(Q[r, st:st + gs])) <= 2**bits
+    assert (Q - W).abs().max() <= (W.max() - W.min()) / (2**bits - 1)  # within one step
+
+
+def test_gptq_with_identity_hessian_equals_rtn():
+    W = torch.randn(16, 96)
+    res = get_method("gptq")(W.clone(), torch.eye(96), GPTQConfig(bits=3, blocksize=32))
+    torch.testing.assert_close(res.q, rtn(W, 3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn_on_a_real_hessian(shared_data, bits):
+    W, H = _real(shared_data)
+    q_rtn = rtn(W, bits)
+    q_gptq = get_method("gptq")(W.clone(), H.clone(), GPTQConfig(bits=bits)).q
+    assert hessian_error(W, q_gptq, H)[0] < 0.8 * hessian_error(W, q_rtn, H)[0]
+
+
+def test_gptq_act_order_and_groups_run_and_stay_on_the_grid(shared_data):
+    W, H = _real(shared_data)
+    q = get_method("gptq")(W.clone(), H.clone(), GPTQConfig(bits=2, groupsize=128, act_order=True)).q
+    assert q.shape == W.shape and torch.isfinite(q).all()
+    assert hessian_error(W, q, H)[1] < hessian_error(W, rtn(W, 2, 128), H)[1]
+
+
+@pytest.mark.parametrize("method,cfg", [("rtn", RTNConfig(bits=8)), ("gptq", GPTQConfig(bits=8))])
+def test_eight_bits_is_near_lossless(shared_data, method, cfg):
+    W, H = _real(shared_data)
+    q = get_method(method)(W.clone(), H.clone(), cfg).q
+    assert hessian_error(W, q, H)[1] < 1e-3
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_sign_is_one_bit_per_weight_and_compensation_helps(shared_data, centred):
+    W, H = _real(shared_data)
+    plain = get_method("sign")(W.clone(), None, SignConfig(obc=False, centred=centred)).q
+    comp = get_method("sign")(W.clone(), H.clone(), SignConfig(obc=True, centred=centred)).q
+    for q in (plain, comp):
+        assert max(len(torch.unique(row)) for row in q) <= 2
+    assert hessian_error(W, comp, H)[0] < hessian_error(W, plain, H)[0]
+
+
+@pytest.mark.parametrize("cfg", [RTNConfig(bits=4, groupsize=32), GPTQConfig(bits=3), SignConfig()])
+def test_baselines_quantize_a_tiny_model(cfg):
+    model = tiny_model("qwen2")
+    ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    rep = billm.quantize(model, ids, cfg, progress=False)
+    assert len(rep.layers) == 14 and rep.weight_bits == pytest.approx(getattr(cfg, "bits", 1))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_invalid_baseline_options():
+    with pytest.raises(billm.BillmError):
+        RTNConfig(bits=9)
+    with pytest.raises(billm.BillmError):
+        GPTQConfig(groupsize=0)
