@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import billm
-from billm.config import GPTQConfig, RTNConfig, SignConfig, config_from_dict
+from billm.config import GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, config_from_dict
 from billm.methods import get_method
 from billm.methods.obc import hessian_error
 from billm.methods.rtn import rtn
@@ -71,12 +71,13 @@ def test_sign_is_one_bit_per_weight_and_compensation_helps(shared_data, centred)
     assert hessian_error(W, comp, H)[0] < hessian_error(W, plain, H)[0]
 
 
-@pytest.mark.parametrize("cfg", [RTNConfig(bits=4, groupsize=32), GPTQConfig(bits=3), SignConfig()])
+@pytest.mark.parametrize("cfg", [RTNConfig(bits=4, groupsize=32), GPTQConfig(bits=3), SignConfig(), PBLLMConfig()])
 def test_baselines_quantize_a_tiny_model(cfg):
     model = tiny_model("qwen2")
     ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     rep = billm.quantize(model, ids, cfg, progress=False)
-    assert len(rep.layers) == 14 and rep.weight_bits == pytest.approx(getattr(cfg, "bits", 1))
+    expected = 8 * 0.1 + 0.9 if isinstance(cfg, PBLLMConfig) else getattr(cfg, "bits", 1)
+    assert len(rep.layers) == 14 and rep.weight_bits == pytest.approx(expected, abs=1e-3)
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     assert config_from_dict(cfg.to_dict()) == cfg
@@ -87,3 +88,17 @@ def test_invalid_baseline_options():
         RTNConfig(bits=9)
     with pytest.raises(billm.BillmError):
         GPTQConfig(groupsize=0)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.05])
+def test_pbllm_keeps_exactly_the_requested_fraction(shared_data, fraction):
+    from billm.config import PBLLMConfig
+
+    W, H = _real(shared_data)
+    res = get_method("pbllm")(W.clone(), H.clone(), PBLLMConfig(salient_fraction=fraction))
+    blocks = [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
+    assert res.info["salient_weights"] == sum(round(fraction * 576 * (b - a)) for a, b in blocks)
+    assert res.weight_bits == pytest.approx(8 * res.info["salient_weights"] / W.numel() + 1 - res.info["salient_weights"] / W.numel())
+    # better than plain 1-bit, worse than nothing
+    sign = get_method("sign")(W.clone(), H.clone(), SignConfig()).q
+    assert hessian_error(W, res.q, H)[0] < hessian_error(W, sign, H)[0]

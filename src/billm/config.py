@@ -214,6 +214,32 @@ class SignConfig(QuantConfig):
         return self.obc
 
 
+@register_config
+@dataclass(frozen=True)
+class PBLLMConfig(QuantConfig):
+    """PB-LLM (post-training): a fraction of the weights kept at 8 bits, the rest binarized, GPTQ compensation.
+
+    Attributes:
+        salient_fraction: share of each block's weights chosen as salient (unstructured).
+        salient_metric: ``hessian`` (w^2 / U_jj^2) or ``magnitude``.
+        salient_bits: bits of the salient weights (min-max per row over them).
+    """
+
+    method: ClassVar[str] = "pbllm"
+    salient_fraction: float = 0.1
+    salient_metric: SalientMetric = SalientMetric.HESSIAN
+    salient_bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            object.__setattr__(self, "salient_metric", SalientMetric(self.salient_metric))
+        except ValueError:
+            raise BillmError(f"invalid config: salient_metric={self.salient_metric!r}") from None
+        _check(0.0 <= self.salient_fraction < 1.0, f"salient_fraction must be in [0, 1), got {self.salient_fraction}")
+        _check(2 <= self.salient_bits <= 8, f"salient_bits must be in 2..8, got {self.salient_bits}")
+
+
 def config_from_dict(d: dict[str, Any]) -> QuantConfig:
     """Build the right config class from a dict carrying ``method``."""
     method = d.get("method")
@@ -228,6 +254,6 @@ def known_methods() -> list[str]:
 
 
 __all__ = [
-    "BiLLMConfig", "GPTQConfig", "RTNConfig", "SignConfig", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain",
+    "BiLLMConfig", "GPTQConfig", "PBLLMConfig", "RTNConfig", "SignConfig", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain",
     "config_from_dict", "known_methods", "register_config",
 ]
