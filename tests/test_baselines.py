@@ -102,3 +102,21 @@ def test_pbllm_keeps_exactly_the_requested_fraction(shared_data, fraction):
     # better than plain 1-bit, worse than nothing
     sign = get_method("sign")(W.clone(), H.clone(), SignConfig()).q
     assert hessian_error(W, res.q, H)[0] < hessian_error(W, sign, H)[0]
+
+
+def test_storage_bits_count_scales_and_bitmaps():
+    from billm.bits import storage_bits
+
+    cfg = billm.BiLLMConfig().to_dict()
+    # one 128-column block, 4 rows, 3 salient columns: 4*128 + 4*3 + 4*125 + 128 + 4*4*16 bits
+    assert storage_bits(cfg, (4, 128), {"salient_columns": [[1, 2, 3]]}, 1.0) == pytest.approx(
+        (512 + 12 + 500 + 128 + 256) / 512)
+    g = GPTQConfig(bits=2, groupsize=128).to_dict()
+    assert storage_bits(g, (10, 256), {}, 2.0) == pytest.approx(2 + 2 * (16 + 2) / 256)
+    assert storage_bits(SignConfig().to_dict(), (8, 64), {}, 1.0) == pytest.approx(1 + 16 / 64)
+
+
+def test_report_has_storage_bits_above_weight_bits():
+    model = tiny_model("llama")
+    rep = billm.quantize(model, torch.randint(3, 128, (2, 16)), billm.BiLLMConfig(), progress=False)
+    assert rep.storage_bits > rep.weight_bits + 0.5  # fp16 scales per 128-column block are not free

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .bits import storage_bits
 from .config import QuantConfig
 from .errors import BillmError, DataError, ModelError, QuantizationError
 from .eval.perplexity import max_positions
@@ -39,6 +40,7 @@ class LayerReport:
         name: qualified module name.
         shape: (out_features, in_features).
         weight_bits: bits per weight as papers count them.
+        storage_bits: bits per weight of everything the stored form needs (:mod:`billm.bits`).
         hessian_rel_err: ``tr(D H D^T) / tr(W H W^T)``, D = W - Q: relative output error on the calibration data.
         weight_rel_err: ``||W - Q||_F / ||W||_F``.
         seconds: time spent quantizing this linear.
@@ -48,6 +50,7 @@ class LayerReport:
     name: str
     shape: tuple[int, int]
     weight_bits: float
+    storage_bits: float
     hessian_rel_err: float
     weight_rel_err: float
     seconds: float
@@ -76,6 +79,12 @@ class QuantReport:
         return sum(r.weight_bits * r.shape[0] * r.shape[1] for r in self.layers) / n if n else float("nan")
 
     @property
+    def storage_bits(self) -> float:
+        """Average stored bits per quantized weight, scales and bitmaps included (:mod:`billm.bits`)."""
+        n = self.n_weights
+        return sum(r.storage_bits * r.shape[0] * r.shape[1] for r in self.layers) / n if n else float("nan")
+
+    @property
     def seconds(self) -> float:
         """Total wall time of the phases."""
         return sum(self.phases.values())
@@ -83,7 +92,7 @@ class QuantReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return {"config": self.config, "nsamples": self.nsamples, "seqlen": self.seqlen,
-                "weight_bits": self.weight_bits, "n_weights": self.n_weights, "seconds": self.seconds,
+                "weight_bits": self.weight_bits, "storage_bits": self.storage_bits, "n_weights": self.n_weights, "seconds": self.seconds,
                 "phases": dict(self.phases), "layers": [asdict(r) for r in self.layers]}
 
 
@@ -226,6 +235,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                 wrel = float(torch.linalg.norm(W - res.q) / torch.linalg.norm(W).clamp(min=1e-12))
                 set_weight(mod, res.q)
                 layers.append(LayerReport(name=full, shape=tuple(W.shape), weight_bits=res.weight_bits,
+                                          storage_bits=storage_bits(config.to_dict(), tuple(W.shape), res.info,
+                                                                    res.weight_bits),
                                           hessian_rel_err=rel, weight_rel_err=wrel, seconds=took, info=res.info))
                 log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits, %.2fs",
                          full, tuple(W.shape), rel, wrel, res.weight_bits, took)
