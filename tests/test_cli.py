@@ -125,3 +125,28 @@ def test_baseline_methods_from_the_command_line(tiny_folder, tmp_path, capsys):
     assert (cfg["method"], cfg["bits"], cfg["groupsize"], cfg["act_order"]) == ("gptq", 3, 32, True)
     rc = main(["quantize", str(tiny_folder), "--method", "rtn", "--search-domain", "weight", "--out", str(tmp_path / "r")])
     assert rc == 2 and "billm only" in capsys.readouterr().err
+
+
+def test_compare_writes_table_json_and_plot(tiny_folder, tmp_path):
+    out = tmp_path / "cmp"
+    rc = main(["compare", str(tiny_folder), "--methods", "fp,rtn:w2,gptq:w3g32,sign,pbllm,billm", "--tasks", "pydoc",
+               "--calib", "pydoc", "--nsamples", "2", "--seqlen", "32", "--eval-seqlen", "64", "--max-windows", "2",
+               "--out", str(out)])
+    assert rc == 0
+    d = json.loads((out / "compare.json").read_text())
+    specs = [r["spec"] for r in d["rows"]]
+    assert specs == ["fp", "rtn:w2", "gptq:w3g32", "sign", "pbllm", "billm"]
+    by = {r["spec"]: r for r in d["rows"]}
+    assert by["fp"]["storage_bits"] == 16
+    assert by["billm"]["storage_bits"] > by["billm"]["weight_bits"]
+    # a random tiny model has no quality to lose; check each method really changed the weights
+    assert len({round(r["ppl"]["pydoc"], 6) for r in d["rows"]}) == len(specs)
+    md = (out / "compare.md").read_text()
+    assert md.count("\n") == 2 + 6 and "| billm |" in md
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_compare_rejects_a_bad_spec_before_loading(tmp_path, capsys):
+    rc = main(["compare", str(tmp_path / "not-loaded"), "--methods", "fp,gptq:w9x"])
+    assert rc == 2 and "bad method spec" in capsys.readouterr().err

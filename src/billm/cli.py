@@ -191,7 +191,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             for r in report.layers]
     if not args.quiet:
         print(format_table(rows, ["layer", "shape", "w.bits", "rel.err", "sec"]))
-    print(f"\n{cfg.method}: {report.weight_bits:.3f} weight bits (paper counting) over {report.n_weights:,} weights, "
+    print(f"\n{cfg.method}: {report.weight_bits:.3f} weight bits (paper counting), {report.storage_bits:.3f} storage bits "
+          f"(scales, bitmaps included) over {report.n_weights:,} weights, "
           f"{report.seconds:.1f}s; phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items()))
     for task, r in result.get("eval", {}).items():
         print(f"{task}: perplexity {r['ppl']:.3f}")
@@ -244,6 +245,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .compare import compare, parse_method, pareto_plot, to_markdown
+    from .data import get_calibration_batches, get_eval_tokens
+    from .model.loading import load_model
+
+    _check_args(args)
+    specs = [s for s in args.methods.split(",") if s]
+    for s in specs:
+        parse_method(s)  # a typo fails now, not after an hour
+    tasks = args.tasks.split(",")
+    out = Path(args.out)
+    model, tok = load_model(args.model)
+    calib = get_calibration_batches(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                    data_dir=args.data_dir)
+    eval_seqlen = args.eval_seqlen or args.seqlen
+    eval_ids = {t: get_eval_tokens(t, tok, eval_seqlen, data_dir=args.data_dir) for t in tasks}
+    rows = compare(model, tok, specs, calib, eval_ids, eval_seqlen, args.max_windows, args.device, args.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "billm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("billm") else None
+    write_json_atomic(out / "compare.json", {
+        "model": args.model, "command": command, "tasks": tasks, "eval_seqlen": eval_seqlen,
+        "max_windows": args.max_windows,
+        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
+        "rows": [asdict(r) for r in rows]})
+    md = to_markdown(rows, tasks)
+    (out / "compare.md").write_text(md)
+    pareto_plot(rows, tasks[0], out / "pareto.png", f"{args.model}: {tasks[0]} perplexity vs storage bits")
+    print(md)
+    print(f"written {out / 'compare.json'}, compare.md, pareto.png")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     report_path = path / REPORT_NAME if path.is_dir() else path
@@ -253,9 +288,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     d = json.loads(report_path.read_text())
     qd = d.get("quantization", d)
     print(json.dumps(qd.get("config", {}), indent=2))
-    rows = [[r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["weight_bits"], r["hessian_rel_err"]]
-            for r in qd.get("layers", [])]
-    print(format_table(rows, ["layer", "shape", "w.bits", "rel.err"]))
+    rows = [[r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["weight_bits"], r.get("storage_bits", float("nan")),
+             r["hessian_rel_err"]] for r in qd.get("layers", [])]
+    print(format_table(rows, ["layer", "shape", "w.bits", "st.bits", "rel.err"]))
+    if "weight_bits" in qd:
+        print(f"total: {qd['weight_bits']:.3f} weight bits, {qd.get('storage_bits', float('nan')):.3f} storage bits "
+              f"per quantized weight ({qd.get('n_weights', 0):,} weights)")
     return 0
 
 
@@ -271,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import available_methods
 
     p = argparse.ArgumentParser(prog="billm", description="Post-training 1-bit quantization of LLMs (BiLLM).")
+    p.add_argument("--version", action="version", version=f"billm {__import__('billm').__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -331,6 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="billm-demo.json")
     _add_data(d)
     d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("compare", help="several methods side by side: table, JSON and a Pareto plot")
+    c.add_argument("model")
+    c.add_argument("--methods", default="fp,rtn:w2,gptq:w2g128,gptq:w3g128,pbllm,sign,billm",
+                   help="comma-separated: fp, rtn:wN[gG], gptq:wN[gG][a], sign[:noobc], pbllm[:fF], billm[:reference|:paper]")
+    c.add_argument("--tasks", default="wikitext2")
+    c.add_argument("--calib", default="c4")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=2048)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--eval-seqlen", type=int, default=None)
+    c.add_argument("--max-windows", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", default="compare", help="output folder")
+    _add_data(c)
+    c.set_defaults(fn=cmd_compare)
 
     i = sub.add_parser("inspect", help="show the config and per-layer report of a billm output")
     i.add_argument("path")

@@ -1,0 +1,117 @@
+"""Compare methods on one model: same starting weights, same calibration windows, same evaluation.
+
+``billm compare MODEL --methods fp,rtn:w2,gptq:w2g128,pbllm,sign,billm`` writes ``compare.json``,
+``compare.md`` (a row per method: weight bits, storage bits, perplexity per dataset, seconds) and
+``pareto.png`` (perplexity, log scale, against storage bits).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import BiLLMConfig, GPTQConfig, PBLLMConfig, QuantConfig, RTNConfig, SignConfig
+from .errors import BillmError
+
+log = logging.getLogger(__name__)
+
+
+def parse_method(spec: str) -> Optional[QuantConfig]:
+    """``fp`` -> None; ``rtn:w2``, ``gptq:w3g128``, ``gptq:w2g128a`` (act-order), ``sign``,
+    ``sign:noobc``, ``pbllm``, ``pbllm:f0.05``, ``billm``, ``billm:reference`` -> a config."""
+    name, _, opts = spec.strip().partition(":")
+    if name == "fp":
+        return None
+    if name in ("rtn", "gptq"):
+        m = re.fullmatch(r"w(\d)(?:g(\d+))?(a?)", opts or "w4")
+        if not m:
+            raise BillmError(f"bad method spec {spec!r}: expected {name}:w<bits>[g<groupsize>]")
+        kw: dict[str, Any] = {"bits": int(m.group(1)), "groupsize": int(m.group(2)) if m.group(2) else -1}
+        if name == "gptq":
+            return GPTQConfig(**kw, act_order=bool(m.group(3)))
+        return RTNConfig(**kw)
+    if name == "sign":
+        return SignConfig(obc=opts != "noobc")
+    if name == "pbllm":
+        return PBLLMConfig(salient_fraction=float(opts[1:])) if opts.startswith("f") else PBLLMConfig()
+    if name == "billm":
+        return {"": BiLLMConfig, "paper": BiLLMConfig.paper, "reference": BiLLMConfig.reference}[opts]()
+    raise BillmError(f"unknown method spec {spec!r}; use fp, rtn:wN[gG], gptq:wN[gG][a], sign, pbllm, billm")
+
+
+@dataclass
+class Row:
+    """One method's figures."""
+
+    spec: str
+    weight_bits: float
+    storage_bits: float
+    seconds: float
+    ppl: dict[str, float] = field(default_factory=dict)
+
+
+def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
+            seqlen: int, max_windows: Optional[int], device=None, batch_size: int = 8) -> list[Row]:
+    """Quantize a fresh copy of the starting weights with each method and evaluate it."""
+    import billm
+    from .eval import perplexity
+
+    configs = [(s, parse_method(s)) for s in specs]  # fail on a bad spec before any work
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = []
+    for spec, cfg in configs:
+        model.load_state_dict(start)
+        t0 = time.perf_counter()
+        if cfg is None:
+            wb = sb = 16.0
+        else:
+            rep = billm.quantize(model, calibration, cfg, device=device, batch_size=batch_size)
+            wb, sb = rep.weight_bits, rep.storage_bits
+        row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=time.perf_counter() - t0)
+        for task, ids in eval_ids.items():
+            row.ppl[task] = perplexity(model, ids, seqlen=seqlen, max_windows=max_windows, device=device).ppl
+        log.info("%s: %s", spec, row)
+        rows.append(row)
+    model.load_state_dict(start)
+    return rows
+
+
+def to_markdown(rows: list[Row], tasks: list[str]) -> str:
+    """The comparison table in Markdown."""
+    head = "| method | weight bits | storage bits | " + " | ".join(f"{t} ppl" for t in tasks) + " | seconds |"
+    sep = "|---|---:|---:|" + "---:|" * len(tasks) + "---:|"
+    lines = [head, sep]
+    for r in rows:
+        ppl = " | ".join(f"{r.ppl[t]:.2f}" for t in tasks)
+        lines.append(f"| {r.spec} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {ppl} | {r.seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(rows: list[Row], task: str, path: Path, title: str) -> None:
+    """Perplexity (log) against storage bits, one labelled point per method, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r.storage_bits, r.ppl[task], s=60, label=f"{r.spec} ({r.storage_bits:.2f} b, {r.ppl[task]:.1f})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("storage bits per quantized weight (scales, bitmaps included; log2)")
+    ax.set_ylabel(f"{task} perplexity (log)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
