@@ -304,6 +304,15 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="folder with local copies of the datasets (default: $BILLM_DATA_DIR); else Hugging Face datasets")
 
 
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2, ptb, pydoc, or a path")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="where each block is quantized, e.g. cuda (default: model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``billm`` command."""
     from .methods import available_methods
@@ -319,12 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="billm", choices=available_methods())
     q.add_argument("--preset", default="default", choices=["default", "reference", "paper"],
                    help="BiLLM option set: our default, the public reference code's, or the paper's text")
-    q.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2, ptb, pydoc, or a path")
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=2048)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default=None, help="where each block is quantized, e.g. cuda (default: model's)")
-    q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    _add_calibration(q)
     q.add_argument("--bits", type=int, help="rtn/gptq: bits per weight")
     q.add_argument("--groupsize", type=int, help="rtn/gptq: columns per scale group (-1: per row)")
     q.add_argument("--act-order", action="store_true", default=None, help="gptq: descending Hessian diagonal order")
@@ -376,14 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="fp,rtn:w2,gptq:w2g128,gptq:w3g128,pbllm,sign,billm",
                    help="comma-separated: fp, rtn:wN[gG], gptq:wN[gG][a], sign[:noobc], pbllm[:fF], billm[:reference|:paper]")
     c.add_argument("--tasks", default="wikitext2")
-    c.add_argument("--calib", default="c4")
-    c.add_argument("--nsamples", type=int, default=128)
-    c.add_argument("--seqlen", type=int, default=2048)
-    c.add_argument("--seed", type=int, default=0)
+    _add_calibration(c)
     c.add_argument("--eval-seqlen", type=int, default=None)
     c.add_argument("--max-windows", type=int, default=None)
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--device", default=None)
     c.add_argument("--out", default="compare", help="output folder")
     _add_data(c)
     c.set_defaults(fn=cmd_compare)

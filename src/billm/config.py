@@ -168,13 +168,10 @@ class BiLLMConfig(QuantConfig):
         return cls(**{**base, **overrides})
 
 
-@register_config
 @dataclass(frozen=True)
-class RTNConfig(QuantConfig):
-    """Round-to-nearest, asymmetric min-max, per output channel or per group of ``groupsize`` columns."""
+class _GridConfig(QuantConfig):
+    """Integer-grid methods: ``bits`` per weight, one min-max range per row or per group of columns."""
 
-    method: ClassVar[str] = "rtn"
-    uses_hessian: ClassVar[bool] = False
     bits: int = 4
     groupsize: int = -1  # -1: one scale/zero per output channel
 
@@ -186,18 +183,20 @@ class RTNConfig(QuantConfig):
 
 @register_config
 @dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
+class RTNConfig(_GridConfig):
+    """Round-to-nearest, asymmetric min-max, per output channel or per group of ``groupsize`` columns."""
+
+    method: ClassVar[str] = "rtn"
+    uses_hessian: ClassVar[bool] = False
+
+
+@register_config
+@dataclass(frozen=True)
+class GPTQConfig(_GridConfig):
     """GPTQ: column-by-column rounding with Hessian-based error compensation (lazy block updates)."""
 
     method: ClassVar[str] = "gptq"
-    bits: int = 4
-    groupsize: int = -1
     act_order: bool = False  # quantize columns in order of descending Hessian diagonal
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(1 <= self.bits <= 8, f"bits must be in 1..8, got {self.bits}")
-        _check(self.groupsize == -1 or self.groupsize >= 1, f"groupsize must be -1 or >= 1, got {self.groupsize}")
 
 
 @register_config
