@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from billm import BiLLMConfig
-from billm.methods.billm import salience
+from billm.methods.billm import binarize_groups, salience
 from billm.methods.obc import obc_quantize, prepare_hessian
 from billm.methods.oracle import break_search_loop, salient_search_loop
 from billm.methods.search import break_candidates, search_break_point, search_salient_columns, split_masks
-from billm.methods.binarize import binarize
 
 
 def block0_hessians(data_dir: Path, nsamples: int, seqlen: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -79,8 +78,7 @@ def compare_on_linear(W: torch.Tensor, H: torch.Tensor, cfg: BiLLMConfig) -> dic
         t["loop_break"] += t5 - t4
         agree[0] += 1
         agree[1] += int(k == fast.k and idx == brk.index)
-        conc, sparse, sal = split_masks(M, smask, brk.value)
-        return binarize(Wb, conc, 1, cfg.centred) + binarize(Wb, sparse, 1, cfg.centred) + binarize(Wb, sal, cfg.salient_order, cfg.centred)
+        return binarize_groups(Wb, *split_masks(M, smask, brk.value), cfg)
 
     obc_quantize(W, prep.U, cfg.blocksize, block)
     return {**t, "blocks": agree[0], "same_choices": agree[1]}

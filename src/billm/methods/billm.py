@@ -39,10 +39,13 @@ def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, Tenso
     smask = sal.mask(Wb.shape[1])  # (b,)
     cands = break_candidates(M, smask, cfg.break_grid.value, cfg.n_break_candidates)
     brk = search_break_point(M, smask, cands, order=1, centred=cfg.centred)
-    conc, sparse, salient = split_masks(M, smask, brk.value)  # (rows, b) each
-    Qb = (binarize(Wb, conc, 1, cfg.centred) + binarize(Wb, sparse, 1, cfg.centred)
-          + binarize(Wb, salient, cfg.salient_order, cfg.centred))
-    return Qb, sal.columns, brk.value
+    return binarize_groups(Wb, *split_masks(M, smask, brk.value), cfg), sal.columns, brk.value
+
+
+def binarize_groups(Wb: Tensor, conc: Tensor, sparse: Tensor, salient: Tensor, cfg: BiLLMConfig) -> Tensor:
+    """The block's estimate from its three (rows, b) masks: order 1 on each split group, residual on the salient."""
+    return (binarize(Wb, conc, 1, cfg.centred) + binarize(Wb, sparse, 1, cfg.centred)
+            + binarize(Wb, salient, cfg.salient_order, cfg.centred))
 
 
 @register_method("billm")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -134,7 +134,6 @@ class OBCTimes:
 
     quantize: float = 0.0
     compensate: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def obc_quantize(W: Tensor, U: Tensor, blocksize: int, quantize_block: BlockQuantizer,
