@@ -9,10 +9,19 @@ from billm.config import BreakGrid, SalientMetric, SearchDomain
 def test_round_trip_through_json():
     cfg = BiLLMConfig(search_domain="salience", exclude=["*.down_proj"], blocksize=64)
     d = json.loads(json.dumps(cfg.to_dict()))
-    assert d["method"] == "billm" and d["version"] == 1
+    assert d["method"] == "billm" and d["version"] == 2 and d["scale_dtype"] == "float16"
     back = config_from_dict(d)
     assert back == cfg
     assert back.search_domain is SearchDomain.SALIENCE and back.exclude == ("*.down_proj",)
+
+
+def test_version_one_dicts_meant_float32_scales():
+    d = BiLLMConfig().to_dict()
+    del d["scale_dtype"]
+    assert config_from_dict({**d, "version": 1}).scale_dtype == "float32"
+    assert config_from_dict(d).scale_dtype == "float16"
+    with pytest.raises(BillmError, match="newer"):
+        config_from_dict({**d, "version": 3})
 
 
 def test_presets():
@@ -25,7 +34,7 @@ def test_presets():
 
 @pytest.mark.parametrize("bad", [
     dict(blocksize=0), dict(percdamp=-1), dict(salient_metric="entropy"), dict(min_salient_cols=5, max_salient_cols=2),
-    dict(salient_order=3), dict(n_break_candidates=0), dict(include=[]),
+    dict(salient_order=3), dict(n_break_candidates=0), dict(include=[]), dict(scale_dtype="bfloat16"),
 ])
 def test_invalid_options_are_clear_errors(bad):
     with pytest.raises(BillmError, match="invalid config"):

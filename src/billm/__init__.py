@@ -4,17 +4,22 @@ Quick use::
 
     import billm
     report = billm.quantize(model, calibration_ids, billm.BiLLMConfig())
+    billm.save(model, report, "out-dir", tokenizer)      # bit-packed checkpoint
+    model = billm.load("out-dir", device="cpu")         # PackedLinear layers, decoded per call
 """
 
 from .config import BiLLMConfig, BreakGrid, QuantConfig, SalientMetric, SearchDomain, config_from_dict
-from .errors import BillmError, DataError, ModelError, QuantizationError
+from .errors import BillmError, CheckpointError, DataError, ModelError, QuantizationError
 from .methods import available_methods, get_method, register_method
+from .packing.checkpoint import inspect as inspect_checkpoint, load, save
+from .packing.linear import PackedLinear
 from .quantize import LayerReport, QuantReport, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BiLLMConfig", "BillmError", "BreakGrid", "DataError", "LayerReport", "ModelError", "QuantConfig",
-    "QuantReport", "QuantizationError", "SalientMetric", "SearchDomain", "available_methods",
-    "config_from_dict", "get_method", "quantize", "register_method",
+    "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "LayerReport", "ModelError",
+    "PackedLinear", "QuantConfig", "QuantReport", "QuantizationError", "SalientMetric", "SearchDomain",
+    "available_methods", "config_from_dict", "get_method", "inspect_checkpoint", "load", "quantize",
+    "register_method", "save",
 ]

@@ -1,4 +1,4 @@
-"""``billm`` command line: quantize, eval, demo, inspect.
+"""``billm`` command line: quantize, eval, generate, demo, compare, inspect.
 
 Each subcommand parses its options, builds a config, calls the Python API, prints a table and
 writes the same figures as JSON.
@@ -9,42 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .io import write_json_atomic
+
 log = logging.getLogger("billm")
 
 REPORT_NAME = "billm_report.json"
+SAVE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _follow_umask(path: Path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask-based mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        _follow_umask(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain aligned text table."""
@@ -106,39 +84,6 @@ def _evaluate(model, tokenizer, tasks: Sequence[str], seqlen: int, max_windows: 
     return results
 
 
-def save_quantized(model, tokenizer, out: Path, report: dict) -> None:
-    """Save the (simulated) quantized model, its tokenizer and the report atomically into ``out``."""
-    from .errors import BillmError
-
-    out = out.resolve()
-    if out.exists() and not (out.is_dir() and (out / REPORT_NAME).is_file()):
-        raise BillmError(f"refusing to overwrite {out}: it exists and is not a billm output folder")
-    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
-        raise BillmError(f"refusing to write the output over {out}, which holds the working directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    _follow_umask(tmp, directory=True)
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / REPORT_NAME, report)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, backup)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(backup, out)  # put the previous output back
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- subcommands
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -147,7 +92,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
     from .errors import BillmError
 
-    for name in ("nsamples", "seqlen", "batch_size", "eval_seqlen", "eval_batch_size", "max_windows", "calib_seqlen"):
+    for name in ("nsamples", "seqlen", "batch_size", "eval_seqlen", "eval_batch_size", "max_windows", "calib_seqlen",
+                 "max_new_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise BillmError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -168,12 +114,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .data import get_calibration_batches
     from .model.loading import load_model
 
+    from .io import check_output_dir
+    from .packing.checkpoint import is_billm_folder
+
     _check_args(args)
     cfg = _config_from_args(args)
-    out = Path(args.out)
-    if out.exists() and not (out / REPORT_NAME).is_file():
-        from .errors import BillmError
-        raise BillmError(f"refusing to overwrite {out}: it exists and is not a billm output folder")
+    out = check_output_dir(Path(args.out), is_billm_folder, "billm checkpoint")  # before an hour of work
     model, tok = load_model(args.model)
     t0 = time.perf_counter()
     calib = get_calibration_batches(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -181,12 +127,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size)
     result = {"model": args.model, "calibration": {"source": args.calib, "nsamples": args.nsamples,
                                                    "seqlen": args.seqlen, "seed": args.seed},
-              "quantization": report.to_dict(), "seconds": time.perf_counter() - t0}
-    save_quantized(model, tok, out, result)  # the quantized model is safe before any evaluation starts
+              "seconds": time.perf_counter() - t0}
+    import torch
+
+    save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    billm.save(model, report, out, tok, extra=result, dtype=save_dtype)  # safe on disk before any evaluation
     if args.eval:
         result["eval"] = _evaluate(model, tok, args.eval.split(","), args.eval_seqlen or args.seqlen,
                                    args.max_windows, args.data_dir, args.device, args.eval_batch_size)
-        write_json_atomic(out / REPORT_NAME, result)
+        write_json_atomic(out / REPORT_NAME, {**result, "quantization": report.to_dict()})
     rows = [[r.name, f"{r.shape[0]}x{r.shape[1]}", r.weight_bits, r.hessian_rel_err, r.seconds]
             for r in report.layers]
     if not args.quiet:
@@ -196,7 +145,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{report.seconds:.1f}s; phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items()))
     for task, r in result.get("eval", {}).items():
         print(f"{task}: perplexity {r['ppl']:.3f}")
-    print(f"saved to {out} ({REPORT_NAME} has every figure)")
+    print(f"saved the packed checkpoint to {out} (`billm inspect {out}` shows where its bytes go; "
+          f"{REPORT_NAME} has every figure)")
     return 0
 
 
@@ -279,12 +229,66 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model.loading import load_model
+
+    _check_args(args)
+    model, tok = load_model(args.model)
+    device = torch.device(args.device) if args.device else torch.device("cpu")
+    model.to(device)
+    enc = tok(args.prompt, return_tensors="pt").to(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
+                             use_cache=True, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    took = time.perf_counter() - t0
+    new = out[0, enc["input_ids"].shape[1]:]
+    print(args.prompt + tok.decode(new, skip_special_tokens=True))
+    print(f"\n[{len(new)} tokens in {took:.1f}s, {len(new) / max(took, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .errors import BillmError
+    from .packing.checkpoint import inspect as inspect_checkpoint, is_checkpoint
+
     path = Path(args.path)
+    if path.is_dir() and is_checkpoint(path):
+        info = inspect_checkpoint(path)
+        print(json.dumps(info.qmap["config"], indent=2))
+        rows = [[l.name, f"{l.shape[0]}x{l.shape[1]}", l.weight_bits if l.weight_bits is not None else float("nan"),
+                 l.storage_bits, l.storage_bits_rule if l.storage_bits_rule is not None else float("nan"), l.nbytes]
+                for l in info.layers]
+        print(format_table(rows, ["layer", "shape", "w.bits", "st.bits(file)", "st.bits(rule)", "bytes"]))
+        packed = sum(l.nbytes for l in info.layers)
+        print(f"\n{len(info.layers)} quantized linears, {info.n_quantized:,} weights: {info.weight_bits:.3f} weight bits "
+              f"(paper counting), {info.storage_bits:.3f} storage bits measured from the file")
+        print("packed bytes by purpose: " + ", ".join(
+            f"{k} {_mb(v)} ({100 * v / packed:.1f}%)" for k, v in sorted(info.bytes_by_kind().items(), key=lambda kv: -kv[1])))
+        print(f"file {info.path / 'model.safetensors'}: {_mb(info.file_bytes)} = packed layers {_mb(packed)} + "
+              f"other tensors ({info.qmap.get('dtype')}; embeddings, norms, biases, lm_head) {_mb(info.other_bytes)} "
+              f"+ header {_mb(info.header_bytes)}")
+        print(f"same model in fp16: {_mb(info.fp16_bytes)} ({info.n_params:,} parameters); this checkpoint is "
+              f"{info.file_bytes / info.fp16_bytes:.3f}x of it ({info.fp16_bytes / info.file_bytes:.2f}x smaller)")
+        if args.json:
+            write_json_atomic(Path(args.json), {
+                "path": str(info.path), "weight_bits": info.weight_bits, "storage_bits": info.storage_bits,
+                "file_bytes": info.file_bytes, "fp16_bytes": info.fp16_bytes, "other_bytes": info.other_bytes,
+                "n_params": info.n_params, "n_quantized": info.n_quantized, "bytes_by_kind": info.bytes_by_kind(),
+                "layers": [{"name": l.name, "shape": list(l.shape), "format": l.format, "weight_bits": l.weight_bits,
+                            "storage_bits": l.storage_bits, "storage_bits_rule": l.storage_bits_rule,
+                            "bytes_by_kind": l.bytes_by_kind} for l in info.layers]})
+        return 0
     report_path = path / REPORT_NAME if path.is_dir() else path
     if not report_path.is_file():
-        from .errors import BillmError
-        raise BillmError(f"no {REPORT_NAME} in {path}: not a billm output folder")
+        raise BillmError(f"{path} is neither a billm checkpoint (no billm_quant.json) nor a report file")
     d = json.loads(report_path.read_text())
     qd = d.get("quantization", d)
     print(json.dumps(qd.get("config", {}), indent=2))
@@ -350,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-batch-size", type=int, default=1)
     q.add_argument("--max-windows", type=int, default=None)
     q.add_argument("--quiet", action="store_true", help="no per-layer table")
+    q.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES,
+                   help="dtype of the non-quantized tensors in the checkpoint (auto: the model's)")
     _add_data(q)
     q.set_defaults(fn=cmd_quantize)
 
@@ -387,9 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(c)
     c.set_defaults(fn=cmd_compare)
 
-    i = sub.add_parser("inspect", help="show the config and per-layer report of a billm output")
-    i.add_argument("path")
+    i = sub.add_parser("inspect", help="where a checkpoint's bytes go: per-layer storage bits measured from the file")
+    i.add_argument("path", help="a billm checkpoint folder (or a billm_report.json)")
+    i.add_argument("--json", default=None, help="also write the figures to this JSON file")
     i.set_defaults(fn=cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate text from a model or a billm checkpoint")
+    g.add_argument("model", help="a billm checkpoint folder, hub name, local folder or .gguf file")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--device", default=None)
+    g.set_defaults(fn=cmd_generate)
     return p
 
 

@@ -62,16 +62,20 @@ class QuantConfig:
             the decoder block (``self_attn.q_proj``) and the full name. Embeddings and
             ``lm_head`` are outside the decoder blocks and always stay full precision.
         exclude: fnmatch patterns of linears to leave in full precision.
+        scale_dtype: dtype the stored scales and means are kept in (``float16`` or
+            ``float32``). The quantizer rounds them to it *before* using them, so the packed
+            checkpoint reproduces the quantized model exactly.
     """
 
     method: ClassVar[str] = "base"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: scale_dtype (version-1 dicts meant float32 scales)
     uses_hessian: ClassVar[bool] = True  # False: the driver skips the statistics pass
 
     blocksize: int = 128
     percdamp: float = 0.01
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
+    scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         # Accept lists from JSON / callers but store tuples (frozen, hashable).
@@ -80,6 +84,7 @@ class QuantConfig:
         _check(self.blocksize >= 1, f"blocksize must be >= 1, got {self.blocksize}")
         _check(0.0 <= self.percdamp < 10.0, f"percdamp must be in [0, 10), got {self.percdamp}")
         _check(len(self.include) > 0, "include needs at least one pattern")
+        _check(self.scale_dtype in ("float16", "float32"), f"scale_dtype must be float16 or float32, got {self.scale_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``method`` and ``version``."""
@@ -96,6 +101,8 @@ class QuantConfig:
         d.pop("method", None)
         version = d.pop("version", cls.version)
         _check(version <= cls.version, f"{cls.method} config version {version} is newer than this billm ({cls.version})")
+        if version < 2:
+            d.setdefault("scale_dtype", "float32")  # version 1 kept scales in float32
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         _check(not unknown, f"unknown {cls.method} option(s): {sorted(unknown)}")
@@ -124,7 +131,6 @@ class BiLLMConfig(QuantConfig):
     """
 
     method: ClassVar[str] = "billm"
-    version: ClassVar[int] = 1
 
     # Defaults = the paper's text, the best of the variants measured on SmolLM2 (README, "Which
     # variant"): WikiText-2 ppl 3133 vs 18197 for the reference code's choices.
@@ -155,9 +161,10 @@ class BiLLMConfig(QuantConfig):
 
     @classmethod
     def reference(cls, **overrides: Any) -> "BiLLMConfig":
-        """Exactly the public reference implementation's choices (DESIGN.md §5)."""
+        """Exactly the public reference implementation's choices (DESIGN.md §5), float32 scales included."""
         base = dict(salient_metric="hessian", search_domain="salience", min_salient_cols=1, max_salient_cols=49,
-                    salient_search_order=2, salient_order=2, break_grid="quantile", n_break_candidates=81, centred=True)
+                    salient_search_order=2, salient_order=2, break_grid="quantile", n_break_candidates=81, centred=True,
+                    scale_dtype="float32")
         return cls(**{**base, **overrides})
 
     @classmethod

@@ -15,3 +15,7 @@ class ModelError(BillmError):
 
 class QuantizationError(BillmError):
     """Quantization failed (non-finite weights, a Hessian that cannot be factored, ...)."""
+
+
+class CheckpointError(BillmError):
+    """A checkpoint folder is missing, incomplete, corrupt, or of an unsupported format version."""

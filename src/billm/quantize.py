@@ -23,6 +23,7 @@ from .errors import BillmError, DataError, ModelError, QuantizationError
 from .eval.perplexity import max_positions
 from .methods import get_method
 from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
+from .packing.formats import StoredWeight
 from .model.walker import (
     BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, run_block, select_linears, set_weight,
 )
@@ -59,13 +60,18 @@ class LayerReport:
 
 @dataclass
 class QuantReport:
-    """Per-layer report and phase timings of one :func:`quantize` run."""
+    """Per-layer report and phase timings of one :func:`quantize` run.
+
+    ``stored`` maps each quantized linear's full name to its packed form (what
+    :func:`billm.save` writes); it is not part of :meth:`to_dict`.
+    """
 
     config: dict[str, Any]
     layers: list[LayerReport]
     phases: dict[str, float]
     nsamples: int
     seqlen: int
+    stored: dict[str, StoredWeight] = field(default_factory=dict, repr=False)
 
     @property
     def n_weights(self) -> int:
@@ -186,6 +192,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         phases["capture"] += time.perf_counter() - t0
 
         layers: list[LayerReport] = []
+        stored: dict[str, StoredWeight] = {}
         groups: Optional[list[list[str]]] = None
         bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block")
         for i, block in bar:
@@ -234,6 +241,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                 rel = hessian_error(W, res.q, H)[1] if H is not None else float("nan")
                 wrel = float(torch.linalg.norm(W - res.q) / torch.linalg.norm(W).clamp(min=1e-12))
                 set_weight(mod, res.q)
+                if res.stored is not None:
+                    stored[full] = res.stored
                 layers.append(LayerReport(name=full, shape=tuple(W.shape), weight_bits=res.weight_bits,
                                           storage_bits=storage_bits(config.to_dict(), tuple(W.shape), res.info,
                                                                     res.weight_bits),
@@ -253,4 +262,5 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         if current is not None:
             current.to(offload)
         model.train(was_training)
-    return QuantReport(config=config.to_dict(), layers=layers, phases=phases, nsamples=nsamples, seqlen=seqlen)
+    return QuantReport(config=config.to_dict(), layers=layers, phases=phases, nsamples=nsamples, seqlen=seqlen,
+                       stored=stored)

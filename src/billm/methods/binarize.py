@@ -16,8 +16,12 @@ with no masked entries gets 0. Entries outside the mask are 0 in the result.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
+
+from ..packing.formats import round_to_stored
 
 
 def sign_pm1(x: Tensor) -> Tensor:
@@ -25,13 +29,15 @@ def sign_pm1(x: Tensor) -> Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def binarize_once(x: Tensor, mask: Tensor, centred: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def binarize_once(x: Tensor, mask: Tensor, centred: bool = True,
+                  scale_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     """One binarization pass over a masked group.
 
     Args:
         x: (rows, cols) values.
         mask: (rows, cols) bool, the group.
         centred: subtract the per-row group mean first.
+        scale_dtype: round the mean, then the scale, to this dtype before use (as stored).
 
     Returns:
         (b, alpha, mu): ``b`` (rows, cols) the estimate (0 off the mask), ``alpha`` and ``mu``
@@ -39,14 +45,15 @@ def binarize_once(x: Tensor, mask: Tensor, centred: bool = True) -> tuple[Tensor
     """
     m = mask.to(x.dtype)  # (rows, cols)
     n = m.sum(dim=1).clamp(min=1)  # (rows,)
-    mu = (x * m).sum(dim=1) / n if centred else x.new_zeros(x.shape[0])
+    mu = round_to_stored((x * m).sum(dim=1) / n, scale_dtype) if centred else x.new_zeros(x.shape[0])
     d = x - mu[:, None]
-    alpha = (d.abs() * m).sum(dim=1) / n
+    alpha = round_to_stored((d.abs() * m).sum(dim=1) / n, scale_dtype)
     b = (alpha[:, None] * sign_pm1(d) + mu[:, None]) * m
     return b, alpha, mu
 
 
-def binarize(x: Tensor, mask: Tensor, order: int = 1, centred: bool = True) -> Tensor:
+def binarize(x: Tensor, mask: Tensor, order: int = 1, centred: bool = True,
+             scale_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Order-``order`` residual binarization of the masked group of ``x``; 0 off the mask.
 
     Args:
@@ -54,6 +61,7 @@ def binarize(x: Tensor, mask: Tensor, order: int = 1, centred: bool = True) -> T
         mask: (rows, cols) bool.
         order: 1 (plain) or more (each further pass binarizes the residual and adds it).
         centred: per-row mean subtraction in each pass.
+        scale_dtype: dtype scales and means are rounded to (None: kept exact).
 
     Returns:
         (rows, cols) estimate; within a row the group takes at most ``2**order`` values.
@@ -62,13 +70,14 @@ def binarize(x: Tensor, mask: Tensor, order: int = 1, centred: bool = True) -> T
         raise ValueError(f"order must be >= 1, got {order}")
     out = torch.zeros_like(x)
     for _ in range(order):
-        b, _, _ = binarize_once(x - out, mask, centred)
+        b, _, _ = binarize_once(x - out, mask, centred, scale_dtype)
         out = out + b
     return out
 
 
-def binarize_params(x: Tensor, mask: Tensor, order: int = 1, centred: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Stored form of :func:`binarize`: sign bits and per-pass scales/means.
+def binarize_params(x: Tensor, mask: Tensor, order: int = 1, centred: bool = True,
+                    scale_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Stored form of :func:`binarize`: sign bits and per-pass scales/means (rounded to ``scale_dtype``).
 
     Returns:
         (signs, alphas, mus): ``signs`` (order, rows, cols) bool (True = +1, only meaningful on the
@@ -79,7 +88,7 @@ def binarize_params(x: Tensor, mask: Tensor, order: int = 1, centred: bool = Tru
     signs, alphas, mus = [], [], []
     for _ in range(order):
         r = x - out
-        b, alpha, mu = binarize_once(r, mask, centred)
+        b, alpha, mu = binarize_once(r, mask, centred, scale_dtype)
         signs.append((r - mu[:, None]) >= 0)
         alphas.append(alpha)
         mus.append(mu)

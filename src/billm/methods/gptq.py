@@ -6,15 +6,17 @@ The inner loop takes any per-column quantizer, so plain sign binarization with c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ..config import GPTQConfig
+from ..packing.formats import SCALE_DTYPES, grid_values
 from .obc import OBCTimes, obc_quantize, prepare_hessian
 from .registry import WeightResult, register_method
-from .rtn import minmax_params, quantize_minmax
+from .rtn import grid_codes, minmax_params, stored_grid
 
 ColumnQuantizer = Callable[[int, Tensor], Tensor]
 """``(absolute column index, current column w (rows,)) -> dequantized column (rows,)``."""
@@ -39,12 +41,29 @@ def gptq_block(Wb: Tensor, Ub: Tensor, start: int, quant_col: ColumnQuantizer) -
     return Q, E
 
 
+@dataclass
+class GPTQRun:
+    """Output of :func:`gptq_weight`.
+
+    Attributes:
+        q: (rows, cols) dequantized weights, original column order.
+        percdamp: damping used.
+        perm: (cols,) the act-order permutation (quantized position -> original column), or None.
+        quantizer: the per-column quantizer the factory made (it may have recorded its codes).
+    """
+
+    q: Tensor
+    percdamp: float
+    perm: Optional[Tensor]
+    quantizer: ColumnQuantizer
+
+
 def gptq_weight(W: Tensor, H: Tensor, blocksize: int, percdamp: float, quant_col_factory,
-                act_order: bool = False, times: Optional[OBCTimes] = None) -> tuple[Tensor, float]:
+                act_order: bool = False, times: Optional[OBCTimes] = None) -> GPTQRun:
     """Run GPTQ over ``W`` (rows, cols) with the per-column quantizer made by ``quant_col_factory(W)``.
 
     The factory sees the (permuted, dead-column-zeroed) weights before any compensation, e.g. to
-    fix per-row scales. Returns (Q in the original column order, damping used).
+    fix per-row scales; column indices it receives are positions in that (permuted) order.
     """
     W = W.to(torch.float32).clone()
     perm = None
@@ -56,31 +75,50 @@ def gptq_weight(W: Tensor, H: Tensor, blocksize: int, percdamp: float, quant_col
     Q = obc_quantize(W, prep.U, blocksize, lambda Wb, Ub, st: gptq_block(Wb, Ub, st, quant_col), times)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return Q, prep.percdamp
+    return GPTQRun(q=Q, percdamp=prep.percdamp, perm=perm, quantizer=quant_col)
 
 
-def minmax_columns(bits: int, groupsize: int) -> Callable[[Tensor], ColumnQuantizer]:
-    """Per-column quantizer factory: min-max ranges per row (or per group, set when a group starts)."""
+class GridColumns:
+    """Per-column min-max grid quantizer that records its codes, scales and zeros.
 
-    def factory(W0: Tensor) -> ColumnQuantizer:
-        state: dict[str, Tensor] = {}
+    Ranges are per row (``groupsize == -1``, fixed from the weights before compensation) or per
+    row and group, set from the compensated weights when the group's first column comes up.
+    """
+
+    def __init__(self, W0: Tensor, bits: int, groupsize: int, scale_dtype: Optional[torch.dtype]) -> None:
+        self.W, self.bits, self.groupsize, self.scale_dtype = W0, bits, groupsize, scale_dtype
+        self.codes = torch.zeros_like(W0)  # (rows, cols)
+        self.scales: list[Tensor] = []  # per group (rows, 1)
+        self.zeros: list[Tensor] = []
         if groupsize == -1:
-            state["scale"], state["zero"] = minmax_params(W0, bits)
+            self._new_group(W0)
 
-        def quant(col: int, w: Tensor) -> Tensor:
-            if groupsize != -1 and col % groupsize == 0:
-                state["scale"], state["zero"] = minmax_params(state["W"][:, col:col + groupsize], bits)
-            return quantize_minmax(w.unsqueeze(1), state["scale"], state["zero"], bits).squeeze(1)
+    def _new_group(self, w: Tensor) -> None:
+        scale, zero = minmax_params(w, self.bits, self.scale_dtype)
+        self.scales.append(scale)
+        self.zeros.append(zero)
 
-        state["W"] = W0  # compensated in place by the OBC loop: groups see the updated weights
-        return quant
-
-    return factory
+    def __call__(self, col: int, w: Tensor) -> Tensor:
+        if self.groupsize != -1 and col % self.groupsize == 0:
+            self._new_group(self.W[:, col:col + self.groupsize])  # self.W is compensated in place by the OBC loop
+        code = grid_codes(w.unsqueeze(1), self.scales[-1], self.zeros[-1], self.bits)  # (rows, 1)
+        self.codes[:, col] = code.squeeze(1)
+        return grid_values(code, self.scales[-1], self.zeros[-1]).squeeze(1)
 
 
 @register_method("gptq")
 def gptq_quantize_weight(W: Tensor, H: Tensor, cfg: GPTQConfig, times: Optional[OBCTimes] = None) -> WeightResult:
-    """GPTQ at ``cfg.bits`` bits."""
-    Q, damp = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, minmax_columns(cfg.bits, cfg.groupsize),
-                          cfg.act_order, times)
-    return WeightResult(q=Q, weight_bits=float(cfg.bits), info={"percdamp_used": damp})
+    """GPTQ at ``cfg.bits`` bits; the codes are kept for the checkpoint."""
+    gs = -1 if cfg.groupsize >= W.shape[1] else cfg.groupsize
+    sd = SCALE_DTYPES[cfg.scale_dtype]
+    run = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, lambda W0: GridColumns(W0, cfg.bits, gs, sd),
+                      cfg.act_order, times)
+    grid: GridColumns = run.quantizer  # type: ignore[assignment]
+    codes, g_idx = grid.codes, None
+    if run.perm is not None:
+        inv = torch.argsort(run.perm)
+        codes = codes[:, inv]
+        if gs != -1:
+            g_idx = (inv // gs).to(torch.int32)  # original column -> group of its quantized position
+    stored = stored_grid(codes, torch.cat(grid.scales, 1), torch.cat(grid.zeros, 1), cfg.bits, gs, cfg.scale_dtype, g_idx)
+    return WeightResult(q=run.q, weight_bits=float(cfg.bits), info={"percdamp_used": run.percdamp}, stored=stored)

@@ -8,11 +8,12 @@ method's config dataclass, ``times`` an :class:`~billm.methods.obc.OBCTimes` to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
 from ..errors import BillmError
+from ..packing.formats import StoredWeight
 
 
 @dataclass
@@ -23,11 +24,13 @@ class WeightResult:
         q: (rows, cols) the dequantized (simulated) weights.
         weight_bits: bits per weight as papers count them (sign bits only for binary methods).
         info: method-specific figures (salient columns, break points, damping used, ...).
+        stored: the packed form a checkpoint keeps; ``stored.values()`` equals ``q`` exactly.
     """
 
     q: Tensor
     weight_bits: float
     info: dict[str, Any] = field(default_factory=dict)
+    stored: Optional[StoredWeight] = None
 
 
 _METHODS: dict[str, Callable[..., WeightResult]] = {}

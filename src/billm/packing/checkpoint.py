@@ -1,0 +1,452 @@
+"""The billm checkpoint: a Hugging Face-style folder whose quantized linears are truly bit-packed.
+
+Layout of ``DIR``::
+
+    config.json, generation_config.json, tokenizer files     as ``save_pretrained`` writes them
+    model.safetensors      every tensor of the model: non-quantized ones in the model's dtype under
+                           their usual names, and for each quantized linear its packed fields
+                           ``<layer>.packed_<field>`` (and ``<layer>.bias``) instead of its weight
+    billm_quant.json       the quantization map: format_version, method and full config, each
+                           quantized layer's format, shape and attributes, tied-weight aliases,
+                           and a SHA-256 of every tensor
+    billm_report.json      the quantization report (per-layer errors, timings, calibration)
+
+The map is written last and the folder appears under its name in one rename, so a folder with a
+map is complete; :func:`load` refuses any other. ``config.json`` carries a
+``quantization_config`` with ``quant_method: billm``: plain ``transformers`` then warns that it
+skips an unknown quantization and lists the packed layers' weights as missing. Load the folder
+with :func:`billm.load` (or any ``billm`` command).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from ..io import atomic_dir, check_output_dir, write_json_atomic
+from .formats import FORMATS, get_format
+from .linear import PREFIX, PackedLinear
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+QUANT_MAP = "billm_quant.json"
+WEIGHTS = "model.safetensors"
+REPORT = "billm_report.json"
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def is_checkpoint(path: Union[str, Path]) -> bool:
+    """True if ``path`` is a complete billm checkpoint folder (it has a quantization map)."""
+    return (Path(path) / QUANT_MAP).is_file()
+
+
+def is_billm_folder(path: Path) -> bool:
+    """A folder billm wrote (a checkpoint, or an older report-only output): safe to replace."""
+    return is_checkpoint(path) or (path / REPORT).is_file()
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """SHA-256 of a tensor's bytes (C order)."""
+    b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(b.tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- save
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        raise CheckpointError(f"the model has no module {name!r}") from e
+
+
+def _state_without_ties(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Drop tensors that alias an earlier one (tied embeddings); return (unique tensors, alias -> source)."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    for name, t in sd.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t
+    return out, tied
+
+
+def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra: Optional[dict[str, Any]] = None,
+         dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a bit-packed checkpoint of a model quantized by :func:`billm.quantize`.
+
+    Args:
+        model: the quantized model (its quantized linears hold the simulated weights; they are
+            replaced by their packed form from ``report.stored`` in the file).
+        report: the :class:`~billm.QuantReport` of that run.
+        out: the output folder (replaced atomically; an existing non-billm folder is refused).
+        tokenizer: saved alongside when given.
+        extra: more JSON written into ``billm_report.json`` (calibration, evaluation, ...).
+        dtype: dtype of the non-quantized tensors in the file (default: as they are in the model).
+
+    Returns:
+        The folder written.
+    """
+    from safetensors.torch import save_file
+
+    import billm
+
+    if not report.stored:
+        raise CheckpointError("the report holds no packed weights (was the model quantized by billm.quantize?)")
+    out = check_output_dir(Path(out), is_billm_folder, "billm checkpoint")
+    sd = {k: v for k, v in model.state_dict().items()}
+    layers: dict[str, Any] = {}
+    per_layer = {r.name: r for r in report.layers}
+    packed: dict[str, Tensor] = {}
+    for name, stored in report.stored.items():
+        mod = _module(model, name)
+        sd.pop(f"{name}.weight", None)
+        bias = getattr(mod, "bias", None)
+        rep = per_layer.get(name)
+        layers[name] = {"format": stored.format, "shape": list(stored.shape), "meta": stored.meta,
+                        "bias": bias is not None, "module": type(mod).__name__,
+                        "weight_bits": rep.weight_bits if rep else None,
+                        "storage_bits_rule": rep.storage_bits if rep else None}
+        for field_name, t in stored.tensors.items():
+            packed[f"{name}.{PREFIX}{field_name}"] = t.detach().cpu().contiguous()
+    tensors, tied = _state_without_ties(sd)
+    for k, t in tensors.items():
+        t = t.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[k] = t.contiguous()
+    tensors.update(packed)
+    model_dtype = str(dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))
+    qmap = {
+        "format_version": FORMAT_VERSION,
+        "billm_version": billm.__version__, "torch_version": torch.__version__,
+        "transformers_version": __import__("transformers").__version__,
+        "method": report.config["method"], "config": report.config,
+        "dtype": model_dtype.replace("torch.", ""),
+        "weight_bits": report.weight_bits, "storage_bits_rule": report.storage_bits,
+        "layers": layers, "tied": tied,
+        "files": {WEIGHTS: {"sha256": {k: tensor_sha256(t) for k, t in tensors.items()}}},
+    }
+    with atomic_dir(out) as tmp:
+        config = copy.deepcopy(model.config)
+        config.quantization_config = {"quant_method": "billm", "method": qmap["method"], "format_version": FORMAT_VERSION}
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except ValueError as e:  # an invalid generation config should not cost the checkpoint
+                log.warning("generation config not saved: %s", e)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "billm_format_version": str(FORMAT_VERSION)})
+        qmap["files"][WEIGHTS]["bytes"] = (tmp / WEIGHTS).stat().st_size
+        write_json_atomic(tmp / REPORT, {**(extra or {}), "quantization": report.to_dict()})
+        write_json_atomic(tmp / QUANT_MAP, qmap)  # last: its presence marks a complete folder
+    log.info("saved %d packed layers to %s (%.1f MB)", len(layers), out, qmap["files"][WEIGHTS]["bytes"] / 1e6)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_map(path: Union[str, Path]) -> dict[str, Any]:
+    """The quantization map of a checkpoint folder, validated for presence and format version."""
+    path = Path(path)
+    f = path / QUANT_MAP
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not f.is_file():
+        raise CheckpointError(f"{path}: not a complete billm checkpoint ({QUANT_MAP} is missing; an interrupted "
+                              f"save never leaves one); quantize again with `billm quantize ... --out {path}`")
+    try:
+        qmap = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: corrupt quantization map ({e})") from None
+    if not isinstance(qmap, dict) or "format_version" not in qmap:
+        raise CheckpointError(f"{f}: not a billm quantization map (no format_version)")
+    v = qmap["format_version"]
+    if not isinstance(v, int) or v > FORMAT_VERSION:
+        raise CheckpointError(f"{f}: format_version {v!r} is newer than this billm reads ({FORMAT_VERSION}); "
+                              "upgrade billm (pip install -U billm)")
+    for key in ("layers", "tied", "files", "config"):
+        if key not in qmap:
+            raise CheckpointError(f"{f}: the quantization map lacks {key!r}")
+    for name, layer in qmap["layers"].items():
+        if layer.get("format") not in FORMATS:
+            raise CheckpointError(f"{f}: layer {name} has unknown format {layer.get('format')!r}")
+    return qmap
+
+
+@dataclass
+class TensorEntry:
+    """One tensor in a safetensors header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(file: Union[str, Path]) -> dict[str, TensorEntry]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) and check the file is whole.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file, naming it.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: truncated ({size} bytes; not even a safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{file}: truncated or corrupt (header of {n} bytes in a {size}-byte file)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    entries: dict[str, TensorEntry] = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            a, b = e["data_offsets"]
+            entries[name] = TensorEntry(e["dtype"], tuple(e["shape"]), 8 + n + a, 8 + n + b)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor {name!r}") from None
+    end = max((t.end for t in entries.values()), default=8 + n)
+    if end > size:
+        last = max(entries, key=lambda k: entries[k].end)
+        raise CheckpointError(f"{file}: truncated: {size} bytes, but tensor {last!r} ends at byte {end}")
+    return entries
+
+
+# ----------------------------------------------------------------------------- load
+
+def _skeleton(path: Path, qmap: dict[str, Any], dtype: Optional[torch.dtype]) -> nn.Module:
+    """The model built from config.json without allocating weights, quantized linears swapped for PackedLinear."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError / ValueError for a bad config.json
+        raise CheckpointError(f"{path / 'config.json'}: cannot read the model config ({e})") from e
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):  # parameters on "meta"; computed buffers (rotary) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(torch, qmap.get("dtype", "float32")))
+    for name, layer in qmap["layers"].items():
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, child)
+        except AttributeError:
+            raise CheckpointError(f"{path / QUANT_MAP}: layer {name} does not exist in a {type(model).__name__}") from None
+        shape = tuple(layer["shape"])
+        w = getattr(old, "weight", None)
+        have = None if w is None else (tuple(w.shape[::-1]) if type(old).__name__ == "Conv1D" else tuple(w.shape))
+        if have != shape:
+            raise CheckpointError(f"{path / QUANT_MAP}: layer {name} is {shape} in the map but {have} in the model config")
+        setattr(parent, child, PackedLinear(layer["format"], shape, layer["meta"], bias=layer["bias"],
+                                            dtype=w.dtype, device="meta"))
+    return model
+
+
+def _expected_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every tensor the file must provide: the skeleton's persistent state (on meta)."""
+    return dict(model.state_dict(keep_vars=True))
+
+
+def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+         verify: bool = True) -> nn.Module:
+    """Load a billm checkpoint: quantized linears stay packed (:class:`PackedLinear`), the rest is loaded as saved.
+
+    Args:
+        path: the checkpoint folder.
+        device: where the model goes (``cpu``, ``cuda``, ...).
+        dtype: convert the non-quantized floating tensors to this dtype (default: as saved).
+        verify: check every tensor's SHA-256 against the quantization map.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: incomplete, truncated or corrupt folder, a newer format version, a tensor
+            missing or of the wrong shape/dtype, or a checksum mismatch; the message names the
+            file and the tensor.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    qmap = read_map(path)
+    file = path / WEIGHTS
+    header = read_header(file)
+    model = _skeleton(path, qmap, dtype)
+    expected = _expected_tensors(model)
+    tied = qmap["tied"]
+    for name, t in expected.items():
+        if name in tied:
+            continue
+        if name not in header:
+            raise CheckpointError(f"{file}: tensor {name!r} is missing")
+        e = header[name]
+        if e.shape != tuple(t.shape):
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(e.shape)}, expected {list(t.shape)}")
+        is_packed = f".{PREFIX}" in name
+        if is_packed and _DTYPES.get(e.dtype) != t.dtype:
+            raise CheckpointError(f"{file}: tensor {name!r} is {e.dtype}, the format needs {t.dtype}")
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise CheckpointError(f"{file}: unexpected tensor(s) {extra[:5]} (not in this model)")
+    try:
+        sd = load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({e})") from e
+    if verify:
+        sums = qmap["files"].get(WEIGHTS, {}).get("sha256", {})
+        for name, t in sd.items():
+            want = sums.get(name)
+            if want is None:
+                raise CheckpointError(f"{path / QUANT_MAP}: no checksum for tensor {name!r}")
+            if tensor_sha256(t) != want:
+                raise CheckpointError(f"{file}: tensor {name!r} is corrupt (SHA-256 differs from the quantization map)")
+    for name, t in sd.items():
+        if dtype is not None and t.is_floating_point() and f".{PREFIX}" not in name:
+            sd[name] = t.to(dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{file}: missing {missing[:5]} / unexpected {unexpected[:5]} tensors")
+    for alias, source in tied.items():
+        _tie(model, alias, source)
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{file}: no data for {still_meta[:5]}")
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _tie(model: nn.Module, alias: str, source: str) -> None:
+    """Make the parameter named ``alias`` the very same tensor as ``source`` (tied embeddings)."""
+    src_mod, _, src_attr = source.rpartition(".")
+    dst_mod, _, dst_attr = alias.rpartition(".")
+    src = getattr(model.get_submodule(src_mod), src_attr)
+    setattr(model.get_submodule(dst_mod), dst_attr, src)
+
+
+# ----------------------------------------------------------------------------- inspect
+
+@dataclass
+class LayerBytes:
+    """Where one quantized layer's bytes go."""
+
+    name: str
+    shape: tuple[int, int]
+    format: str
+    weight_bits: Optional[float]
+    storage_bits_rule: Optional[float]
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.bytes_by_kind.values())
+
+    @property
+    def storage_bits(self) -> float:
+        """Bits per weight measured from the file (packed fields only, bias excluded)."""
+        return self.nbytes * 8 / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`inspect` measures from a checkpoint's files."""
+
+    path: Path
+    qmap: dict[str, Any]
+    layers: list[LayerBytes]
+    file_bytes: int
+    other_bytes: int  # non-quantized tensors (embeddings, norms, biases, lm_head)
+    n_params: int  # parameters of the original model (quantized weights + everything else, ties once)
+    header_bytes: int
+
+    @property
+    def n_quantized(self) -> int:
+        return sum(l.shape[0] * l.shape[1] for l in self.layers)
+
+    @property
+    def storage_bits(self) -> float:
+        """Packed bytes x 8 / quantized weights, over all quantized layers."""
+        return sum(l.nbytes for l in self.layers) * 8 / max(1, self.n_quantized)
+
+    @property
+    def weight_bits(self) -> float:
+        return sum((l.weight_bits or 0) * l.shape[0] * l.shape[1] for l in self.layers) / max(1, self.n_quantized)
+
+    @property
+    def fp16_bytes(self) -> int:
+        """The same model in fp16: 2 bytes a parameter."""
+        return 2 * self.n_params
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for l in self.layers:
+            for k, v in l.bytes_by_kind.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
+def inspect(path: Union[str, Path]) -> CheckpointInfo:
+    """Measure a checkpoint from its files alone (no tensor is loaded)."""
+    path = Path(path).expanduser()
+    qmap = read_map(path)
+    file = path / WEIGHTS
+    header = read_header(file)
+    layers: list[LayerBytes] = []
+    packed_names: set[str] = set()
+    for name, layer in qmap["layers"].items():
+        shape = tuple(layer["shape"])
+        fields = get_format(layer["format"]).fields(shape, layer["meta"])
+        lb = LayerBytes(name, shape, layer["format"], layer.get("weight_bits"), layer.get("storage_bits_rule"))
+        for fname, spec in fields.items():
+            key = f"{name}.{PREFIX}{fname}"
+            if key not in header:
+                raise CheckpointError(f"{file}: tensor {key!r} is missing")
+            lb.bytes_by_kind[spec.kind] = lb.bytes_by_kind.get(spec.kind, 0) + header[key].nbytes
+            packed_names.add(key)
+        layers.append(lb)
+    other = {k: e for k, e in header.items() if k not in packed_names}
+    other_params = sum(int(torch.Size(e.shape).numel()) for e in other.values())
+    n_params = other_params + sum(l.shape[0] * l.shape[1] for l in layers)
+    header_bytes = min((e.start for e in header.values()), default=file.stat().st_size)
+    return CheckpointInfo(path=path, qmap=qmap, layers=layers, file_bytes=file.stat().st_size,
+                          other_bytes=sum(e.nbytes for e in other.values()), n_params=n_params,
+                          header_bytes=header_bytes)

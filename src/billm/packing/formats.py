@@ -1,0 +1,379 @@
+"""Stored forms of quantized weights: which packed tensors each method keeps, and how they decode.
+
+A :class:`StoredWeight` is what a checkpoint holds for one quantized linear: a format name, the
+weight's shape, a few scalar attributes (``meta``) and packed tensors. Each format declares its
+fields (shape, dtype and what the bytes are spent on) so a file can be validated before use,
+and a ``values`` function that turns the packed tensors back into the (rows, cols) float32
+weights. The methods build their simulated weights *through the same value functions*, so a
+loaded checkpoint reproduces the in-memory quantized model bit for bit.
+
+Formats (``r`` rows, ``c`` columns, ``nb`` OBC blocks of ``blocksize`` columns):
+
+``billm``
+    ``signs`` (r, c) first sign plane; ``signs2`` (r, k) second plane of the ``k`` salient
+    columns (order 2); ``group`` (r, c-k) bitmap of the non-salient entries (1 = sparse group);
+    ``salient_mask`` (c,) column flags; ``scales`` (nb, 2+order, r) per block and row, slots
+    (concentrated, sparse, salient pass 1, salient pass 2); ``means`` likewise when centred.
+``grid`` (RTN, GPTQ)
+    ``codes`` integer codes as ``bits`` bit planes; ``scales`` (r, G) and ``zeros`` (r, G) as
+    bit planes, G groups of ``groupsize`` columns; ``g_idx`` (c,) group of each column when
+    GPTQ's act-order permuted them.
+``sign``
+    ``signs`` (r, c); ``scales`` (1, r); ``means`` (1, r) when centred.
+``pbllm``
+    ``salient_mask`` (r, c) bitmap; ``codes`` the salient entries' codes (row-major) as bit
+    planes; ``signs`` the other entries' signs (row-major); ``scales`` (nb, 2, r) binary scale and
+    grid scale per block and row; ``zeros`` (r, nb) as bit planes.
+
+Bit planes and bitmaps are packed 8 to a byte along the input dimension (:mod:`.bitpack`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import QuantizationError
+from .bitpack import pack_bits, pack_codes, packed_len, unpack_bits, unpack_codes
+
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One packed tensor of a format: its shape, dtype and what its bytes pay for (``kind``)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str
+
+
+@dataclass
+class StoredWeight:
+    """The stored form of one quantized linear.
+
+    Attributes:
+        format: a key of :data:`FORMATS`.
+        shape: (out_features, in_features) of the weight.
+        meta: JSON-able scalar attributes the format needs (blocksize, bits, ...).
+        tensors: the packed tensors, by field name.
+    """
+
+    format: str
+    shape: tuple[int, int]
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor] = field(repr=False)
+
+    def fields(self) -> dict[str, FieldSpec]:
+        """The fields this weight must have (from shape and meta)."""
+        return get_format(self.format).fields(self.shape, self.meta)
+
+    def values(self) -> Tensor:
+        """The dequantized (rows, cols) float32 weight."""
+        return get_format(self.format).values(self.tensors, self.shape, self.meta)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all packed tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: Any) -> "StoredWeight":
+        """A copy with the tensors on ``device``."""
+        return StoredWeight(self.format, self.shape, dict(self.meta), {k: v.to(device) for k, v in self.tensors.items()})
+
+
+@dataclass(frozen=True)
+class Format:
+    """A stored form: ``fields(shape, meta)`` declares the tensors, ``values(tensors, shape, meta)`` decodes."""
+
+    name: str
+    fields: Callable[[tuple[int, int], dict[str, Any]], dict[str, FieldSpec]]
+    values: Callable[[dict[str, Tensor], tuple[int, int], dict[str, Any]], Tensor]
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def get_format(name: str) -> Format:
+    """The registered format ``name``."""
+    if name not in FORMATS:
+        raise KeyError(f"unknown stored-weight format {name!r}; known: {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
+
+
+def _register(name: str, fields, values) -> None:
+    FORMATS[name] = Format(name, fields, values)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def scale_dtype(meta: dict[str, Any]) -> torch.dtype:
+    """The dtype scales and means are stored in (``meta['scale_dtype']``)."""
+    return SCALE_DTYPES[meta.get("scale_dtype", "float16")]
+
+
+def round_to_stored(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """``x`` rounded to what ``dtype`` can hold, kept in x's dtype (None: unchanged).
+
+    Quantizers round scales and means with this *before* using them, so the stored values are
+    exactly the ones the error compensation saw.
+
+    Raises:
+        QuantizationError: a value overflows the stored dtype.
+    """
+    if dtype is None or dtype == x.dtype:
+        return x
+    y = x.to(dtype)
+    if not torch.isfinite(y).all() and torch.isfinite(x).all():
+        raise QuantizationError(f"a scale or mean (max |x| = {float(x.abs().max()):.3g}) overflows {dtype}; "
+                                "use scale_dtype='float32'")
+    return y.to(x.dtype)
+
+
+def smallest_positive(dtype: torch.dtype) -> float:
+    """Smallest positive value of a float dtype (subnormals included): a floor for grid scales."""
+    return float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)
+
+
+def pm1(bits: Tensor) -> Tensor:
+    """Bool sign bits to float32 +1 / -1."""
+    return torch.where(bits, 1.0, -1.0)
+
+
+def _per_column(t: Tensor, col_group: Tensor) -> Tensor:
+    """(rows, G) per-group values to (rows, cols) via the group index of each column."""
+    return t[:, col_group]
+
+
+def _block_index(cols: int, blocksize: int, device) -> Tensor:
+    return torch.arange(cols, device=device) // blocksize  # (cols,)
+
+
+def _n_blocks(cols: int, blocksize: int) -> int:
+    return math.ceil(cols / blocksize)
+
+
+# ----------------------------------------------------------------------------- billm
+
+BILLM_SLOTS = ("concentrated", "sparse", "salient1", "salient2")
+
+
+def billm_values(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Optional[Tensor], scales: Tensor,
+                 means: Optional[Tensor], blocksize: int) -> Tensor:
+    """Decode BiLLM from unpacked bits.
+
+    Args:
+        s1: (r, c) bool first sign plane.
+        salient: (c,) bool salient-column flags.
+        sparse: (r, c) bool, True for the sparse group (ignored on salient columns).
+        s2: (r, c) bool second plane (used on salient columns), or None for order 1.
+        scales: (nb, 2 + order, r) float32, slots as :data:`BILLM_SLOTS`.
+        means: same shape as ``scales`` or None (not centred).
+        blocksize: columns per block.
+
+    Returns:
+        (r, c) float32: ``a1 * s1 + m1`` with the group's (a1, m1), plus ``a2 * s2 + m2`` on
+        salient columns.
+    """
+    r, c = s1.shape
+    blk = _block_index(c, blocksize, s1.device)
+    sal = salient.unsqueeze(0)  # (1, c)
+
+    def slot(t: Tensor, i: int) -> Tensor:
+        return _per_column(t[:, i, :].t(), blk)  # (r, c)
+
+    def first(t: Tensor) -> Tensor:
+        return torch.where(sal, slot(t, 2), torch.where(sparse, slot(t, 1), slot(t, 0)))
+
+    q = first(scales) * pm1(s1)
+    if means is not None:
+        q = q + first(means)
+    if s2 is not None:
+        q2 = torch.where(sal, slot(scales, 3), 0.0) * pm1(s2)
+        if means is not None:
+            q2 = q2 + torch.where(sal, slot(means, 3), 0.0)
+        q = q + q2
+    return q
+
+
+def _billm_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
+    r, c = shape
+    k, order = meta["n_salient"], meta["salient_order"]
+    nb = _n_blocks(c, meta["blocksize"])
+    sd = scale_dtype(meta)
+    f = {"signs": FieldSpec((r, packed_len(c)), torch.uint8, "signs"),
+         "group": FieldSpec((r, packed_len(c - k)), torch.uint8, "group bitmap"),
+         "salient_mask": FieldSpec((packed_len(c),), torch.uint8, "salient-column mask"),
+         "scales": FieldSpec((nb, 2 + order, r), sd, "scales")}
+    if order == 2:
+        f["signs2"] = FieldSpec((r, packed_len(k)), torch.uint8, "salient 2nd signs")
+    if meta["centred"]:
+        f["means"] = FieldSpec((nb, 2 + order, r), sd, "means")
+    return f
+
+
+def billm_unpack(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> tuple[Tensor, ...]:
+    """(s1, salient, sparse, s2) as full bool tensors from the packed BiLLM fields."""
+    r, c = shape
+    k = meta["n_salient"]
+    s1 = unpack_bits(t["signs"], c)
+    sal = unpack_bits(t["salient_mask"], c)
+    if int(sal.sum()) != k:
+        raise ValueError(f"the salient-column mask has {int(sal.sum())} columns set, the map says {k}")
+    sparse = torch.zeros(r, c, dtype=torch.bool, device=s1.device)
+    sparse[:, ~sal] = unpack_bits(t["group"], c - k)
+    s2 = None
+    if meta["salient_order"] == 2:
+        s2 = torch.zeros(r, c, dtype=torch.bool, device=s1.device)
+        s2[:, sal] = unpack_bits(t["signs2"], k)
+    return s1, sal, sparse, s2
+
+
+def _billm_decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
+    s1, sal, sparse, s2 = billm_unpack(t, shape, meta)
+    means = t["means"].float() if meta["centred"] else None
+    return billm_values(s1, sal, sparse, s2, t["scales"].float(), means, meta["blocksize"])
+
+
+def billm_pack(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Optional[Tensor], scales: Tensor,
+               means: Optional[Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
+    """Packed BiLLM fields from full bool planes and (nb, slots, r) float32 scales/means."""
+    sd = scale_dtype(meta)
+    out = {"signs": pack_bits(s1), "group": pack_bits(sparse[:, ~salient].contiguous()),
+           "salient_mask": pack_bits(salient), "scales": scales.to(sd)}
+    if s2 is not None:
+        out["signs2"] = pack_bits(s2[:, salient].contiguous())
+    if means is not None:
+        out["means"] = means.to(sd)
+    return out
+
+
+_register("billm", _billm_fields, _billm_decode)
+
+
+# ----------------------------------------------------------------------------- grid (RTN / GPTQ)
+
+def grid_values(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """``scale * (code - zero)`` in float32; scale and zero broadcast against codes."""
+    return scale * (codes.to(torch.float32) - zero.to(torch.float32))
+
+
+def _grid_groups(c: int, gs: int) -> int:
+    return 1 if gs == -1 else math.ceil(c / gs)
+
+
+def grid_index(c: int, groupsize: int, device=None) -> Tensor:
+    """(c,) group of each column when groups are consecutive columns."""
+    if groupsize == -1:
+        return torch.zeros(c, dtype=torch.long, device=device)
+    return torch.arange(c, device=device) // groupsize
+
+
+def _grid_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
+    r, c = shape
+    bits, g = meta["bits"], _grid_groups(c, meta["groupsize"])
+    f = {"codes": FieldSpec((bits, r, packed_len(c)), torch.uint8, "codes"),
+         "scales": FieldSpec((r, g), scale_dtype(meta), "scales"),
+         "zeros": FieldSpec((bits, r, packed_len(g)), torch.uint8, "zero points")}
+    if meta.get("g_idx"):
+        f["g_idx"] = FieldSpec((c,), torch.int32, "group index")
+    return f
+
+
+def _grid_decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
+    r, c = shape
+    g = _grid_groups(c, meta["groupsize"])
+    codes = unpack_codes(t["codes"], c)  # (r, c)
+    zeros = unpack_codes(t["zeros"], g)  # (r, G)
+    idx = t["g_idx"].long() if meta.get("g_idx") else grid_index(c, meta["groupsize"], codes.device)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= g):
+        raise ValueError(f"g_idx holds a group outside 0..{g - 1}")
+    return grid_values(codes, _per_column(t["scales"].float(), idx), _per_column(zeros, idx))
+
+
+def grid_pack(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Optional[Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
+    """Packed grid fields from (r, c) codes, (r, G) float scales and (r, G) integer zeros."""
+    bits = meta["bits"]
+    out = {"codes": pack_codes(codes, bits), "scales": scales.to(scale_dtype(meta)),
+           "zeros": pack_codes(zeros.round().to(torch.int32), bits)}
+    if meta.get("g_idx"):
+        out["g_idx"] = g_idx.to(torch.int32)
+    return out
+
+
+_register("grid", _grid_fields, _grid_decode)
+
+
+# ----------------------------------------------------------------------------- sign
+
+def sign_values(s: Tensor, scale: Tensor, mean: Optional[Tensor]) -> Tensor:
+    """``scale * (+-1) (+ mean)``; scale and mean broadcast against the (r, c) bool signs."""
+    q = scale * pm1(s)
+    return q + mean if mean is not None else q
+
+
+def _sign_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
+    r, c = shape
+    f = {"signs": FieldSpec((r, packed_len(c)), torch.uint8, "signs"),
+         "scales": FieldSpec((1, r), scale_dtype(meta), "scales")}
+    if meta["centred"]:
+        f["means"] = FieldSpec((1, r), scale_dtype(meta), "means")
+    return f
+
+
+def _sign_decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
+    mean = t["means"].float().t() if meta["centred"] else None
+    return sign_values(unpack_bits(t["signs"], shape[1]), t["scales"].float().t(), mean)
+
+
+_register("sign", _sign_fields, _sign_decode)
+
+
+# ----------------------------------------------------------------------------- pbllm
+
+def pbllm_values(salient: Tensor, codes: Tensor, signs: Tensor, alpha: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """PB-LLM: the grid value ``scale * (code - zero)`` on salient entries, ``alpha * (+-1)`` elsewhere."""
+    return torch.where(salient, grid_values(codes, scale, zero), alpha * pm1(signs))
+
+
+def _pbllm_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
+    r, c = shape
+    n, bits, nb = meta["n_salient"], meta["salient_bits"], _n_blocks(c, meta["blocksize"])
+    return {"salient_mask": FieldSpec((r, packed_len(c)), torch.uint8, "salient bitmap"),
+            "codes": FieldSpec((bits, packed_len(n)), torch.uint8, "codes"),
+            "signs": FieldSpec((packed_len(r * c - n),), torch.uint8, "signs"),
+            "scales": FieldSpec((nb, 2, r), scale_dtype(meta), "scales"),
+            "zeros": FieldSpec((bits, r, packed_len(nb)), torch.uint8, "zero points")}
+
+
+def _pbllm_decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
+    r, c = shape
+    n, nb = meta["n_salient"], _n_blocks(c, meta["blocksize"])
+    m = unpack_bits(t["salient_mask"], c)  # (r, c)
+    if int(m.sum()) != n:
+        raise ValueError(f"the salient bitmap has {int(m.sum())} entries set, the map says {n}")
+    codes = torch.zeros(r, c, dtype=torch.uint8, device=m.device)
+    codes[m] = unpack_codes(t["codes"], n)
+    signs = torch.zeros(r, c, dtype=torch.bool, device=m.device)
+    signs[~m] = unpack_bits(t["signs"], r * c - n)
+    blk = _block_index(c, meta["blocksize"], m.device)
+    sc = t["scales"].float()
+    zeros = unpack_codes(t["zeros"], nb)  # (r, nb)
+    return pbllm_values(m, codes, signs, _per_column(sc[:, 0, :].t(), blk), _per_column(sc[:, 1, :].t(), blk),
+                        _per_column(zeros, blk))
+
+
+def pbllm_pack(salient: Tensor, codes: Tensor, signs: Tensor, alpha: Tensor, scale: Tensor, zeros: Tensor,
+               meta: dict[str, Any]) -> dict[str, Tensor]:
+    """Packed PB-LLM fields from full (r, c) mask/codes/signs and (nb, r) alpha, scale, zeros."""
+    bits = meta["salient_bits"]
+    return {"salient_mask": pack_bits(salient), "codes": pack_codes(codes[salient], bits),
+            "signs": pack_bits(signs[~salient]), "scales": torch.stack([alpha, scale], dim=1).to(scale_dtype(meta)),
+            "zeros": pack_codes(zeros.t().round().to(torch.int32).contiguous(), bits)}
+
+
+_register("pbllm", _pbllm_fields, _pbllm_decode)

@@ -1,0 +1,74 @@
+"""``PackedLinear``: a linear layer that keeps only its packed weight and decodes it per call."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .formats import StoredWeight, get_format
+
+PREFIX = "packed_"  # packed fields are buffers named packed_<field>: "<layer>.packed_signs" in a checkpoint
+
+
+class PackedLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` (or GPT-2's ``Conv1D``) holding a :class:`StoredWeight`.
+
+    The packed tensors are buffers (they move with ``.to(device)`` and are saved in the state
+    dict as ``<name>.packed_<field>``); the full weight exists only for the duration of a
+    forward call: it is decoded on the buffers' device, cast to the input's dtype, and used once.
+
+    Args:
+        fmt: stored-weight format name (``billm``, ``grid``, ``sign``, ``pbllm``).
+        shape: (out_features, in_features).
+        meta: the format's scalar attributes.
+        bias: whether the layer has a bias.
+        dtype: dtype of the bias.
+        device: where the (empty) buffers are created; ``meta`` for a skeleton to be filled with
+            ``load_state_dict(..., assign=True)``.
+    """
+
+    def __init__(self, fmt: str, shape: tuple[int, int], meta: dict[str, Any], bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: Any = "meta") -> None:
+        super().__init__()
+        self.format, self.meta = fmt, dict(meta)
+        self.out_features, self.in_features = int(shape[0]), int(shape[1])
+        for name, spec in get_format(fmt).fields(self.shape, self.meta).items():
+            self.register_buffer(PREFIX + name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_stored(cls, stored: StoredWeight, bias: Optional[Tensor] = None) -> "PackedLinear":
+        """A ready layer from a stored weight (and an optional bias)."""
+        ref = next(iter(stored.tensors.values()))
+        layer = cls(stored.format, stored.shape, stored.meta, bias is not None,
+                    bias.dtype if bias is not None else torch.float32, device=ref.device)
+        for name, t in stored.tensors.items():
+            setattr(layer, PREFIX + name, t)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return (self.out_features, self.in_features)
+
+    def stored(self) -> StoredWeight:
+        """The packed weight as a :class:`StoredWeight` (sharing this layer's buffers)."""
+        tensors = {n[len(PREFIX):]: b for n, b in self.named_buffers(recurse=False) if n.startswith(PREFIX)}
+        return StoredWeight(self.format, self.shape, self.meta, tensors)
+
+    @property
+    def weight(self) -> Tensor:
+        """The decoded (out, in) weight, float32 (computed on every access; for inspection)."""
+        return self.stored().values()
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.stored().values().to(x.dtype)  # (out, in), decoded for this call only
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.bias is not None}"
