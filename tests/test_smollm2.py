@@ -25,7 +25,7 @@ def smollm2():
         pytest.skip(str(e))
 
 
-def test_smollm2_quantizes_end_to_end(smollm2):
+def test_smollm2_quantizes_end_to_end(smollm2, tmp_path):
     model, tok = smollm2
     calib = get_calibration_batches("pydoc", tok, nsamples=4, seqlen=128, seed=0)
     test_ids = get_eval_tokens("pydoc", tok, seqlen=256)
@@ -41,6 +41,18 @@ def test_smollm2_quantizes_end_to_end(smollm2):
     # embeddings and lm_head untouched, every block linear binarized (few levels per row)
     w = model.model.layers[3].mlp.up_proj.weight[0, :128]
     assert len(torch.unique(w)) <= 8
+
+    # the packed checkpoint reproduces the in-memory quantized model, and is much smaller than fp16
+    out = billm.save(model, report, tmp_path / "smollm2-billm", tok)
+    loaded = billm.load(out)
+    ids = test_ids[:, :128]
+    with torch.no_grad():
+        diff = (loaded(ids).logits - model(ids).logits).abs().max()
+    assert diff <= 1e-4
+    info = billm.inspect_checkpoint(out)
+    assert info.n_params == sum(p.numel() for p in model.parameters())
+    assert 2.0 < info.storage_bits < 3.5  # 1.1 weight bits + bitmaps, masks and fp16 scales at blocksize 128
+    assert info.file_bytes < 0.6 * info.fp16_bytes  # fp32 embeddings included
 
 
 def test_demo_command_runs_on_the_embedded_model(tmp_path, capsys):

@@ -153,8 +153,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .model.loading import load_model
 
+    import torch
+
     _check_args(args)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     results = _evaluate(model, tok, args.tasks.split(","), args.seqlen, args.max_windows, args.data_dir,
                         args.device, args.batch_size)
     rows = [[t, r["ppl"], r["n_windows"], r["seqlen"], r["seconds"]] for t, r in results.items()]
@@ -366,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="cap on evaluated windows (default: all)")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default="auto", choices=SAVE_DTYPES,
+                   help="dtype to run in (auto: float32, or a billm checkpoint's saved dtype)")
     e.add_argument("--json", default="billm-eval.json", help="also write the results to this JSON file")
     _add_data(e)
     e.set_defaults(fn=cmd_eval)

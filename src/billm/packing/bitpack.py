@@ -26,7 +26,7 @@ def pack_bits(x: Tensor) -> Tensor:
     pad = packed_len(n) * 8 - n
     if pad:
         x = torch.nn.functional.pad(x.to(torch.uint8), (0, pad)).bool()
-    groups = x.reshape(*x.shape[:-1], -1, 8).to(torch.uint8)  # (..., ceil(n/8), 8)
+    groups = x.reshape(*x.shape[:-1], packed_len(n), 8).to(torch.uint8)  # (..., ceil(n/8), 8)
     return (groups * _WEIGHTS.to(x.device)).sum(dim=-1, dtype=torch.uint8)
 
 
@@ -37,7 +37,7 @@ def unpack_bits(p: Tensor, n: int) -> Tensor:
     if p.shape[-1] != packed_len(n):
         raise ValueError(f"{p.shape[-1]} bytes cannot hold exactly {n} bits (need {packed_len(n)})")
     bits = (p.unsqueeze(-1) & _WEIGHTS.to(p.device)) != 0  # (..., ceil(n/8), 8)
-    return bits.reshape(*p.shape[:-1], -1)[..., :n]
+    return bits.reshape(*p.shape[:-1], p.shape[-1] * 8)[..., :n]
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

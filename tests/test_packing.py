@@ -1,0 +1,332 @@
+"""Bit packing, stored forms, PackedLinear and the checkpoint folder (save, load, inspect, bad files)."""
+
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+import billm
+from billm.bits import storage_bits
+from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig
+from billm.errors import CheckpointError
+from billm.methods import get_method
+from billm.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
+from billm.packing.checkpoint import QUANT_MAP, WEIGHTS, inspect, load, read_header, save, tensor_sha256
+
+from conftest import FAMILIES, tiny_model
+
+ODD_SHAPES = [(1, 1), (3, 7), (5, 9), (17, 131), (8, 64), (2, 1000)]
+
+CONFIGS = [
+    BiLLMConfig(blocksize=32),
+    BiLLMConfig.reference(blocksize=48),
+    BiLLMConfig(blocksize=32, salient_order=1, centred=True),
+    RTNConfig(bits=2),
+    RTNConfig(bits=3, groupsize=24),
+    GPTQConfig(bits=4, groupsize=32, blocksize=32),
+    GPTQConfig(bits=3, groupsize=16, act_order=True, blocksize=32),
+    SignConfig(),
+    SignConfig(obc=False, centred=True),
+    PBLLMConfig(blocksize=32),
+    PBLLMConfig(blocksize=32, salient_bits=4, salient_fraction=0.2),
+]
+
+
+# ----------------------------------------------------------------------------- bit packing
+
+@pytest.mark.parametrize("shape", ODD_SHAPES + [(2, 3, 13), (0, 5)])
+def test_pack_bits_round_trip(shape):
+    x = torch.rand(shape) > 0.5
+    p = pack_bits(x)
+    assert p.dtype == torch.uint8 and p.shape == shape[:-1] + ((shape[-1] + 7) // 8,)
+    assert torch.equal(unpack_bits(p, shape[-1]), x)
+
+
+def test_pack_bits_layout_is_lsb_first_along_the_input_dimension():
+    x = torch.tensor([[True, False, False, False, False, False, False, False, False, True]])
+    assert pack_bits(x).tolist() == [[1, 2]]  # bit 0 of byte 0, bit 1 of byte 1; padding bits are 0
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("shape", [(3, 7), (17, 131), (9,)])
+def test_pack_codes_round_trip(bits, shape):
+    c = torch.randint(0, 2**bits, shape, dtype=torch.uint8)
+    planes = pack_codes(c, bits)
+    assert planes.shape == (bits,) + shape[:-1] + ((shape[-1] + 7) // 8,)
+    assert torch.equal(unpack_codes(planes, shape[-1]), c)
+
+
+def test_packing_rejects_bad_input():
+    with pytest.raises(TypeError):
+        pack_bits(torch.zeros(3))
+    with pytest.raises(ValueError, match="cannot hold"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 17)
+    with pytest.raises(ValueError, match="out of range"):
+        pack_codes(torch.tensor([4]), 2)
+
+
+# ----------------------------------------------------------------------------- stored forms
+
+def _problem(rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(4 * cols + 8, cols, generator=g)
+    return W, X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-{abs(hash(c)) % 997}")
+@pytest.mark.parametrize("shape", [(17, 131), (5, 9), (24, 200)])
+def test_stored_form_decodes_to_the_simulated_weights_exactly(cfg, shape):
+    W, H = _problem(*shape)
+    res = get_method(cfg.method)(W.clone(), H.clone(), cfg)
+    st = res.stored
+    assert st is not None and st.shape == shape
+    assert set(st.tensors) == set(st.fields())
+    for name, spec in st.fields().items():
+        assert tuple(st.tensors[name].shape) == spec.shape and st.tensors[name].dtype == spec.dtype, name
+    assert torch.equal(st.values(), res.q)
+    # the bytes a file will hold agree with the accounting rule, up to byte padding of each packed row
+    rule = storage_bits(cfg.to_dict(), shape, res.info, res.weight_bits)
+    measured = st.nbytes * 8 / (shape[0] * shape[1])
+    slack = (8 * 8 * shape[0] + 8 * 8 * 16) / (shape[0] * shape[1])  # < 8 bits a row a plane, < 8 a flat plane
+    assert rule - 1e-9 <= measured <= rule + slack
+
+
+def test_scales_are_stored_in_fp16_and_used_as_stored():
+    W, H = _problem(16, 64)
+    res = get_method("billm")(W.clone(), H.clone(), BiLLMConfig(blocksize=32))
+    assert res.stored.tensors["scales"].dtype == torch.float16
+    ref = get_method("billm")(W.clone(), H.clone(), BiLLMConfig.reference(blocksize=32))
+    assert ref.stored.tensors["scales"].dtype == torch.float32  # the reference keeps its exact fp32 arithmetic
+
+
+def test_scale_overflowing_fp16_is_a_clear_error():
+    W, H = _problem(4, 16)
+    with pytest.raises(billm.QuantizationError, match="overflows"):
+        get_method("sign")(W * 1e6, None, SignConfig(obc=False))
+    assert get_method("sign")(W * 1e6, None, SignConfig(obc=False, scale_dtype="float32")).stored is not None
+
+
+def test_packed_linear_matches_nn_linear_with_decoded_weights():
+    W, H = _problem(12, 40)
+    res = get_method("billm")(W.clone(), H.clone(), BiLLMConfig(blocksize=16))
+    bias = torch.randn(12)
+    layer = billm.PackedLinear.from_stored(res.stored, bias)
+    x = torch.randn(3, 5, 40)
+    assert torch.equal(layer(x), nn.functional.linear(x, res.q, bias))
+    assert torch.equal(layer.weight, res.q)
+    assert layer(x.double()).dtype == torch.float64  # decoded in the input's dtype
+
+
+# ----------------------------------------------------------------------------- checkpoint round trip
+
+def _quantized(family, cfg, seed=0):
+    model = tiny_model(family, seed)
+    g = torch.Generator().manual_seed(seed)
+    calib = torch.randint(3, 120, (4, 32), generator=g)
+    report = billm.quantize(model, calib, cfg, progress=False)
+    return model, report
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_logits_every_family(family, tmp_path):
+    model, report = _quantized(family, BiLLMConfig(blocksize=32))
+    out = save(model, report, tmp_path / "ck")
+    loaded = load(out)
+    ids = torch.randint(3, 120, (2, 24))
+    assert (_logits(loaded, ids) - _logits(model, ids)).abs().max() <= 1e-4
+    packed = [m for m in loaded.modules() if isinstance(m, billm.PackedLinear)]
+    assert len(packed) == len(report.layers)
+    assert not any(isinstance(m, nn.Linear) and m.weight.shape[0] * m.weight.shape[1] in
+                   {r.shape[0] * r.shape[1] for r in report.layers} and "lm_head" not in n
+                   for n, m in loaded.named_modules() if n.startswith(report.layers[0].name.split(".0.")[0]))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[3:], ids=lambda c: c.method)
+def test_round_trip_logits_every_method(cfg, tmp_path):
+    model, report = _quantized("opt", cfg.replace(blocksize=32))  # OPT: biases on every linear
+    loaded = load(save(model, report, tmp_path / "ck"))
+    ids = torch.randint(3, 120, (2, 24))
+    assert (_logits(loaded, ids) - _logits(model, ids)).abs().max() <= 1e-4
+
+
+def test_gpt2_conv1d_and_tied_embeddings(tmp_path):
+    model, report = _quantized("gpt2", BiLLMConfig(blocksize=32))
+    out = save(model, report, tmp_path / "ck")
+    qmap = json.loads((out / QUANT_MAP).read_text())
+    assert qmap["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert {layer["module"] for layer in qmap["layers"].values()} == {"Conv1D"}
+    loaded = load(out)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = torch.randint(3, 120, (1, 16))
+    assert (_logits(loaded, ids) - _logits(model, ids)).abs().max() <= 1e-4
+
+
+def test_fp16_checkpoint_runs_in_fp16(tmp_path):
+    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+    out = save(model, report, tmp_path / "ck", dtype=torch.float16)
+    loaded = load(out)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float16
+    half = model.to(torch.float16)
+    for r in report.layers:  # the packed decode cast to fp16 is the simulated weight cast to fp16
+        assert torch.equal(loaded.get_submodule(r.name).weight.half(), half.get_submodule(r.name).weight)
+    ids = torch.randint(3, 120, (1, 16))
+    # (logits differ only by fp16 rounding: model.to(fp16) also casts the rotary buffer, the loader keeps it fp32)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(half, ids), atol=5e-3, rtol=0)
+    assert load(out, dtype=torch.float32).model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_inspect_measures_the_file(tmp_path):
+    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+    out = save(model, report, tmp_path / "ck")
+    info = inspect(out)
+    assert info.file_bytes == (out / WEIGHTS).stat().st_size
+    assert info.file_bytes == info.header_bytes + info.other_bytes + sum(l.nbytes for l in info.layers)
+    assert info.n_params == sum(p.numel() for p in tiny_model("llama").parameters())
+    assert set(info.bytes_by_kind()) == {"signs", "salient 2nd signs", "group bitmap", "salient-column mask", "scales"}
+    assert info.weight_bits == pytest.approx(report.weight_bits)
+    assert info.storage_bits >= report.storage_bits - 1e-9
+
+
+def test_plain_transformers_does_not_mistake_the_folder_for_a_full_model(tmp_path):
+    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+    out = save(model, report, tmp_path / "ck")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "billm"
+
+
+# ----------------------------------------------------------------------------- bad files and folders
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+    return save(model, report, tmp_path / "ck")
+
+
+def _rewrite_map(folder, fn):
+    p = folder / QUANT_MAP
+    d = json.loads(p.read_text())
+    fn(d)
+    p.write_text(json.dumps(d))
+
+
+def test_truncated_file_names_the_file(checkpoint):
+    f = checkpoint / WEIGHTS
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        load(checkpoint)
+    f.write_bytes(f.read_bytes()[:5])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load(checkpoint)
+
+
+def test_bit_flip_is_caught_by_the_checksum_and_names_the_tensor(checkpoint):
+    f = checkpoint / WEIGHTS
+    header = read_header(f)
+    name = "model.layers.1.mlp.down_proj.packed_signs"
+    data = bytearray(f.read_bytes())
+    data[header[name].start + 3] ^= 0x10
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{name}.*corrupt"):
+        load(checkpoint)
+
+
+def test_corrupt_header(checkpoint):
+    f = checkpoint / WEIGHTS
+    data = bytearray(f.read_bytes())
+    data[10] = ord("#")
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        load(checkpoint)
+
+
+def test_newer_format_version_is_refused(checkpoint):
+    _rewrite_map(checkpoint, lambda d: d.update(format_version=99))
+    with pytest.raises(CheckpointError, match="format_version 99 is newer"):
+        load(checkpoint)
+
+
+def test_incomplete_folder_is_never_loaded(checkpoint):
+    (checkpoint / QUANT_MAP).unlink()
+    with pytest.raises(CheckpointError, match="not a complete billm checkpoint"):
+        load(checkpoint)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load(checkpoint / "nope")
+
+
+def test_wrong_shape_names_file_and_tensor(checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    f = checkpoint / WEIGHTS
+    sd = load_file(str(f))
+    name = "model.layers.0.self_attn.q_proj.packed_scales"
+    sd[name] = torch.zeros(1, 2, 3, dtype=torch.float16)
+    save_file(sd, str(f))
+    _rewrite_map(checkpoint, lambda d: d["files"][WEIGHTS]["sha256"].update({name: tensor_sha256(sd[name])}))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' has shape \[1, 2, 3\]"):
+        load(checkpoint)
+
+
+def test_missing_tensor_is_named(checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    f = checkpoint / WEIGHTS
+    sd = load_file(str(f))
+    del sd["model.norm.weight"]
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is missing"):
+        load(checkpoint)
+
+
+def test_map_naming_a_layer_the_model_lacks(checkpoint):
+    _rewrite_map(checkpoint, lambda d: d["layers"].update(
+        {"model.layers.7.mlp.up_proj": d["layers"]["model.layers.0.mlp.up_proj"]}))
+    with pytest.raises(CheckpointError, match="model.layers.7.mlp.up_proj does not exist"):
+        load(checkpoint)
+
+
+def test_save_refuses_foreign_folders_and_failures_leave_nothing(tmp_path, monkeypatch):
+    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(billm.BillmError, match="refusing to overwrite"):
+        save(model, report, mine)
+    assert (mine / "notes.txt").read_text() == "keep"
+
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save(model, report, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no partial folder, no temp left
+
+
+def test_save_replaces_a_previous_checkpoint_atomically(tmp_path):
+    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+    out = save(model, report, tmp_path / "ck")
+    model2, report2 = _quantized("llama", RTNConfig(bits=2), seed=1)
+    save(model2, report2, out)
+    assert json.loads((out / QUANT_MAP).read_text())["method"] == "rtn"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    ids = torch.randint(3, 120, (1, 12))
+    assert (_logits(load(out), ids) - _logits(model2, ids)).abs().max() <= 1e-4
+
+
+def test_header_length_field_beyond_the_file(checkpoint):
+    f = checkpoint / WEIGHTS
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", len(data) * 2)
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        inspect(checkpoint)
