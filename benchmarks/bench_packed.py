@@ -38,10 +38,10 @@ print(json.dumps({"max_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_
 """
 
 
-def measure_eval(model: str, dtype: str, args, workdir: Path) -> dict:
+def measure_eval(model: str, dtype: str, seqlen: int, args, workdir: Path) -> dict:
     """Run ``billm eval`` in a fresh process; its perplexity, tokens/s and peak RSS."""
-    out = workdir / f"eval-{abs(hash((model, dtype)))}.json"
-    cmd = [sys.executable, "-m", "billm", "eval", model, "--tasks", "wikitext2", "--seqlen", str(args.eval_seqlen),
+    out = workdir / f"eval-{abs(hash((model, dtype, seqlen)))}.json"
+    cmd = [sys.executable, "-m", "billm", "eval", model, "--tasks", "wikitext2", "--seqlen", str(seqlen),
            "--max-windows", str(args.eval_windows), "--dtype", dtype, "--json", str(out), "--data-dir", args.data_dir]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--eval-seqlen", type=int, default=2048)
+    ap.add_argument("--short-seqlen", type=int, default=128,
+                    help="a second, short evaluation where the weights, not the activations, dominate memory")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--keep", default=None, help="keep the float32 checkpoint in this folder")
     ap.add_argument("--json", default=None, help="also write the figures here")
@@ -102,22 +104,23 @@ def main() -> int:
                   f"other {info.other_bytes / 1e6:.1f} MB; {info.fp16_bytes / info.file_bytes:.2f}x smaller than fp16")
         print(f"round trip: max |logits(loaded) - logits(in-memory quantized)| = {diff:.2e}")
 
-        print(f"\n## billm eval (WikiText-2, {args.eval_windows} windows of {args.eval_seqlen}, fresh process each)")
         runs = {
             "full precision, float32": ("smollm2", "float32"),
             "full precision, float16": ("smollm2", "float16"),
             "packed BiLLM, float32 rest": (str(ck["float32"]), "auto"),
             "packed BiLLM, float16 rest": (str(ck["float16"]), "auto"),
         }
-        results = {}
-        for label, (m, dt) in runs.items():
-            results[label] = measure_eval(m, dt, args, work)
-            r = results[label]
-            print(f"{label:28s} ppl {r['ppl']:10.2f}  {r['tokens_per_s']:7.0f} tokens/s  peak RSS {r['peak_rss_mb']:6.0f} MB")
-        base = results["full precision, float32"]
-        for label, r in results.items():
-            print(f"{label:28s} speed {r['tokens_per_s'] / base['tokens_per_s']:.2f}x, "
-                  f"peak RSS {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x of full precision float32")
+        results: dict[int, dict] = {}
+        for seqlen in (args.eval_seqlen, args.short_seqlen):
+            print(f"\n## billm eval (WikiText-2, {args.eval_windows} windows of {seqlen}, fresh process each)")
+            res = results[seqlen] = {}
+            for label, (m, dt) in runs.items():
+                r = res[label] = measure_eval(m, dt, seqlen, args, work)
+                print(f"{label:28s} ppl {r['ppl']:10.2f}  {r['tokens_per_s']:7.0f} tokens/s  peak RSS {r['peak_rss_mb']:6.0f} MB")
+            base = res["full precision, float32"]
+            for label, r in res.items():
+                print(f"{label:28s} speed {r['tokens_per_s'] / base['tokens_per_s']:.2f}x, "
+                      f"peak RSS {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x of full precision float32")
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "command": " ".join(sys.argv), "threads": args.threads, "round_trip_max_abs_diff": diff,

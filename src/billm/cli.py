@@ -93,7 +93,7 @@ def _check_args(args: argparse.Namespace) -> None:
     from .errors import BillmError
 
     for name in ("nsamples", "seqlen", "batch_size", "eval_seqlen", "eval_batch_size", "max_windows", "calib_seqlen",
-                 "max_new_tokens"):
+                 "max_new_tokens", "limit", "zeroshot_batch_size"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise BillmError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -151,17 +151,40 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .model.loading import load_model
-
     import torch
 
+    from .eval.zeroshot import TASKS as ZEROSHOT, zeroshot
+    from .model.loading import load_model
+
     _check_args(args)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if args.harness:
+        ppl_tasks, zs_tasks = [], tasks
+    else:
+        ppl_tasks, zs_tasks = [t for t in tasks if t not in ZEROSHOT], [t for t in tasks if t in ZEROSHOT]
     model, tok = load_model(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
-    results = _evaluate(model, tok, args.tasks.split(","), args.seqlen, args.max_windows, args.data_dir,
-                        args.device, args.batch_size)
-    rows = [[t, r["ppl"], r["n_windows"], r["seqlen"], r["seconds"]] for t, r in results.items()]
-    print(format_table(rows, ["task", "perplexity", "windows", "seqlen", "sec"]))
-    write_json_atomic(Path(args.json), {"model": args.model, "perplexity": results})
+    out: dict[str, Any] = {"model": args.model}
+    if ppl_tasks:
+        results = _evaluate(model, tok, ppl_tasks, args.seqlen, args.max_windows, args.data_dir, args.device,
+                            args.batch_size)
+        rows = [[t, r["ppl"], r["n_windows"], r["seqlen"], r["seconds"]] for t, r in results.items()]
+        print(format_table(rows, ["task", "perplexity", "windows", "seqlen", "sec"]))
+        out["perplexity"] = results
+    if zs_tasks and args.harness:
+        from .eval.harness import run_harness
+
+        res = run_harness(model, tok, zs_tasks, args.limit, args.include_path, args.zeroshot_batch_size, args.device)
+        rows = [[t, m, v, r.get(f"{m}_stderr", float("nan"))] for t, r in res.items() for m, v in r.items()
+                if not m.endswith("_stderr")]
+        print(format_table(rows, ["task", "metric", "value", "stderr"]))
+        out["harness"] = res
+    elif zs_tasks:
+        res = zeroshot(model, tok, zs_tasks, args.limit, args.data_dir, args.zeroshot_batch_size, args.device)
+        rows = [[t, r.n, r.metrics["acc"], r.stderr["acc"], r.metrics.get("acc_norm", float("nan")),
+                 r.stderr.get("acc_norm", float("nan")), r.seconds] for t, r in res.items()]
+        print(format_table(rows, ["task", "items", "acc", "±", "acc_norm", "±", "sec"]))
+        out["zeroshot"] = {t: r.to_dict() for t, r in res.items()}
+    write_json_atomic(Path(args.json), out)
     print(f"written {args.json}")
     return 0
 
@@ -361,9 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(q)
     q.set_defaults(fn=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a model (GPTQ protocol)")
+    e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and zero-shot accuracy of a model or checkpoint")
     e.add_argument("model", help="hub name, local folder (a billm output too), or .gguf file")
-    e.add_argument("--tasks", default="wikitext2", help="comma-separated: wikitext2, ptb, c4, pydoc, or paths")
+    e.add_argument("--tasks", default="wikitext2",
+                   help="comma-separated perplexity sets (wikitext2, ptb, c4, pydoc, or paths) and zero-shot tasks "
+                        "(piqa, boolq, openbookqa, winogrande, arc_easy, arc_challenge, hellaswag)")
+    e.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N items of each task")
+    e.add_argument("--zeroshot-batch-size", type=int, default=16, help="zero-shot: requests per forward")
+    e.add_argument("--harness", action="store_true",
+                   help="hand the model to lm-evaluation-harness (its task names; needs billm[harness])")
+    e.add_argument("--include-path", default=None, help="--harness: a folder of extra YAML task definitions")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="cap on evaluated windows (default: all)")
     e.add_argument("--batch-size", type=int, default=1)
