@@ -109,29 +109,68 @@ def _check_args(args: argparse.Namespace) -> None:
             raise BillmError(f"--device {dev}: CUDA is not available on this machine")
 
 
+def _estimate_output_bytes(model, cfg, quantized: list, nsamples: int, seqlen: int) -> int:
+    """A generous estimate of the disk a quantize run needs: the checkpoint, the progress folder, a margin."""
+    per_weight_bits = {"billm": 3.5, "sign": 1.5, "pbllm": 4.5}.get(cfg.method, getattr(cfg, "bits", 8) + 1)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    packed = int(sum(w.numel() for w in quantized) * per_weight_bits / 8)
+    other = max(0, total - sum(w.numel() * w.element_size() for w in quantized))
+    emb = model.get_input_embeddings()
+    hidden = nsamples * seqlen * emb.embedding_dim * emb.weight.element_size()
+    return 2 * packed + other + 2 * hidden + 50_000_000
+
+
+def _check_existing_output(out: Path, model_name: str, force: bool) -> None:
+    """Refuse to replace a checkpoint of a different model unless forced."""
+    from .errors import BillmError
+    from .packing.checkpoint import is_checkpoint, read_map
+
+    if not (out.is_dir() and is_checkpoint(out)) or force:
+        return
+    try:
+        old = read_map(out).get("source_model")
+    except BillmError:
+        old = None
+    if old is not None and old != model_name:
+        raise BillmError(f"{out} already holds a checkpoint of a different model ({old!r}, not {model_name!r}); "
+                         "choose another --out, or pass --force to replace it")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import billm
     from .data import get_calibration_batches
+    from .io import check_disk_space, check_output_dir
     from .model.loading import load_model
-
-    from .io import check_output_dir
+    from .model.walker import find_blocks, find_linears, get_weight, select_linears
     from .packing.checkpoint import is_billm_folder
+    from .resume import ProgressStore, digest, progress_dir
+
+    import torch
 
     _check_args(args)
     cfg = _config_from_args(args)
     out = check_output_dir(Path(args.out), is_billm_folder, "billm checkpoint")  # before an hour of work
+    _check_existing_output(out, args.model, args.force)
     model, tok = load_model(args.model)
+    blocks_name, blocks = find_blocks(model)
+    quantized = [get_weight(m) for i, b in enumerate(blocks)
+                 for m in select_linears(find_linears(b), f"{blocks_name}.{i}", cfg.include, cfg.exclude).values()]
+    check_disk_space(out.parent, _estimate_output_bytes(model, cfg, quantized, args.nsamples, args.seqlen),
+                     f"the checkpoint in {out}")
     t0 = time.perf_counter()
     calib = get_calibration_batches(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                     data_dir=args.data_dir)
-    report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size)
-    result = {"model": args.model, "calibration": {"source": args.calib, "nsamples": args.nsamples,
-                                                   "seqlen": args.seqlen, "seed": args.seed},
-              "seconds": time.perf_counter() - t0}
-    import torch
-
+    calibration = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    fingerprint = {"model": args.model, "model_config": model.config.to_dict(), "config": cfg.to_dict(),
+                   "calibration": {**calibration, "sha256": digest(calib)}, "batch_size": args.batch_size,
+                   "billm": billm.__version__, "torch": torch.__version__}
+    store = ProgressStore(progress_dir(out), fingerprint, restart=args.restart)
+    report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store)
+    result = {"model": args.model, "calibration": calibration, "seconds": time.perf_counter() - t0}
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
-    billm.save(model, report, out, tok, extra=result, dtype=save_dtype)  # safe on disk before any evaluation
+    billm.save(model, report, out, tok, extra=result, dtype=save_dtype, source_model=args.model,
+               calibration=calibration)  # safe on disk before any evaluation
+    store.clear()
     if args.eval:
         result["eval"] = _evaluate(model, tok, args.eval.split(","), args.eval_seqlen or args.seqlen,
                                    args.max_windows, args.data_dir, args.device, args.eval_batch_size)
@@ -379,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-batch-size", type=int, default=1)
     q.add_argument("--max-windows", type=int, default=None)
     q.add_argument("--quiet", action="store_true", help="no per-layer table")
+    q.add_argument("--restart", action="store_true",
+                   help="ignore the progress an interrupted run left (by default the same command resumes it)")
+    q.add_argument("--force", action="store_true", help="replace an output folder holding a checkpoint of another model")
     q.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES,
                    help="dtype of the non-quantized tensors in the checkpoint (auto: the model's)")
     _add_data(q)

@@ -91,3 +91,15 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_disk_space(folder: Path, need_bytes: int, what: str) -> None:
+    """Fail early when ``folder``'s file system has less than ``need_bytes`` free."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise BillmError(f"not enough disk space for {what}: about {need_bytes / 1e9:.2f} GB needed in {probe}, "
+                         f"{free / 1e9:.2f} GB free; free some space or choose another --out")

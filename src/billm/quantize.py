@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from .eval.perplexity import max_positions
 from .methods import get_method
 from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
 from .packing.formats import StoredWeight
+
+if TYPE_CHECKING:
+    from .resume import ProgressStore
 from .model.walker import (
     BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, run_block, select_linears, set_weight,
 )
@@ -143,7 +146,8 @@ def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs,
 
 
 def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
-             device: Optional[Device] = None, batch_size: int = 8, progress: bool = True) -> QuantReport:
+             device: Optional[Device] = None, batch_size: int = 8, progress: bool = True,
+             store: Optional["ProgressStore"] = None) -> QuantReport:
     """Quantize the linears of every decoder block of ``model`` in place (simulated weights).
 
     Args:
@@ -154,6 +158,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             model waits on its current device. Default: the model's device.
         batch_size: calibration sequences per forward call.
         progress: show a tqdm bar over blocks.
+        store: a :class:`~billm.resume.ProgressStore`: every finished block is recorded there,
+            and a run that finds earlier progress continues after its last finished block.
 
     Returns:
         A :class:`QuantReport` with one :class:`LayerReport` per quantized linear.
@@ -193,9 +199,26 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
 
         layers: list[LayerReport] = []
         stored: dict[str, StoredWeight] = {}
+        start = 0
+        state = store.load() if store is not None else None
+        if state is not None:  # replay the finished blocks: their packed weights decode to the simulated ones
+            start = state.next_block
+            for name, st in state.stored.items():
+                mod = model.get_submodule(name)
+                set_weight(mod, st.values().to(get_weight(mod).device))
+            stored.update(state.stored)
+            layers = [LayerReport(**{**d, "shape": tuple(d["shape"])}) for d in state.layers]
+            for k, v in state.phases.items():
+                phases[k] += v
+            if state.hidden is not None:
+                inputs.hidden = state.hidden
+            log.info("resumed: blocks 0..%d were finished by an earlier run", start - 1)
         groups: Optional[list[list[str]]] = None
-        bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block")
+        bar = tqdm(list(enumerate(blocks))[start:], desc=f"{config.method} blocks", disable=not progress, unit="block",
+                   initial=start, total=len(blocks))
         for i, block in bar:
+            before = dict(phases)
+            n_layers_before = len(layers)
             current = block
             block.to(device)
             linears = targets[i]
@@ -207,7 +230,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             accs: dict[str, HessianAccumulator] = {}
             handles = []
             for group in (groups if config.uses_hessian else []):  # one accumulator per distinct input (q/k/v share one, gate/up another)
-                acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], device)
+                acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], device,
+                                         name=" / ".join(f"{blocks_name}.{i}.{n}" for n in group))
                 accs.update({n: acc for n in group})
                 handles.append(linears[group[0]].register_forward_hook(
                     lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
@@ -256,6 +280,11 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                 inputs.hidden = run_block(block, inputs, device, offload, i)
             block.to(offload)
             phases["propagation"] += time.perf_counter() - t0
+            if store is not None:
+                done = layers[n_layers_before:]
+                store.record_block(i, done, {r.name: stored[r.name] for r in done if r.name in stored},
+                                   inputs.hidden if i + 1 < len(blocks) else None,
+                                   {k: phases[k] - before[k] for k in phases})
             if layers:
                 bar.set_postfix(err=f"{layers[-1].hessian_rel_err:.3f}")
     finally:  # on any failure: the block back where it was, the mode restored

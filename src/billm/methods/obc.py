@@ -33,9 +33,11 @@ class HessianAccumulator:
         cols: input features of the linear.
         device: where H lives (the block's device).
         tile: tile width of the symmetric update.
+        name: the layer(s) it serves, for error messages.
     """
 
-    def __init__(self, cols: int, device: Union[str, torch.device] = "cpu", tile: int = 256) -> None:
+    def __init__(self, cols: int, device: Union[str, torch.device] = "cpu", tile: int = 256, name: str = "a layer") -> None:
+        self.name = name
         self._H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
         self.nsamples = 0
         self._bounds = [(i, min(i + tile, cols)) for i in range(0, cols, tile)]
@@ -55,7 +57,8 @@ class HessianAccumulator:
         batch = x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=torch.float32)  # (tokens, cols)
         if not torch.isfinite(x).all():
-            raise QuantizationError("non-finite values (NaN/Inf) in a layer's calibration inputs")
+            raise QuantizationError(f"non-finite values (NaN/Inf) in the calibration inputs of {self.name}: an "
+                                    "earlier layer overflows (try a float32 model, or exclude the layer)")
         total = self.nsamples + batch
         x = x * (2.0 / total) ** 0.5
         keep = self.nsamples / total

@@ -90,7 +90,8 @@ def _state_without_ties(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[
 
 
 def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra: Optional[dict[str, Any]] = None,
-         dtype: Optional[torch.dtype] = None) -> Path:
+         dtype: Optional[torch.dtype] = None, source_model: Optional[str] = None,
+         calibration: Optional[dict[str, Any]] = None) -> Path:
     """Write a bit-packed checkpoint of a model quantized by :func:`billm.quantize`.
 
     Args:
@@ -101,6 +102,8 @@ def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra:
         tokenizer: saved alongside when given.
         extra: more JSON written into ``billm_report.json`` (calibration, evaluation, ...).
         dtype: dtype of the non-quantized tensors in the file (default: as they are in the model).
+        source_model: what the model was loaded from (recorded in the map; default: its config's name).
+        calibration: the calibration data's description (source, nsamples, seqlen, seed), recorded in the map.
 
     Returns:
         The folder written.
@@ -125,8 +128,8 @@ def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra:
                         "bias": bias is not None, "module": type(mod).__name__,
                         "weight_bits": rep.weight_bits if rep else None,
                         "storage_bits_rule": rep.storage_bits if rep else None}
-        for field_name, t in stored.tensors.items():
-            packed[f"{name}.{PREFIX}{field_name}"] = t.detach().cpu().contiguous()
+        for field_name in sorted(stored.tensors):  # a fixed order: the map's bytes do not depend on how it was built
+            packed[f"{name}.{PREFIX}{field_name}"] = stored.tensors[field_name].detach().cpu().contiguous()
     tensors, tied = _state_without_ties(sd)
     for k, t in tensors.items():
         t = t.detach().cpu()
@@ -139,6 +142,8 @@ def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra:
         "format_version": FORMAT_VERSION,
         "billm_version": billm.__version__, "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__,
+        "source_model": source_model or getattr(getattr(model, "config", None), "_name_or_path", None),
+        "calibration": calibration,
         "method": report.config["method"], "config": report.config,
         "dtype": model_dtype.replace("torch.", ""),
         "weight_bits": report.weight_bits, "storage_bits_rule": report.storage_bits,
@@ -157,7 +162,9 @@ def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra:
                 log.warning("generation config not saved: %s", e)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "billm_format_version": str(FORMAT_VERSION)})
+        # one metadata key only: safetensors writes its metadata map in hash order, so several keys would make
+        # the header (and the file's bytes) differ from run to run
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         qmap["files"][WEIGHTS]["bytes"] = (tmp / WEIGHTS).stat().st_size
         write_json_atomic(tmp / REPORT, {**(extra or {}), "quantization": report.to_dict()})
         write_json_atomic(tmp / QUANT_MAP, qmap)  # last: its presence marks a complete folder

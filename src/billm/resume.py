@@ -1,0 +1,181 @@
+"""Resumable quantization: record each finished block, continue after a crash from the last one.
+
+A :class:`ProgressStore` lives in a folder beside the output (``.<out>.billm-progress``)::
+
+    run.json                 the run's fingerprint (model, config, calibration digest, versions)
+    block-0003.safetensors   block 3's packed weights; its layer reports in the header metadata
+    hidden.safetensors       the calibration activations after the last finished block
+                             (``after_block`` in its metadata): the next block's inputs
+
+Every file is written to a temporary name, fsynced and renamed, in the order block file, then
+activations, so after a kill at any moment the activations name the last block whose outputs
+are known, and every block up to it has its file. A resumed run replays those blocks' weights
+(the packed form decodes to exactly the simulated weights) and continues with the next block on
+the saved activations: the final checkpoint is byte-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import BillmError
+from .io import fsync_path, write_json_atomic
+from .packing.formats import StoredWeight
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "BILLM_FAULT_INJECT"  # tests: "stage:block" kills the process with SIGKILL there
+
+
+def fault_point(stage: str, block: int) -> None:
+    """Die with SIGKILL at ``stage`` of ``block`` when ``$BILLM_FAULT_INJECT`` asks for it (fault-injection tests)."""
+    if os.environ.get(FAULT_ENV) == f"{stage}:{block}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def digest(t: Tensor) -> str:
+    """SHA-256 of a tensor's bytes."""
+    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def progress_dir(out: Path) -> Path:
+    """The progress folder of output folder ``out``."""
+    out = Path(out)
+    return out.parent / f".{out.name}.billm-progress"
+
+
+@dataclass
+class ResumeState:
+    """What a previous, interrupted run finished.
+
+    Attributes:
+        next_block: the first block still to quantize.
+        layers: the finished blocks' layer reports (as dicts), in order.
+        stored: the finished layers' packed weights, by full name.
+        hidden: the next block's inputs, per calibration batch (None when every block is done).
+        phases: the phase timings spent so far.
+    """
+
+    next_block: int
+    layers: list[dict[str, Any]]
+    stored: dict[str, StoredWeight]
+    hidden: Optional[list[Tensor]]
+    phases: dict[str, float]
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str], stage: str, block: int) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        fsync_path(Path(tmp))
+        fault_point(f"mid-{stage}", block)  # written but not yet renamed
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ProgressStore:
+    """Per-block progress of one quantization run (see module docstring).
+
+    Args:
+        folder: the progress folder.
+        fingerprint: JSON-able identity of the run; progress of a different run is refused.
+        restart: discard any previous progress first.
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], restart: bool = False) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # normalised as it will read back
+        if restart and self.folder.exists():
+            shutil.rmtree(self.folder)
+        run = self.folder / "run.json"
+        if run.is_file():
+            try:
+                old = json.loads(run.read_text())
+            except json.JSONDecodeError:
+                old = None
+            if old != self.fingerprint:
+                changed = sorted(k for k in set(self.fingerprint) | set(old or {})
+                                 if (old or {}).get(k) != self.fingerprint.get(k))
+                raise BillmError(f"{self.folder} holds the progress of a different run (differs in: "
+                                 f"{', '.join(changed) or 'unreadable run.json'}); rerun with --restart to discard it")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run, self.fingerprint)
+
+    def _block_file(self, i: int) -> Path:
+        return self.folder / f"block-{i:04d}.safetensors"
+
+    def load(self) -> Optional[ResumeState]:
+        """The state to resume from, or None when nothing was finished."""
+        from safetensors import safe_open
+
+        hidden_file = self.folder / "hidden.safetensors"
+        done_file = self.folder / "done.json"
+        if done_file.is_file():
+            last, hidden = json.loads(done_file.read_text())["after_block"], None
+        elif hidden_file.is_file():
+            with safe_open(str(hidden_file), "pt") as f:
+                last = int(f.metadata()["after_block"])
+                hidden = [f.get_tensor(str(b)) for b in range(int(f.metadata()["batches"]))]
+        else:
+            return None
+        layers: list[dict[str, Any]] = []
+        stored: dict[str, StoredWeight] = {}
+        phases: dict[str, float] = {}
+        for i in range(last + 1):
+            path = self._block_file(i)
+            if not path.is_file():
+                raise BillmError(f"{self.folder}: block {i} is missing although block {last} finished; "
+                                 "rerun with --restart")
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads(f.metadata()["block"])
+                for name, spec in meta["stored"].items():
+                    tensors = {field: f.get_tensor(f"{name}.{field}") for field in spec["fields"]}
+                    stored[name] = StoredWeight(spec["format"], tuple(spec["shape"]), spec["meta"], tensors)
+            layers.extend(meta["layers"])
+            for k, v in meta["phases"].items():
+                phases[k] = phases.get(k, 0.0) + v
+        log.info("resuming after block %d (%d layers done) from %s", last, len(layers), self.folder)
+        return ResumeState(last + 1, layers, stored, hidden, phases)
+
+    def record_block(self, i: int, layers: list, stored: dict[str, StoredWeight], hidden: Optional[list[Tensor]],
+                     phases: dict[str, float]) -> None:
+        """Record block ``i`` as finished: its packed weights and reports, then its output activations.
+
+        ``hidden`` is None for the last block (nothing follows it).
+        """
+        meta = {"layers": [asdict(r) for r in layers], "phases": phases,
+                "stored": {n: {"format": s.format, "shape": list(s.shape), "meta": s.meta, "fields": sorted(s.tensors)}
+                           for n, s in stored.items()}}
+        tensors = {f"{n}.{field}": t.contiguous() for n, s in stored.items() for field, t in s.tensors.items()}
+        fault_point("before-block", i)
+        _save_atomic(tensors, self._block_file(i), {"block": json.dumps(meta)}, "block", i)
+        fault_point("after-block", i)
+        if hidden is None:
+            write_json_atomic(self.folder / "done.json", {"after_block": i})
+        else:
+            _save_atomic({str(b): h.contiguous() for b, h in enumerate(hidden)}, self.folder / "hidden.safetensors",
+                         {"after_block": str(i), "batches": str(len(hidden))}, "hidden", i)
+        fault_point("after-hidden", i)
+
+    def clear(self) -> None:
+        """Remove the progress folder (after the checkpoint is safely written)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
