@@ -111,3 +111,14 @@ def test_tiled_symmetric_accumulation_equals_full_product(cols, tile):
     H = acc.H
     torch.testing.assert_close(H, 2 / 6 * X.t() @ X, rtol=1e-4, atol=1e-4)
     assert torch.equal(H, H.t())
+
+
+def test_hessian_that_stays_singular_after_retries_is_a_clear_error(monkeypatch):
+    # Force every factorisation to fail: the error must say damping was raised and still failed.
+    def never(*a, **k):
+        L = torch.zeros(4, 4)
+        return L, torch.tensor(1)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", never)
+    with pytest.raises(QuantizationError, match=r"could not be factored even with percdamp=.*6 tries"):
+        prepare_hessian(_spd(4), torch.randn(2, 4), percdamp=0.01)

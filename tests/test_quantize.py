@@ -166,3 +166,15 @@ def test_linears_fed_one_tensor_share_one_hessian(family, expected):
     block = find_blocks(model)[1][0]
     inputs = capture_inputs(model, [_ids(2, 16)])
     assert shared_input_groups(block, find_linears(block), inputs, "cpu") == expected
+
+
+def test_model_without_decoder_blocks_is_a_clear_error():
+    from torch import nn
+
+    class Flat(nn.Module):  # no repeated block list anywhere
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    with pytest.raises(billm.ModelError, match="no decoder-block list found"):
+        billm.quantize(Flat(), torch.zeros(1, 4, dtype=torch.long), billm.BiLLMConfig())

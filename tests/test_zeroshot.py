@@ -168,3 +168,24 @@ def test_harness_adapter_on_a_local_yaml_task(lm, tmp_path):
                          progress=False)
     assert res["billm_toy"]["acc"] == pytest.approx(ours.metrics["acc"])
     assert res["billm_toy"]["acc_norm"] == pytest.approx(ours.metrics["acc_norm"])
+
+
+def test_cli_harness_flag_uses_the_harness(lm, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from billm.cli import main
+
+    model, tok = lm
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    docs = [{"q": f"Colour {i} is", "c": ["red", "green"], "g": i % 2} for i in range(4)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "t.yaml").write_text(
+        f"task: billm_cli_toy\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 't.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\n"
+        "doc_to_target: '{{g}}'\nmetric_list:\n  - metric: acc\n")
+    out = tmp_path / "h.json"
+    assert main(["eval", str(folder), "--harness", "--tasks", "billm_cli_toy", "--include-path", str(tmp_path),
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["harness"]["billm_cli_toy"]
+    assert 0.0 <= res["acc"] <= 1.0 and "acc_stderr" in res

@@ -34,7 +34,7 @@ def run_harness(model: nn.Module, tokenizer, tasks: Sequence[str], limit: Option
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
-                                      log_samples=False, bootstrap_iters=0)
+                                      log_samples=False, bootstrap_iters=100)  # means: closed-form stderr
     except (KeyError, ValueError) as e:
         raise BillmError(f"lm-evaluation-harness rejected the tasks {list(tasks)}: {e}") from e
     results: dict[str, dict[str, float]] = {}
