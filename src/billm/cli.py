@@ -39,7 +39,7 @@ def _config_from_args(args: argparse.Namespace):
         from .errors import BillmError
 
         billm_only = {"salient_metric", "search_domain", "max_salient_cols", "min_salient_cols", "break_grid",
-                      "n_break_candidates"}
+                      "n_break_candidates", "intra_block", "refine_rounds", "refit"}
         given = sorted(k for k in billm_only if getattr(args, k) is not None)
         if given or args.preset != "default":
             raise BillmError(f"option(s) {given or ['--preset']} apply to --method billm only")
@@ -48,12 +48,14 @@ def _config_from_args(args: argparse.Namespace):
                      "groupsize": args.groupsize, "act_order": args.act_order or None,
                      "obc": args.obc, "centred": args.centred}
         return config_from_dict({k: v for k, v in overrides.items() if v is not None})
-    base = {"reference": BiLLMConfig.reference, "paper": BiLLMConfig.paper, "default": BiLLMConfig}[args.preset]
+    base = {"reference": BiLLMConfig.reference, "paper": BiLLMConfig.paper, "plus": BiLLMConfig.plus,
+            "default": BiLLMConfig}[args.preset]
     opts = {
         "blocksize": args.blocksize, "percdamp": args.percdamp, "salient_metric": args.salient_metric,
         "search_domain": args.search_domain, "max_salient_cols": args.max_salient_cols,
         "min_salient_cols": args.min_salient_cols, "break_grid": args.break_grid,
         "n_break_candidates": args.n_break_candidates,
+        "intra_block": args.intra_block, "refine_rounds": args.refine_rounds, "refit": args.refit,
         "include": tuple(args.include) if args.include else None,
         "exclude": tuple(args.exclude) if args.exclude else None,
     }
@@ -394,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="hub name, local folder, or .gguf file ('smollm2' = the embedded default)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--method", default="billm", choices=available_methods())
-    q.add_argument("--preset", default="default", choices=["default", "reference", "paper"],
-                   help="BiLLM option set: our default, the public reference code's, or the paper's text")
+    q.add_argument("--preset", default="default", choices=["default", "reference", "paper", "plus"],
+                   help="BiLLM option set: our default, the public reference code's, the paper's text, or "
+                        "'plus' (beyond BiLLM at the same storage: --intra-block --refine-rounds 2 --refit)")
     _add_calibration(q)
     q.add_argument("--bits", type=int, help="rtn/gptq: bits per weight")
     q.add_argument("--groupsize", type=int, help="rtn/gptq: columns per scale group (-1: per row)")
@@ -409,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-salient-cols", type=int)
     q.add_argument("--break-grid", choices=["quantile", "linear"])
     q.add_argument("--n-break-candidates", type=int)
+    q.add_argument("--intra-block", action="store_true", default=None,
+                   help="beyond BiLLM: GPTQ column by column inside each block (groups and scales fixed first)")
+    q.add_argument("--refine-rounds", type=int, help="beyond BiLLM: least-squares scales <-> signs rounds per group")
+    q.add_argument("--refit", action="store_true", default=None,
+                   help="beyond BiLLM: re-solve all scales of each row for the least output error under H")
     q.add_argument("--centred", dest="centred", action="store_true", default=None)
     q.add_argument("--no-centred", dest="centred", action="store_false")
     q.add_argument("--include", nargs="*", help="fnmatch patterns of linears to quantize (default: all in blocks)")

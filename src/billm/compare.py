@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 def parse_method(spec: str) -> Optional[QuantConfig]:
     """``fp`` -> None; ``rtn:w2``, ``gptq:w3g128``, ``gptq:w2g128a`` (act-order), ``sign``,
-    ``sign:noobc``, ``pbllm``, ``pbllm:f0.05``, ``billm``, ``billm:reference`` -> a config."""
+    ``sign:noobc``, ``pbllm``, ``pbllm:f0.05``, ``billm``, ``billm:reference`` -> a config.
+
+    BiLLM options join with ``+``: a preset (``paper``, ``reference``, ``plus``) and/or ``intra``
+    (in-block GPTQ), ``refineN`` (N refinement rounds), ``refit``, ``centred``, ``bN`` (blocksize),
+    e.g. ``billm:intra+refit`` or ``billm:plus+b256``."""
     name, _, opts = spec.strip().partition(":")
     if name == "fp":
         return None
@@ -41,8 +45,30 @@ def parse_method(spec: str) -> Optional[QuantConfig]:
     if name == "pbllm":
         return PBLLMConfig(salient_fraction=float(opts[1:])) if opts.startswith("f") else PBLLMConfig()
     if name == "billm":
-        return {"": BiLLMConfig, "paper": BiLLMConfig.paper, "reference": BiLLMConfig.reference}[opts]()
+        return _billm_spec(spec, opts)
     raise BillmError(f"unknown method spec {spec!r}; use fp, rtn:wN[gG], gptq:wN[gG][a], sign, pbllm, billm")
+
+
+def _billm_spec(spec: str, opts: str) -> BiLLMConfig:
+    presets = {"paper": BiLLMConfig.paper, "reference": BiLLMConfig.reference, "plus": BiLLMConfig.plus}
+    base, kw = BiLLMConfig, {}
+    for tok in [t for t in opts.split("+") if t]:
+        if tok in presets:
+            base = presets[tok]
+        elif tok == "intra":
+            kw["intra_block"] = True
+        elif tok == "refit":
+            kw["refit"] = True
+        elif tok == "centred":
+            kw["centred"] = True
+        elif re.fullmatch(r"refine\d+", tok):
+            kw["refine_rounds"] = int(tok[6:])
+        elif re.fullmatch(r"b\d+", tok):
+            kw["blocksize"] = int(tok[1:])
+        else:
+            raise BillmError(f"bad method spec {spec!r}: unknown billm option {tok!r} (use paper, reference, plus, "
+                             "intra, refineN, refit, centred, bN joined by '+')")
+    return base(**kw)
 
 
 @dataclass

@@ -128,6 +128,13 @@ class BiLLMConfig(QuantConfig):
         break_grid, n_break_candidates: candidate break points of the non-salient split.
         centred: subtract a per-row mean before each binarization (reference code) — one more
             stored value per group and row.
+        intra_block: beyond BiLLM — fix each block's groups, scales and means first, then
+            binarize its columns one by one, pushing each column's error onto the block's
+            remaining columns (GPTQ inside the block) as well as onto later blocks.
+        refine_rounds: beyond BiLLM — rounds of least-squares scales (and means) alternated with
+            re-chosen signs per group and row (0: off). No-op for plain order-1 groups.
+        refit: beyond BiLLM — after the whole layer is binarized, re-solve every scale (and
+            mean) of each row for the least output error ``(w - q) H (w - q)^T``, signs fixed.
     """
 
     method: ClassVar[str] = "billm"
@@ -143,6 +150,9 @@ class BiLLMConfig(QuantConfig):
     break_grid: BreakGrid = BreakGrid.LINEAR
     n_break_candidates: int = 9
     centred: bool = False
+    intra_block: bool = False
+    refine_rounds: int = 0
+    refit: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,6 +168,7 @@ class BiLLMConfig(QuantConfig):
         _check(self.salient_search_order in (1, 2), "salient_search_order must be 1 or 2")
         _check(self.salient_order in (1, 2), "salient_order must be 1 or 2")
         _check(self.n_break_candidates >= 1, "n_break_candidates must be >= 1")
+        _check(0 <= self.refine_rounds <= 20, f"refine_rounds must be in 0..20, got {self.refine_rounds}")
 
     @classmethod
     def reference(cls, **overrides: Any) -> "BiLLMConfig":
@@ -166,6 +177,11 @@ class BiLLMConfig(QuantConfig):
                     salient_search_order=2, salient_order=2, break_grid="quantile", n_break_candidates=81, centred=True,
                     scale_dtype="float32")
         return cls(**{**base, **overrides})
+
+    @classmethod
+    def plus(cls, **overrides: Any) -> "BiLLMConfig":
+        """Beyond BiLLM, same storage: the paper's variant + in-block GPTQ, refined scales, output-error refit."""
+        return cls.paper(**{**dict(intra_block=True, refine_rounds=2, refit=True), **overrides})
 
     @classmethod
     def paper(cls, **overrides: Any) -> "BiLLMConfig":

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from ..config import BiLLMConfig, SalientMetric, SearchDomain
-from ..packing.formats import SCALE_DTYPES, StoredWeight, billm_pack, billm_values
+from ..packing.formats import SCALE_DTYPES, StoredWeight, billm_pack, billm_values, pm1, round_to_stored
 from .binarize import binarize_params
-from .obc import OBCTimes, obc_quantize, prepare_hessian
+from .gptq import gptq_block
+from .obc import OBCTimes, damped_hessian, obc_quantize, prepare_hessian
+from .refine import refine_group, refit_scales
 from .registry import WeightResult, register_method
 from .search import break_candidates, search_break_point, search_salient_columns, split_masks
 
@@ -73,15 +75,71 @@ def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, Block
 def encode_groups(Wb: Tensor, conc: Tensor, sparse: Tensor, salient: Tensor, cfg: BiLLMConfig) -> BlockCode:
     """The block's code from its three (rows, b) masks: order 1 on each split group, residual on the salient."""
     sd = SCALE_DTYPES[cfg.scale_dtype]
-    sc, ac, mc = binarize_params(Wb, conc, 1, cfg.centred, sd)  # signs (1, rows, b); scales (1, rows)
-    ss, as_, ms = binarize_params(Wb, sparse, 1, cfg.centred, sd)
-    sh, ah, mh = binarize_params(Wb, salient, cfg.salient_order, cfg.centred, sd)  # (order, rows, b), (order, rows)
+    groups = []
+    for mask, order in ((conc, 1), (sparse, 1), (salient, cfg.salient_order)):
+        signs, alphas, mus = binarize_params(Wb, mask, order, cfg.centred, sd)  # (order, rows, b), (order, rows) x2
+        if cfg.refine_rounds and (order > 1 or cfg.centred):  # plain order 1: mean|x| is already the LS scale
+            signs, alphas, mus = refine_group(Wb, mask, signs, cfg.centred, cfg.refine_rounds, sd)
+        groups.append((signs, alphas, mus))
+    (sc, ac, mc), (ss, as_, ms), (sh, ah, mh) = groups
     cols = salient[0] if salient.shape[0] else torch.zeros(Wb.shape[1], dtype=torch.bool, device=Wb.device)
     s1 = torch.where(salient, sh[0], torch.where(sparse, ss[0], sc[0]))
     s2 = sh[1] & salient if cfg.salient_order == 2 else None
     scales = torch.cat([ac, as_, ah]).unsqueeze(0)  # (1, 2 + order, rows)
     means = torch.cat([mc, ms, mh]).unsqueeze(0) if cfg.centred else None
     return BlockCode(s1=s1, salient=cols, sparse=sparse.clone(), s2=s2, scales=scales, means=means)
+
+
+def intra_block_columns(Wb: Tensor, Ub: Tensor, code: BlockCode, start: int) -> tuple[Tensor, Tensor]:
+    """GPTQ inside a BiLLM block: groups, scales and means fixed, signs chosen column by column.
+
+    Each column's signs are taken against the column as compensated so far (greedy residual
+    order), its error is pushed onto the block's remaining columns, and ``code``'s sign planes are
+    overwritten with the choices. Returns (Qb, Eb) for :func:`~billm.methods.obc.obc_quantize`.
+    """
+    sc = code.scales[0]  # (slots, rows)
+    mn = code.means[0] if code.means is not None else torch.zeros_like(sc)
+    b = Wb.shape[1]
+
+    def quant(col: int, w: Tensor) -> Tensor:
+        j = col - start
+        if bool(code.salient[j]):
+            s1 = (w - mn[2]) >= 0
+            s2 = (w - (sc[2] * pm1(s1) + mn[2]) - mn[3]) >= 0
+        else:
+            sp = code.sparse[:, j]
+            s1 = (w - torch.where(sp, mn[1], mn[0])) >= 0
+            s2 = torch.zeros_like(s1)
+        code.s1[:, j] = s1
+        if code.s2 is not None:
+            code.s2[:, j] = s2 & code.salient[j]
+        s2c = code.s2[:, j:j + 1] if code.s2 is not None else None
+        return billm_values(code.s1[:, j:j + 1], code.salient[j:j + 1], code.sparse[:, j:j + 1], s2c, code.scales,
+                            code.means, b)[:, 0]
+
+    return gptq_block(Wb, Ub, start, quant)
+
+
+def refit_codes(W: Tensor, H: Tensor, codes: list[BlockCode], cfg: BiLLMConfig) -> None:
+    """Re-solve every block's scales (and means) for the least output error under ``H``; in place."""
+    sd = SCALE_DTYPES[cfg.scale_dtype]
+    slots = 2 + cfg.salient_order
+    pats = []
+    for c in codes:
+        sal = c.salient.unsqueeze(0).expand_as(c.s1)
+        masks = [~sal & ~c.sparse, ~sal & c.sparse, sal] + ([sal] if cfg.salient_order == 2 else [])
+        signs = [c.s1, c.s1, c.s1] + ([c.s2] if cfg.salient_order == 2 else [])
+        p = [pm1(s) * m for s, m in zip(signs, masks)]
+        if cfg.centred:
+            p += [m.to(W.dtype) for m in masks]
+        pats.append(torch.stack(p))  # (S, rows, b)
+    patterns = torch.cat(pats, dim=2)  # (S, rows, cols)
+    block_of = torch.cat([torch.full((c.s1.shape[1],), i, device=W.device) for i, c in enumerate(codes)])
+    fit = refit_scales(W, H, patterns, block_of, len(codes))  # (nb, S, rows)
+    for i, c in enumerate(codes):
+        c.scales = round_to_stored(fit[i:i + 1, :slots], sd)
+        if cfg.centred:
+            c.means = round_to_stored(fit[i:i + 1, slots:], sd)
 
 
 def binarize_groups(Wb: Tensor, conc: Tensor, sparse: Tensor, salient: Tensor, cfg: BiLLMConfig) -> Tensor:
@@ -106,18 +164,24 @@ def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optiona
     """BiLLM-quantize ``W`` (rows, cols) with Hessian ``H`` (cols, cols); simulated weights and stored form."""
     W = W.to(torch.float32).clone()
     prep = prepare_hessian(H, W, cfg.percdamp)
+    W0 = W.clone() if cfg.refit else None  # the target of the output-error refit (dead columns zeroed)
     salient: list[list[int]] = []  # per block, salient column indices (absolute)
     breaks: list[float] = []
     codes: list[BlockCode] = []
 
-    def quantize_block(Wb: Tensor, Ub: Tensor, start: int) -> Tensor:
+    def quantize_block(Wb: Tensor, Ub: Tensor, start: int):
         Qb, code, cols_, p = billm_block(Wb, Ub, cfg)
         salient.append(sorted(int(c) + start for c in cols_))
         breaks.append(p)
         codes.append(code)
+        if cfg.intra_block:
+            return intra_block_columns(Wb.clone(), Ub, code, start)
         return Qb
 
     Q = obc_quantize(W, prep.U, cfg.blocksize, quantize_block, times)
+    if cfg.refit:
+        refit_codes(W0, damped_hessian(H, prep.dead, prep.percdamp), codes, cfg)
+        Q = torch.cat([c.values() for c in codes], dim=1)
     cols = W.shape[1]
     n_sal = sum(len(s) for s in salient)
     bits = (cfg.salient_order * n_sal + (cols - n_sal)) / cols

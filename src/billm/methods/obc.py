@@ -180,3 +180,12 @@ def hessian_error(W: Tensor, Q: Tensor, H: Tensor) -> tuple[float, float]:
     num = float(torch.sum((D @ H) * D))
     den = float(torch.sum((W.float() @ H) * W.float()))
     return num, num / den if den > 0 else float("nan")
+
+
+def damped_hessian(H: Tensor, dead: Tensor, percdamp: float) -> Tensor:
+    """The Hessian :func:`prepare_hessian` factored: dead columns set to 1 on the diagonal, damping added."""
+    H = H.clone()
+    H[dead, dead] = 1.0
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    return H
