@@ -330,3 +330,11 @@ def test_header_length_field_beyond_the_file(checkpoint):
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         inspect(checkpoint)
+
+
+def test_load_model_refuses_a_billm_folder_without_its_map(checkpoint):
+    from billm.model.loading import load_model
+
+    (checkpoint / QUANT_MAP).unlink()  # config.json still says quant_method billm: never load it as a plain model
+    with pytest.raises(CheckpointError, match="not a complete billm checkpoint"):
+        load_model(checkpoint)

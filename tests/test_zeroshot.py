@@ -189,3 +189,11 @@ def test_cli_harness_flag_uses_the_harness(lm, tmp_path, capsys):
                  "--json", str(out)]) == 0
     res = json.loads(out.read_text())["harness"]["billm_cli_toy"]
     assert 0.0 <= res["acc"] <= 1.0 and "acc_stderr" in res
+
+
+def test_cli_unknown_task_lists_both_kinds_before_loading(tmp_path, capsys):
+    from billm.cli import main
+
+    assert main(["eval", str(tmp_path / "never-loaded"), "--tasks", "mmlu_pro"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'mmlu_pro'" in err and "wikitext2" in err and "hellaswag" in err

@@ -202,7 +202,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.harness:
         ppl_tasks, zs_tasks = [], tasks
     else:
+        from .data import DATASETS
+        from .errors import BillmError
+
         ppl_tasks, zs_tasks = [t for t in tasks if t not in ZEROSHOT], [t for t in tasks if t in ZEROSHOT]
+        for t in ppl_tasks:  # fail before loading the model
+            if t not in DATASETS and not Path(t).expanduser().exists():
+                raise BillmError(f"unknown task {t!r}: perplexity sets are {', '.join(DATASETS)} (or a path to a text "
+                                 f"file); zero-shot tasks are {', '.join(ZEROSHOT)}; harness task names need --harness")
     model, tok = load_model(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     out: dict[str, Any] = {"model": args.model}
     if ppl_tasks:

@@ -160,6 +160,15 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     return _finish(model, tokenizer, dtype, name, time.perf_counter() - start)
 
 
+def _marked_billm(path: Path) -> bool:
+    """config.json says the folder is a billm checkpoint (even if its quantization map is missing)."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (cfg.get("quantization_config") or {}).get("quant_method") == "billm"
+
+
 def _load_checkpoint(path: Path, dtype: torch.dtype | None):
     from transformers import AutoTokenizer
 
@@ -210,8 +219,8 @@ def load_model(
         gguf = _find_gguf(path)
         if gguf is not None:
             return _load_gguf(gguf, dtype, cache_dir)
-        if path.is_dir() and (path / "billm_quant.json").is_file():
-            return _load_checkpoint(path, None if dtype_default else dtype)
+        if path.is_dir() and ((path / "billm_quant.json").is_file() or _marked_billm(path)):
+            return _load_checkpoint(path, None if dtype_default else dtype)  # an incomplete one fails there, clearly
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelError(f"could not load model '{name}': the folder has no config.json; {_EXPECTED}")
