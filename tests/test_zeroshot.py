@@ -197,3 +197,11 @@ def test_cli_unknown_task_lists_both_kinds_before_loading(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "never-loaded"), "--tasks", "mmlu_pro"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'mmlu_pro'" in err and "wikitext2" in err and "hellaswag" in err
+
+
+def test_tight_logit_budget_gives_the_same_scores(lm):
+    model, tok = lm
+    a = loglikelihoods(model, tok, REQUESTS, batch_size=16, progress=False)
+    b = loglikelihoods(model, tok, REQUESTS, batch_size=16, progress=False, max_logit_bytes=1)  # one request a batch
+    for (x, gx), (y, gy) in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-5) and gx == gy

@@ -217,14 +217,36 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def _batches(order: list[int], enc: list[tuple[list[int], list[int]]], batch_size: int, vocab: int,
+             max_logit_bytes: int) -> list[list[int]]:
+    """Group length-sorted requests into batches of at most ``batch_size`` whose kept logits fit the budget."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_pos: set[int] = set()
+    for i in order:
+        inp, cont = enc[i]
+        pos = set(range(len(inp) - len(cont), len(inp)))
+        union = cur_pos | pos
+        if cur and (len(cur) == batch_size or (len(cur) + 1) * len(union) * vocab * 4 > max_logit_bytes):
+            batches.append(cur)
+            cur, union = [], pos
+        cur.append(i)
+        cur_pos = union
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
-                   device: Any = None, max_length: Optional[int] = None, progress: bool = True) -> list[tuple[float, bool]]:
+                   device: Any = None, max_length: Optional[int] = None, progress: bool = True,
+                   max_logit_bytes: int = 512 * 2**20) -> list[tuple[float, bool]]:
     """Summed log-likelihood of each continuation given its context, and whether it is the greedy output.
 
     Requests are deduplicated, sorted longest first and batched with right padding (no attention
-    mask is needed: a causal model never looks right). Only the positions that score a
-    continuation go through the output head when the model accepts ``logits_to_keep``.
+    mask is needed: a causal model never looks right). When the model accepts ``logits_to_keep``
+    only the positions that score some continuation of the batch go through the output head, and
+    batches are cut so those logits stay within ``max_logit_bytes``.
 
     Returns:
         One ``(loglikelihood, is_greedy)`` per request, in order.
@@ -246,27 +268,26 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
         enc.append((full[:-1], k_ids))
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))
     keep_ok = _accepts_logits_to_keep(model)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
     out: dict[int, tuple[float, bool]] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = _batches(order, enc, batch_size, vocab, max_logit_bytes if keep_ok else 2**62)
     for batch in tqdm(batches, desc="log-likelihoods", unit="batch", disable=not progress):
         width = len(enc[batch[0]][0])
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        starts = []
+        for r, i in enumerate(batch):
+            ids[r, :len(enc[i][0])] = torch.tensor(enc[i][0])
+        if keep_ok:  # only the positions some continuation is scored at
+            keep = sorted({p for i in batch for p in range(len(enc[i][0]) - len(enc[i][1]), len(enc[i][0]))})
+            column = {p: k for k, p in enumerate(keep)}
+            logits = model(ids.to(device), logits_to_keep=torch.tensor(keep, device=device)).logits  # (B, kept, V)
+        else:
+            column = {p: p for p in range(width)}
+            logits = model(ids.to(device)).logits  # (B, width, V)
         for r, i in enumerate(batch):
             inp, cont = enc[i]
-            ids[r, :len(inp)] = torch.tensor(inp)
-            starts.append(len(inp) - len(cont))  # first position whose logits score the continuation
-        kwargs = {}
-        first = min(starts)
-        if keep_ok:
-            kwargs["logits_to_keep"] = width - first
-        logits = model(ids.to(device), **kwargs).logits.float()  # (batch, kept, vocab)
-        offset = width - logits.shape[1]
-        for r, i in enumerate(batch):
-            inp, cont = enc[i]
-            lo = starts[r] - offset
-            lp = torch.log_softmax(logits[r, lo:lo + len(cont)], dim=-1)  # (len(cont), vocab)
+            cols = torch.tensor([column[p] for p in range(len(inp) - len(cont), len(inp))], device=logits.device)
+            lp = torch.log_softmax(logits[r, cols].float(), dim=-1)  # (len(cont), vocab)
             target = torch.tensor(cont, device=lp.device)
             ll = float(lp.gather(1, target[:, None]).sum())
             greedy = bool((lp.argmax(dim=-1) == target).all())
