@@ -31,6 +31,8 @@ CONFIGS = [
     SignConfig(obc=False, centred=True),
     PBLLMConfig(blocksize=32),
     PBLLMConfig(blocksize=32, salient_bits=4, salient_fraction=0.2),
+    BiLLMConfig(blocksize=32, scale_dtype="float8_e4m3fn"),
+    BiLLMConfig.plus(blocksize=32),
 ]
 
 

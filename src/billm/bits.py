@@ -3,7 +3,7 @@
 Rules, the same for every method:
 
 * every stored real number (scale, mean) costs the config's ``scale_dtype``: 16 bits (fp16, the
-  default) or 32;
+  default), 32, or 8 (fp8 e4m3);
 * integer codes cost their bit width; a zero point of a ``b``-bit grid costs ``b`` bits;
 * a choice among two groups costs one bit per entry (a bitmap), a per-column flag one bit per column;
 * ``storage_bits`` is all of that divided by the number of weights of the layer. ``weight_bits``
@@ -29,7 +29,7 @@ FP16 = 16
 
 
 def _scale_bits(config: dict[str, Any]) -> int:
-    return 32 if config.get("scale_dtype") == "float32" else FP16
+    return {"float32": 32, "float8_e4m3fn": 8}.get(config.get("scale_dtype"), FP16)
 
 
 def storage_bits(config: dict[str, Any], shape: tuple[int, int], info: dict[str, Any], weight_bits: float) -> float:

@@ -46,7 +46,7 @@ def _config_from_args(args: argparse.Namespace):
         overrides = {"method": args.method, "blocksize": args.blocksize, "percdamp": args.percdamp,
                      "include": args.include or None, "exclude": args.exclude or None, "bits": args.bits,
                      "groupsize": args.groupsize, "act_order": args.act_order or None,
-                     "obc": args.obc, "centred": args.centred}
+                     "obc": args.obc, "centred": args.centred, "scale_dtype": args.scale_dtype}
         return config_from_dict({k: v for k, v in overrides.items() if v is not None})
     base = {"reference": BiLLMConfig.reference, "paper": BiLLMConfig.paper, "plus": BiLLMConfig.plus,
             "default": BiLLMConfig}[args.preset]
@@ -56,6 +56,7 @@ def _config_from_args(args: argparse.Namespace):
         "min_salient_cols": args.min_salient_cols, "break_grid": args.break_grid,
         "n_break_candidates": args.n_break_candidates,
         "intra_block": args.intra_block, "refine_rounds": args.refine_rounds, "refit": args.refit,
+        "scale_dtype": args.scale_dtype,
         "include": tuple(args.include) if args.include else None,
         "exclude": tuple(args.exclude) if args.exclude else None,
     }
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--refine-rounds", type=int, help="beyond BiLLM: least-squares scales <-> signs rounds per group")
     q.add_argument("--refit", action="store_true", default=None,
                    help="beyond BiLLM: re-solve all scales of each row for the least output error under H")
+    q.add_argument("--scale-dtype", choices=["float16", "float32", "float8_e4m3fn"],
+                   help="dtype the scales and means are stored (and rounded) in; default float16")
     q.add_argument("--centred", dest="centred", action="store_true", default=None)
     q.add_argument("--no-centred", dest="centred", action="store_false")
     q.add_argument("--include", nargs="*", help="fnmatch patterns of linears to quantize (default: all in blocks)")

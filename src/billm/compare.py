@@ -28,6 +28,7 @@ def parse_method(spec: str) -> Optional[QuantConfig]:
 
     BiLLM options join with ``+``: a preset (``paper``, ``reference``, ``plus``) and/or ``intra``
     (in-block GPTQ), ``refineN`` (N refinement rounds), ``refit``, ``centred``, ``bN`` (blocksize),
+    ``fp8`` (scales and means in fp8 e4m3),
     e.g. ``billm:intra+refit`` or ``billm:plus+b256``."""
     name, _, opts = spec.strip().partition(":")
     if name == "fp":
@@ -65,9 +66,11 @@ def _billm_spec(spec: str, opts: str) -> BiLLMConfig:
             kw["refine_rounds"] = int(tok[6:])
         elif re.fullmatch(r"b\d+", tok):
             kw["blocksize"] = int(tok[1:])
+        elif tok == "fp8":
+            kw["scale_dtype"] = "float8_e4m3fn"
         else:
             raise BillmError(f"bad method spec {spec!r}: unknown billm option {tok!r} (use paper, reference, plus, "
-                             "intra, refineN, refit, centred, bN joined by '+')")
+                             "intra, refineN, refit, centred, bN, fp8 joined by '+')")
     return base(**kw)
 
 

@@ -62,8 +62,8 @@ class QuantConfig:
             the decoder block (``self_attn.q_proj``) and the full name. Embeddings and
             ``lm_head`` are outside the decoder blocks and always stay full precision.
         exclude: fnmatch patterns of linears to leave in full precision.
-        scale_dtype: dtype the stored scales and means are kept in (``float16`` or
-            ``float32``). The quantizer rounds them to it *before* using them, so the packed
+        scale_dtype: dtype the stored scales and means are kept in (``float16``, ``float32``,
+            or ``float8_e4m3fn``: 8-bit, range 2^-9..448, 3 mantissa bits). The quantizer rounds them to it *before* using them, so the packed
             checkpoint reproduces the quantized model exactly.
     """
 
@@ -84,7 +84,8 @@ class QuantConfig:
         _check(self.blocksize >= 1, f"blocksize must be >= 1, got {self.blocksize}")
         _check(0.0 <= self.percdamp < 10.0, f"percdamp must be in [0, 10), got {self.percdamp}")
         _check(len(self.include) > 0, "include needs at least one pattern")
-        _check(self.scale_dtype in ("float16", "float32"), f"scale_dtype must be float16 or float32, got {self.scale_dtype!r}")
+        _check(self.scale_dtype in ("float16", "float32", "float8_e4m3fn"),
+               f"scale_dtype must be float16, float32 or float8_e4m3fn, got {self.scale_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``method`` and ``version``."""

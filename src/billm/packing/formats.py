@@ -40,7 +40,7 @@ from torch import Tensor
 from ..errors import QuantizationError
 from .bitpack import pack_bits, pack_codes, packed_len, unpack_bits, unpack_codes
 
-SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,8 @@ def round_to_stored(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
     if dtype is None or dtype == x.dtype:
         return x
     y = x.to(dtype)
-    if not torch.isfinite(y).all() and torch.isfinite(x).all():
+    big = torch.finfo(dtype).max
+    if (not torch.isfinite(y.to(x.dtype)).all() or x.abs().max() > big) and torch.isfinite(x).all():
         raise QuantizationError(f"a scale or mean (max |x| = {float(x.abs().max()):.3g}) overflows {dtype}; "
                                 "use scale_dtype='float32'")
     return y.to(x.dtype)
@@ -136,7 +137,8 @@ def round_to_stored(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
 
 def smallest_positive(dtype: torch.dtype) -> float:
     """Smallest positive value of a float dtype (subnormals included): a floor for grid scales."""
-    return float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)
+    fi = torch.finfo(dtype)
+    return float(torch.tensor(float(fi.smallest_normal) * float(fi.eps), dtype=torch.float32).to(dtype).float()) or float(fi.smallest_normal)
 
 
 def pm1(bits: Tensor) -> Tensor:
