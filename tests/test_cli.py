@@ -121,6 +121,7 @@ def test_compare_writes_table_json_and_plot(tiny_folder, tmp_path):
                "--out", str(out)])
     assert rc == 0
     d = json.loads((out / "compare.json").read_text())
+    assert d["command"].startswith("billm compare ") and "--methods fp,rtn:w2" in d["command"]
     specs = [r["spec"] for r in d["rows"]]
     assert specs == ["fp", "rtn:w2", "gptq:w3g32", "sign", "pbllm", "billm"]
     by = {r["spec"]: r for r in d["rows"]}

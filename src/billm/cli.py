@@ -269,6 +269,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def argv_used(args: argparse.Namespace) -> list[str]:
+    """The command-line arguments of this invocation (as given to :func:`main`, or ``sys.argv``)."""
+    return list(getattr(args, "_argv", None) or sys.argv[1:])
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -289,7 +294,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     eval_ids = {t: get_eval_tokens(t, tok, eval_seqlen, data_dir=args.data_dir) for t in tasks}
     rows = compare(model, tok, specs, calib, eval_ids, eval_seqlen, args.max_windows, args.device, args.batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    command = "billm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("billm") else None
+    command = "billm " + " ".join(argv_used(args))
     write_json_atomic(out / "compare.json", {
         "model": args.model, "command": command, "tasks": tasks, "eval_seqlen": eval_seqlen,
         "max_windows": args.max_windows,
@@ -406,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="billm", choices=available_methods())
     q.add_argument("--preset", default="default", choices=["default", "reference", "paper", "plus"],
                    help="BiLLM option set: our default, the public reference code's, the paper's text, or "
-                        "'plus' (beyond BiLLM at the same storage: --intra-block --refine-rounds 2 --refit)")
+                        "'plus' (beyond BiLLM at the same storage: --intra-block --refit)")
     _add_calibration(q)
     q.add_argument("--bits", type=int, help="rtn/gptq: bits per weight")
     q.add_argument("--groupsize", type=int, help="rtn/gptq: columns per scale group (-1: per row)")
@@ -507,6 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import BillmError
 
     args = build_parser().parse_args(argv)
+    args._argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

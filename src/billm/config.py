@@ -181,8 +181,12 @@ class BiLLMConfig(QuantConfig):
 
     @classmethod
     def plus(cls, **overrides: Any) -> "BiLLMConfig":
-        """Beyond BiLLM, same storage: the paper's variant + in-block GPTQ, refined scales, output-error refit."""
-        return cls.paper(**{**dict(intra_block=True, refine_rounds=2, refit=True), **overrides})
+        """Beyond BiLLM at the same storage: the paper's variant + in-block GPTQ + output-error refit of the scales.
+
+        The best combination measured on SmolLM2 (``docs/results/beyond.md``): WikiText-2 perplexity
+        515 vs 7276 for plain BiLLM; adding refined scales made it worse (3973).
+        """
+        return cls.paper(**{**dict(intra_block=True, refit=True), **overrides})
 
     @classmethod
     def paper(cls, **overrides: Any) -> "BiLLMConfig":
