@@ -267,6 +267,9 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                 set_weight(mod, res.q)
                 if res.stored is not None:
                     stored[full] = res.stored
+                elif store is not None:
+                    raise QuantizationError(f"method {config.method!r} returned no packed form for {full}; "
+                                            "a resumable run needs one (WeightResult.stored)")
                 layers.append(LayerReport(name=full, shape=tuple(W.shape), weight_bits=res.weight_bits,
                                           storage_bits=storage_bits(config.to_dict(), tuple(W.shape), res.info,
                                                                     res.weight_bits),
