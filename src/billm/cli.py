@@ -146,7 +146,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .model.loading import load_model
     from .model.walker import find_blocks, find_linears, get_weight, select_linears
     from .packing.checkpoint import is_billm_folder
-    from .resume import ProgressStore, digest, progress_dir
+    from .packing.checkpoint import tensor_sha256
+    from .resume import ProgressStore, progress_dir
 
     import torch
 
@@ -165,7 +166,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                     data_dir=args.data_dir)
     calibration = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     fingerprint = {"model": args.model, "model_config": model.config.to_dict(), "config": cfg.to_dict(),
-                   "calibration": {**calibration, "sha256": digest(calib)}, "batch_size": args.batch_size,
+                   "calibration": {**calibration, "sha256": tensor_sha256(calib)}, "batch_size": args.batch_size,
                    "billm": billm.__version__, "torch": torch.__version__}
     store = ProgressStore(progress_dir(out), fingerprint, restart=args.restart)
     report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store)

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from .errors import BillmError
 
@@ -29,22 +29,37 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file, fsync and a rename (never a half-written file)."""
+def write_atomic(path: Path, write: Callable[[Path], None], before_rename: Optional[Callable[[], None]] = None) -> None:
+    """Create ``path`` through ``write(tmp)`` on a temporary name beside it, fsync, and one rename.
+
+    ``before_rename`` runs after the data is on disk and before the rename (fault-injection tests).
+    On any failure the temporary file is removed and an existing ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write(Path(tmp))
+        fsync_path(Path(tmp))
         follow_umask(Path(tmp))
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` atomically (:func:`write_atomic`): never a half-written file."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    write_atomic(path, write)
 
 
 def check_output_dir(out: Path, is_ours: Callable[[Path], bool], what: str = "billm output") -> Path:

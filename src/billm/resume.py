@@ -16,22 +16,19 @@ the saved activations: the final checkpoint is byte-identical to an uninterrupte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from .errors import BillmError
-from .io import fsync_path, write_json_atomic
+from .io import write_atomic, write_json_atomic
 from .packing.formats import StoredWeight
 
 log = logging.getLogger(__name__)
@@ -43,11 +40,6 @@ def fault_point(stage: str, block: int) -> None:
     """Die with SIGKILL at ``stage`` of ``block`` when ``$BILLM_FAULT_INJECT`` asks for it (fault-injection tests)."""
     if os.environ.get(FAULT_ENV) == f"{stage}:{block}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def digest(t: Tensor) -> str:
-    """SHA-256 of a tensor's bytes."""
-    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def progress_dir(out: Path) -> Path:
@@ -78,17 +70,8 @@ class ResumeState:
 def _save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str], stage: str, block: int) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        fsync_path(Path(tmp))
-        fault_point(f"mid-{stage}", block)  # written but not yet renamed
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                 before_rename=lambda: fault_point(f"mid-{stage}", block))  # written but not yet renamed
 
 
 class ProgressStore:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from billm.errors import BillmError, ModelError
+from billm.io import follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,7 @@ def _write_cache(model, tokenizer, target: Path, meta: dict) -> None:
     """Save ``model`` and ``tokenizer`` into ``target`` atomically (temp folder, then rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
+    follow_umask(tmp, directory=True)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -137,8 +137,7 @@ def round_to_stored(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
 
 def smallest_positive(dtype: torch.dtype) -> float:
     """Smallest positive value of a float dtype (subnormals included): a floor for grid scales."""
-    fi = torch.finfo(dtype)
-    return float(torch.tensor(float(fi.smallest_normal) * float(fi.eps), dtype=torch.float32).to(dtype).float()) or float(fi.smallest_normal)
+    return float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)
 
 
 def pm1(bits: Tensor) -> Tensor:
