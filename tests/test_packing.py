@@ -9,9 +9,10 @@ from torch import nn
 
 import billm
 from billm.bits import storage_bits
-from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig
+from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.errors import CheckpointError
 from billm.methods import get_method
+from billm.packing.formats import map_bytes
 from billm.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
 from billm.packing.checkpoint import QUANT_MAP, WEIGHTS, inspect, load, read_header, save, tensor_sha256
 
@@ -33,6 +34,8 @@ CONFIGS = [
     PBLLMConfig(blocksize=32, salient_bits=4, salient_fraction=0.2),
     BiLLMConfig(blocksize=32, scale_dtype="float8_e4m3fn"),
     BiLLMConfig.plus(blocksize=32),
+    SliMConfig(bits=2, groupsize=16, blocksize=32),
+    SliMConfig(bits=3, groupsize=8, blocksize=16, sqc=False),
 ]
 
 
@@ -91,7 +94,7 @@ def test_stored_form_decodes_to_the_simulated_weights_exactly(cfg, shape):
     assert torch.equal(st.values(), res.q)
     # the bytes a file will hold agree with the accounting rule, up to byte padding of each packed row
     rule = storage_bits(cfg.to_dict(), shape, res.info, res.weight_bits)
-    measured = st.nbytes * 8 / (shape[0] * shape[1])
+    measured = (st.nbytes + map_bytes(st.meta)) * 8 / (shape[0] * shape[1])
     slack = (8 * 8 * shape[0] + 8 * 8 * 16) / (shape[0] * shape[1])  # < 8 bits a row a plane, < 8 a flat plane
     assert rule - 1e-9 <= measured <= rule + slack
 

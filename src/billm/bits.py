@@ -14,6 +14,8 @@ bits, ``r*k`` second-plane sign bits (order 2), ``r*(b-k)`` group bits (concentr
 ``b`` column flags, and per row ``salient_order + 2`` scales (twice that when mean-centred).
 RTN/GPTQ: ``bits`` per weight, per row and group one fp16 scale and a ``bits``-bit zero; with
 act-order groups, a 32-bit group index per column.
+SliM-LLM: each group's width per weight, per row and group one fp16 scale and a zero at the
+layer's widest width, and one byte per group for its width (kept in the checkpoint's JSON map).
 Sign: 1 bit per weight, per row one fp16 scale (and a mean when centred).
 PB-LLM: 1 bit per binarized weight, ``salient_bits`` per salient weight, a 1-bit salient bitmap
 over all weights, per row and block one fp16 binary scale, one fp16 scale and a zero for the
@@ -53,6 +55,10 @@ def storage_bits(config: dict[str, Any], shape: tuple[int, int], info: dict[str,
         groups = 1 if gs == -1 else math.ceil(cols / gs)
         g_idx = 32 * cols if config.get("act_order") and groups > 1 else 0
         return (n * bits + rows * groups * (fp + bits) + g_idx) / n
+    if method == "slim":
+        gb, gs = info["group_bits"], config["groupsize"]
+        sizes = [min(gs, cols - g * gs) for g in range(len(gb))]
+        return (rows * sum(m * b for m, b in zip(sizes, gb)) + rows * len(gb) * (fp + max(gb)) + 8 * len(gb)) / n
     if method == "sign":
         return (n + rows * fp * (2 if config.get("centred") else 1)) / n
     if method == "pbllm":

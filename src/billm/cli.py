@@ -414,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BiLLM option set: our default, the public reference code's, the paper's text, or "
                         "'plus' (beyond BiLLM at the same storage: --intra-block --refit)")
     _add_calibration(q)
-    q.add_argument("--bits", type=int, help="rtn/gptq: bits per weight")
-    q.add_argument("--groupsize", type=int, help="rtn/gptq: columns per scale group (-1: per row)")
+    q.add_argument("--bits", type=int, help="rtn/gptq: bits per weight; slim: average bits per weight (2..7)")
+    q.add_argument("--groupsize", type=int, help="rtn/gptq/slim: columns per scale group (-1: per row; slim: 128 by default)")
     q.add_argument("--act-order", action="store_true", default=None, help="gptq: descending Hessian diagonal order")
     q.add_argument("--no-obc", dest="obc", action="store_false", default=None, help="sign: no error compensation")
     q.add_argument("--blocksize", type=int)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import BiLLMConfig, GPTQConfig, PBLLMConfig, QuantConfig, RTNConfig, SignConfig
+from .config import BiLLMConfig, GPTQConfig, PBLLMConfig, QuantConfig, RTNConfig, SignConfig, SliMConfig
 from .errors import BillmError
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def parse_method(spec: str) -> Optional[QuantConfig]:
     """``fp`` -> None; ``rtn:w2``, ``gptq:w3g128``, ``gptq:w2g128a`` (act-order), ``sign``,
-    ``sign:noobc``, ``pbllm``, ``pbllm:f0.05``, ``billm``, ``billm:reference`` -> a config.
+    ``sign:noobc``, ``slim:w2`` (SliM-LLM, average 2 bits, groups of 128; ``slim:w3g64``,
+    ``+nosba`` / ``+nosqc`` switch its parts off), ``pbllm``, ``pbllm:f0.05``, ``billm``, ``billm:reference`` -> a config.
 
     BiLLM options join with ``+``: a preset (``paper``, ``reference``, ``plus``) and/or ``intra``
     (in-block GPTQ), ``refineN`` (N refinement rounds), ``refit``, ``centred``, ``bN`` (blocksize),
@@ -41,13 +42,26 @@ def parse_method(spec: str) -> Optional[QuantConfig]:
         if name == "gptq":
             return GPTQConfig(**kw, act_order=bool(m.group(3)))
         return RTNConfig(**kw)
+    if name == "slim":
+        return _slim_spec(spec, opts)
     if name == "sign":
         return SignConfig(obc=opts != "noobc")
     if name == "pbllm":
         return PBLLMConfig(salient_fraction=float(opts[1:])) if opts.startswith("f") else PBLLMConfig()
     if name == "billm":
         return _billm_spec(spec, opts)
-    raise BillmError(f"unknown method spec {spec!r}; use fp, rtn:wN[gG], gptq:wN[gG][a], sign, pbllm, billm")
+    raise BillmError(f"unknown method spec {spec!r}; use fp, rtn:wN[gG], gptq:wN[gG][a], slim:wN[gG], sign, pbllm, billm")
+
+
+def _slim_spec(spec: str, opts: str) -> SliMConfig:
+    width, *flags = opts.split("+") if opts else ["w2"]
+    m = re.fullmatch(r"w(\d)(?:g(\d+))?", width)
+    if not m or not set(flags) <= {"nosba", "nosqc"}:
+        raise BillmError(f"bad method spec {spec!r}: expected slim:w<bits>[g<groupsize>][+nosba][+nosqc]")
+    kw: dict[str, Any] = {"bits": int(m.group(1)), "sba": "nosba" not in flags, "sqc": "nosqc" not in flags}
+    if m.group(2):
+        kw["groupsize"] = int(m.group(2))
+    return SliMConfig(**kw)
 
 
 def _billm_spec(spec: str, opts: str) -> BiLLMConfig:

@@ -229,6 +229,46 @@ class GPTQConfig(_GridConfig):
 
 @register_config
 @dataclass(frozen=True)
+class SliMConfig(_GridConfig):
+    """SliM-LLM: GPTQ with salience-driven mixed precision per group of input columns.
+
+    ``bits`` is the layer's average width; groups of ``groupsize`` columns get ``bits - 1``,
+    ``bits`` or ``bits + 1``.
+
+    Attributes:
+        sba: salience-determined bit allocation. The groups are ranked by summed salience
+            ``w^2 / U_jj^2``; the ``k`` most salient gain a bit and the ``k`` least salient lose one.
+            ``k`` is chosen for the least output error ``tr(D H D^T)`` of the min-max (or SQC)
+            rounding. Off: every group at ``bits`` (plain GPTQ).
+        sqc: salience-weighted quantizer calibration. Each row of each group picks the clipping of its
+            asymmetric range that minimises ``sum omega (w - q)^2``. ``omega`` is ``1 + tau`` on the
+            group row's locally salient weights (salience above mean + 3 std), 1 elsewhere.
+            Off: min-max ranges.
+        tau: extra weight of locally salient weights in the SQC error.
+        clip_steps, max_shrink: SQC tries ``clip_steps + 1`` ranges, shrunk by 0 .. ``max_shrink``.
+    """
+
+    method: ClassVar[str] = "slim"
+
+    bits: int = 2
+    groupsize: int = 128
+    sba: bool = True
+    sqc: bool = True
+    tau: float = 1.0
+    clip_steps: int = 20
+    max_shrink: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(2 <= self.bits <= 7, f"slim needs an average of 2..7 bits (groups use bits-1..bits+1), got {self.bits}")
+        _check(self.groupsize >= 1, f"slim allocates bits per group: groupsize must be >= 1, got {self.groupsize}")
+        _check(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
+        _check(self.clip_steps >= 0, f"clip_steps must be >= 0, got {self.clip_steps}")
+        _check(0 <= self.max_shrink < 1, f"max_shrink must be in [0, 1), got {self.max_shrink}")
+
+
+@register_config
+@dataclass(frozen=True)
 class SignConfig(QuantConfig):
     """Plain 1-bit binarization with a per-row scale (XNOR-style), optionally with OBC compensation."""
 
@@ -281,6 +321,6 @@ def known_methods() -> list[str]:
 
 
 __all__ = [
-    "BiLLMConfig", "GPTQConfig", "PBLLMConfig", "RTNConfig", "SignConfig", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain",
+    "BiLLMConfig", "GPTQConfig", "PBLLMConfig", "RTNConfig", "SignConfig", "SliMConfig", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain",
     "config_from_dict", "known_methods", "register_config",
 ]

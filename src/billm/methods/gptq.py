@@ -62,8 +62,9 @@ def gptq_weight(W: Tensor, H: Tensor, blocksize: int, percdamp: float, quant_col
                 act_order: bool = False, times: Optional[OBCTimes] = None) -> GPTQRun:
     """Run GPTQ over ``W`` (rows, cols) with the per-column quantizer made by ``quant_col_factory(W)``.
 
-    The factory sees the (permuted, dead-column-zeroed) weights before any compensation, e.g. to
-    fix per-row scales; column indices it receives are positions in that (permuted) order.
+    The factory is called as ``quant_col_factory(W, U)`` with the (permuted, dead-column-zeroed)
+    weights before any compensation, e.g. to fix per-row scales, and ``U = chol(H^-1)`` (upper) in the
+    same order; column indices the quantizer receives are positions in that (permuted) order.
     """
     W = W.to(torch.float32).clone()
     perm = None
@@ -71,36 +72,53 @@ def gptq_weight(W: Tensor, H: Tensor, blocksize: int, percdamp: float, quant_col
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     prep = prepare_hessian(H, W, percdamp)
-    quant_col = quant_col_factory(W)
+    quant_col = quant_col_factory(W, prep.U)
     Q = obc_quantize(W, prep.U, blocksize, lambda Wb, Ub, st: gptq_block(Wb, Ub, st, quant_col), times)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return GPTQRun(q=Q, percdamp=prep.percdamp, perm=perm, quantizer=quant_col)
 
 
+Calibrate = Callable[[Tensor, int, int], tuple[Tensor, Tensor]]
+"""``(group weights (rows, n), bits, first column) -> (scale, zero)`` each (rows, 1)."""
+
+
 class GridColumns:
-    """Per-column min-max grid quantizer that records its codes, scales and zeros.
+    """Per-column integer-grid quantizer that records its codes, scales and zeros.
 
     Ranges are per row (``groupsize == -1``, fixed from the weights before compensation) or per
     row and group, set from the compensated weights when the group's first column comes up.
+
+    Args:
+        W0: (rows, cols) the weights the OBC loop compensates in place.
+        bits: grid width of every group, unless ``group_bits`` is given.
+        groupsize: columns per group, or -1.
+        scale_dtype: dtype scales are rounded to before use.
+        group_bits: optional width of each group (mixed precision).
+        calibrate: optional choice of a group's (scale, zero); min-max by default.
     """
 
-    def __init__(self, W0: Tensor, bits: int, groupsize: int, scale_dtype: Optional[torch.dtype]) -> None:
-        self.W, self.bits, self.groupsize, self.scale_dtype = W0, bits, groupsize, scale_dtype
+    def __init__(self, W0: Tensor, bits: int, groupsize: int, scale_dtype: Optional[torch.dtype],
+                 group_bits: Optional[list[int]] = None, calibrate: Optional[Calibrate] = None) -> None:
+        self.W, self.groupsize, self.scale_dtype = W0, groupsize, scale_dtype
+        n_groups = 1 if groupsize == -1 else -(-W0.shape[1] // groupsize)
+        self.group_bits = list(group_bits) if group_bits is not None else [bits] * n_groups
+        self.calibrate = calibrate or (lambda w, b, col: minmax_params(w, b, scale_dtype))
         self.codes = torch.zeros_like(W0)  # (rows, cols)
         self.scales: list[Tensor] = []  # per group (rows, 1)
         self.zeros: list[Tensor] = []
         if groupsize == -1:
-            self._new_group(W0)
+            self._new_group(W0, 0)
 
-    def _new_group(self, w: Tensor) -> None:
-        scale, zero = minmax_params(w, self.bits, self.scale_dtype)
+    def _new_group(self, w: Tensor, col: int) -> None:
+        self.bits = self.group_bits[len(self.scales)]
+        scale, zero = self.calibrate(w, self.bits, col)
         self.scales.append(scale)
         self.zeros.append(zero)
 
     def __call__(self, col: int, w: Tensor) -> Tensor:
         if self.groupsize != -1 and col % self.groupsize == 0:
-            self._new_group(self.W[:, col:col + self.groupsize])  # self.W is compensated in place by the OBC loop
+            self._new_group(self.W[:, col:col + self.groupsize], col)  # self.W is compensated in place by the OBC loop
         code = grid_codes(w.unsqueeze(1), self.scales[-1], self.zeros[-1], self.bits)  # (rows, 1)
         self.codes[:, col] = code.squeeze(1)
         return grid_values(code, self.scales[-1], self.zeros[-1]).squeeze(1)
@@ -111,7 +129,7 @@ def gptq_quantize_weight(W: Tensor, H: Tensor, cfg: GPTQConfig, times: Optional[
     """GPTQ at ``cfg.bits`` bits; the codes are kept for the checkpoint."""
     gs = -1 if cfg.groupsize >= W.shape[1] else cfg.groupsize
     sd = SCALE_DTYPES[cfg.scale_dtype]
-    run = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, lambda W0: GridColumns(W0, cfg.bits, gs, sd),
+    run = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, lambda W0, U: GridColumns(W0, cfg.bits, gs, sd),
                       cfg.act_order, times)
     grid: GridColumns = run.quantizer  # type: ignore[assignment]
     codes, g_idx = grid.codes, None

@@ -24,9 +24,13 @@ def minmax_params(w: Tensor, bits: int, scale_dtype: Optional[torch.dtype] = Non
     Returns:
         scale (rows, 1) and integer-valued zero point (rows, 1) in [0, 2**bits - 1].
     """
+    return range_params(w.min(dim=1, keepdim=True).values, w.max(dim=1, keepdim=True).values, bits, scale_dtype)
+
+
+def range_params(lo: Tensor, hi: Tensor, bits: int, scale_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(scale, zero) of the ``bits``-bit asymmetric grid spanning [lo, hi] widened to contain 0; any shape."""
     maxq = 2**bits - 1
-    lo = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
-    hi = torch.clamp(w.max(dim=1, keepdim=True).values, min=0)
+    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
     flat = (lo == 0) & (hi == 0)
     lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
     scale = (hi - lo) / maxq

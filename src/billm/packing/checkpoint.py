@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..io import atomic_dir, check_output_dir, write_json_atomic
-from .formats import FORMATS, get_format
+from .formats import FORMATS, get_format, map_bytes
 from .linear import PREFIX, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -449,6 +449,8 @@ def inspect(path: Union[str, Path]) -> CheckpointInfo:
                 raise CheckpointError(f"{file}: tensor {key!r} is missing")
             lb.bytes_by_kind[spec.kind] = lb.bytes_by_kind.get(spec.kind, 0) + header[key].nbytes
             packed_names.add(key)
+        if map_bytes(layer["meta"]):
+            lb.bytes_by_kind["group widths (in the map)"] = map_bytes(layer["meta"])
         layers.append(lb)
     other = {k: e for k, e in header.items() if k not in packed_names}
     other_params = sum(int(torch.Size(e.shape).numel()) for e in other.values())

@@ -18,6 +18,11 @@ Formats (``r`` rows, ``c`` columns, ``nb`` OBC blocks of ``blocksize`` columns):
     ``codes`` integer codes as ``bits`` bit planes; ``scales`` (r, G) and ``zeros`` (r, G) as
     bit planes, G groups of ``groupsize`` columns; ``g_idx`` (c,) group of each column when
     GPTQ's act-order permuted them.
+``mixed`` (SliM-LLM)
+    ``group_bits`` (meta) the width of each group of ``groupsize`` columns; for each width ``b``
+    present, ``codes{b}`` the codes of the columns of its groups as ``b`` bit planes; ``zeros``
+    (r, G) the zero points as bit planes of the widest width (one tensor: less byte padding than
+    one per width); ``scales`` (r, G).
 ``sign``
     ``signs`` (r, c); ``scales`` (1, r); ``means`` (1, r) when centred.
 ``pbllm``
@@ -307,6 +312,60 @@ def grid_pack(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Optional[Tens
 
 
 _register("grid", _grid_fields, _grid_decode)
+
+
+# ----------------------------------------------------------------------------- mixed (SliM-LLM)
+
+def mixed_columns(group_bits: list[int], cols: int, groupsize: int) -> dict[int, Tensor]:
+    """For each width in ``group_bits``: (n,) the columns of the groups at that width, in order."""
+    out: dict[int, list[int]] = {}
+    for g, b in enumerate(group_bits):
+        out.setdefault(b, []).extend(range(g * groupsize, min((g + 1) * groupsize, cols)))
+    return {b: torch.tensor(c, dtype=torch.long) for b, c in sorted(out.items())}
+
+
+def map_bytes(meta: dict[str, Any]) -> int:
+    """Bytes of side information a layer keeps in the JSON map rather than in tensors: one a group width."""
+    return len(meta.get("group_bits", ()))
+
+
+def _mixed_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
+    r, c = shape
+    gb, gs = meta["group_bits"], meta["groupsize"]
+    if len(gb) != _grid_groups(c, gs) or not all(isinstance(b, int) and 1 <= b <= 8 for b in gb):
+        raise ValueError(f"group_bits must list {_grid_groups(c, gs)} widths in 1..8, got {gb!r}")
+    f = {"scales": FieldSpec((r, len(gb)), scale_dtype(meta), "scales"),
+         "zeros": FieldSpec((max(gb), r, packed_len(len(gb))), torch.uint8, "zero points")}
+    for b, cols in mixed_columns(gb, c, gs).items():
+        f[f"codes{b}"] = FieldSpec((b, r, packed_len(len(cols))), torch.uint8, f"{b}-bit codes")
+    return f
+
+
+def _mixed_decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
+    r, c = shape
+    gb, gs = meta["group_bits"], meta["groupsize"]
+    dev = t["scales"].device
+    codes = torch.zeros(r, c, dtype=torch.uint8, device=dev)
+    for b, cols in mixed_columns(gb, c, gs).items():
+        codes[:, cols.to(dev)] = unpack_codes(t[f"codes{b}"], len(cols))
+    zeros = unpack_codes(t["zeros"], len(gb))  # (r, G)
+    if bool((zeros >= 2 ** torch.tensor(gb, device=dev)).any()):
+        raise ValueError("a zero point lies outside its group's grid")
+    idx = grid_index(c, gs, dev)
+    return grid_values(codes, _per_column(t["scales"].float(), idx), _per_column(zeros, idx))
+
+
+def mixed_pack(codes: Tensor, scales: Tensor, zeros: Tensor, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """Packed mixed-precision fields: each group's (r, n) codes at its own width, the zeros at the widest."""
+    gb, gs = meta["group_bits"], meta["groupsize"]
+    codes, zeros = codes.round().to(torch.int32), zeros.round().to(torch.int32)
+    out = {"scales": scales.to(scale_dtype(meta)), "zeros": pack_codes(zeros, max(gb))}
+    for b, cols in mixed_columns(gb, codes.shape[1], gs).items():
+        out[f"codes{b}"] = pack_codes(codes[:, cols.to(codes.device)].contiguous(), b)
+    return out
+
+
+_register("mixed", _mixed_fields, _mixed_decode)
 
 
 # ----------------------------------------------------------------------------- sign

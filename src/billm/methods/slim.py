@@ -1,0 +1,217 @@
+"""SliM-LLM: GPTQ with salience-driven mixed precision per group of input columns.
+
+Two additions to GPTQ on the shared OBC loop, both driven by the Hessian salience
+``delta_ij = w_ij^2 / U_jj^2`` (``U = chol(H^-1)``, upper, the same metric BiLLM uses):
+
+* **SBA** (salience-determined bit allocation). The input columns are cut into groups of
+  ``groupsize``. Each full group gets a salience, the sum of its ``delta``. For an average of ``N``
+  bits, the ``k`` most salient groups get ``N + 1`` bits and the ``k`` least salient get ``N - 1``,
+  so the layer's average stays exactly ``N``. ``k`` (0 included) is chosen for the least output
+  error ``tr(D H D^T)`` of the rounded weights. A partial last group stays at ``N``, and bits only
+  flow from a strictly less salient group to a more salient one.
+* **SQC** (salience-weighted quantizer calibration). Each row of each group picks the clipping of
+  its asymmetric range that minimises ``sum omega (w - q)^2``. ``omega`` is ``1 + tau`` on the
+  weights that are salient within the group row (``delta > mean + 3 std``) and 1 elsewhere.
+  Not clipping is one of the candidates.
+
+Widths are per group of columns, so the bit map costs one small integer per ``groupsize`` columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..config import SliMConfig
+from ..packing.formats import SCALE_DTYPES, StoredWeight, grid_index, mixed_pack
+from .gptq import Calibrate, GridColumns, gptq_weight
+from .obc import OBCTimes
+from .registry import WeightResult, register_method
+from .rtn import minmax_params, quantize_minmax, range_params
+
+LOCAL_SIGMAS = 3.0  # a weight is locally salient above mean + 3 std of its group row's salience
+
+
+# ----------------------------------------------------------------------------- SBA
+
+def group_sizes(cols: int, groupsize: int) -> list[int]:
+    """Columns in each group of ``groupsize`` consecutive columns (the last may be shorter)."""
+    return [min(groupsize, cols - st) for st in range(0, cols, groupsize)]
+
+
+def group_salience(W: Tensor, d: Tensor, groupsize: int) -> Tensor:
+    """(G,) summed salience ``w^2 / d_j^2`` of each group of columns; ``W`` (rows, cols), ``d`` (cols,)."""
+    per_col = (W**2).sum(0) / d**2  # (cols,)
+    G = len(group_sizes(W.shape[1], groupsize))
+    return torch.zeros(G, dtype=per_col.dtype, device=W.device).index_add_(0, grid_index(W.shape[1], groupsize, W.device), per_col)
+
+
+def allocation_candidates(salience: Tensor, sizes: list[int], groupsize: int, bits: int) -> list[list[int]]:
+    """Allocations for ``k = 0, 1, ...``: the k most salient full groups at ``bits + 1``, the k least at ``bits - 1``.
+
+    Only full groups move, so every candidate's average over weights is exactly ``bits``. The list
+    stops when the next pair would take a bit from a group as salient as the one receiving it.
+    """
+    full = [g for g, n in enumerate(sizes) if n == groupsize]
+    order = sorted(full, key=lambda g: (-float(salience[g]), g))  # most salient first; ties by position
+    cands = [[bits] * len(sizes)]
+    for k in range(1, len(order) // 2 + 1):
+        up, down = order[k - 1], order[-k]
+        if not float(salience[up]) > float(salience[down]):
+            break
+        nxt = list(cands[-1])
+        nxt[up], nxt[down] = bits + 1, bits - 1
+        cands.append(nxt)
+    return cands
+
+
+def allocation_errors(W: Tensor, H: Tensor, cands: list[list[int]], groupsize: int,
+                      round_group: Callable[[Tensor, int, int], Tensor]) -> list[float]:
+    """Output error ``tr(D H D^T)`` of each candidate, ``D = W - Q``, Q rounded group by group.
+
+    Consecutive candidates differ in two groups, so each step updates ``D H`` on those columns only
+    (``rows * 2 * groupsize * cols`` flops instead of ``rows * cols^2``).
+
+    Args:
+        W: (rows, cols); H: (cols, cols).
+        round_group: ``(w (rows, n), bits, first column) -> q (rows, n)``.
+    """
+    cols = W.shape[1]
+    spans = [(st, min(st + groupsize, cols)) for st in range(0, cols, groupsize)]
+    cache: dict[tuple[int, int], Tensor] = {}
+
+    def dq(g: int, b: int) -> Tensor:  # (rows, n) the group's error at width b
+        if (g, b) not in cache:
+            st, ed = spans[g]
+            cache[(g, b)] = W[:, st:ed] - round_group(W[:, st:ed], b, st)
+        return cache[(g, b)]
+
+    D = torch.cat([dq(g, b) for g, b in enumerate(cands[0])], dim=1)  # (rows, cols)
+    DH = D @ H  # (rows, cols)
+    err = float(torch.sum(D * DH))
+    errors = [err]
+    for prev, cur in zip(cands, cands[1:]):
+        moved = [g for g in range(len(cur)) if cur[g] != prev[g]]
+        idx = torch.cat([torch.arange(*spans[g], device=W.device) for g in moved])  # (m,)
+        delta = torch.cat([dq(g, cur[g]) for g in moved], dim=1) - D[:, idx]  # (rows, m)
+        # tr((D + E) H (D + E)^T) = tr(D H D^T) + 2 tr(E (D H)^T) + tr(E H E^T), E zero outside idx
+        err += float(2 * torch.sum(delta * DH[:, idx]) + torch.sum((delta @ H[idx][:, idx]) * delta))
+        DH += delta @ H[idx]
+        D[:, idx] += delta
+        errors.append(err)
+    return errors
+
+
+@dataclass
+class Allocation:
+    """The chosen widths of a layer's groups and how they were found.
+
+    Attributes:
+        group_bits: width of each group of columns.
+        moved: k, the number of groups raised (and lowered).
+        errors: output error of the rounded weights for k = 0, 1, ... (the candidates tried).
+    """
+
+    group_bits: list[int]
+    moved: int
+    errors: list[float]
+
+
+def salience_allocation(W: Tensor, H: Tensor, d: Tensor, cfg: SliMConfig, calibrate: Calibrate) -> Allocation:
+    """SBA for one layer: rank groups by salience, choose k by the output error of the rounded weights."""
+    sizes = group_sizes(W.shape[1], cfg.groupsize)
+    cands = allocation_candidates(group_salience(W, d, cfg.groupsize), sizes, cfg.groupsize, cfg.bits)
+
+    def round_group(w: Tensor, b: int, col: int) -> Tensor:
+        scale, zero = calibrate(w, b, col)
+        return quantize_minmax(w, scale, zero, b)
+
+    errors = allocation_errors(W, H, cands, cfg.groupsize, round_group)
+    k = min(range(len(errors)), key=lambda i: (errors[i], i))
+    return Allocation(group_bits=cands[k], moved=k, errors=errors)
+
+
+# ----------------------------------------------------------------------------- SQC
+
+def local_weights(delta: Tensor, tau: float, sigmas: float = LOCAL_SIGMAS) -> Tensor:
+    """``omega`` (rows, n): ``1 + tau`` where ``delta`` exceeds its row's mean + ``sigmas`` std, else 1."""
+    mu = delta.mean(dim=1, keepdim=True)
+    sd = delta.std(dim=1, keepdim=True, unbiased=False)
+    return 1.0 + tau * (delta > mu + sigmas * sd).to(delta.dtype)
+
+
+def weighted_error(w: Tensor, q: Tensor, omega: Tensor) -> Tensor:
+    """(rows, 1) ``sum_j omega_ij (w_ij - q_ij)^2``."""
+    return torch.sum(omega * (w - q) ** 2, dim=1, keepdim=True)
+
+
+def sqc_params(w: Tensor, omega: Tensor, bits: int, scale_dtype: Optional[torch.dtype], steps: int,
+               max_shrink: float) -> tuple[Tensor, Tensor]:
+    """Per-row (scale, zero) (rows, 1) minimising :func:`weighted_error` over shrunk min-max ranges.
+
+    Candidates shrink both ends of the row's range by ``max_shrink * i / steps``, i = 0..steps;
+    i = 0 is plain min-max, and a later candidate replaces it only if strictly better.
+    """
+    lo, hi = w.min(dim=1, keepdim=True).values, w.max(dim=1, keepdim=True).values  # (rows, 1)
+    best_s, best_z = range_params(lo, hi, bits, scale_dtype)
+    best = weighted_error(w, quantize_minmax(w, best_s, best_z, bits), omega)
+    for i in range(1, steps + 1):
+        shrink = 1.0 - max_shrink * i / steps
+        s, z = range_params(lo * shrink, hi * shrink, bits, scale_dtype)
+        e = weighted_error(w, quantize_minmax(w, s, z, bits), omega)
+        better = e < best
+        best = torch.where(better, e, best)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def make_calibrate(d: Tensor, cfg: SliMConfig, scale_dtype: Optional[torch.dtype]) -> Calibrate:
+    """The group quantizer's calibration: SQC with salience ``w^2 / d_j^2`` of the group's columns, or min-max."""
+    if not cfg.sqc:
+        return lambda w, b, col: minmax_params(w, b, scale_dtype)
+
+    def calibrate(w: Tensor, b: int, col: int) -> tuple[Tensor, Tensor]:
+        delta = w**2 / d[col:col + w.shape[1]].unsqueeze(0) ** 2  # (rows, n)
+        return sqc_params(w, local_weights(delta, cfg.tau), b, scale_dtype, cfg.clip_steps, cfg.max_shrink)
+
+    return calibrate
+
+
+# ----------------------------------------------------------------------------- the method
+
+def stored_mixed(codes: Tensor, scales: Tensor, zeros: Tensor, group_bits: list[int], groupsize: int,
+                 scale_dtype: str) -> StoredWeight:
+    """The packed stored form of mixed-precision grid codes (each group at its own width)."""
+    meta = {"group_bits": list(group_bits), "groupsize": groupsize, "scale_dtype": scale_dtype}
+    tensors = mixed_pack(codes, scales, zeros, meta)
+    return StoredWeight("mixed", tuple(codes.shape), meta, {k: v.cpu() for k, v in tensors.items()})
+
+
+@register_method("slim")
+def slim_quantize_weight(W: Tensor, H: Tensor, cfg: SliMConfig, times: Optional[OBCTimes] = None) -> WeightResult:
+    """SliM-LLM at an average of ``cfg.bits``: SBA widths per group, SQC ranges, GPTQ compensation."""
+    sd = SCALE_DTYPES[cfg.scale_dtype]
+    H32 = H.to(torch.float32)
+    sizes = group_sizes(W.shape[1], cfg.groupsize)
+    found: dict[str, Allocation] = {}
+
+    def factory(W0: Tensor, U: Tensor) -> GridColumns:
+        calibrate = make_calibrate(torch.diag(U), cfg, sd)
+        if cfg.sba:
+            found["a"] = salience_allocation(W0, H32, torch.diag(U), cfg, calibrate)
+        else:
+            found["a"] = Allocation([cfg.bits] * len(sizes), 0, [])
+        return GridColumns(W0, cfg.bits, cfg.groupsize, sd, group_bits=found["a"].group_bits, calibrate=calibrate)
+
+    run = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, factory, act_order=False, times=times)
+    grid: GridColumns = run.quantizer  # type: ignore[assignment]
+    alloc = found["a"]
+    stored = stored_mixed(grid.codes, torch.cat(grid.scales, 1), torch.cat(grid.zeros, 1), alloc.group_bits,
+                          cfg.groupsize, cfg.scale_dtype)
+    weight_bits = sum(n * b for n, b in zip(sizes, alloc.group_bits)) / W.shape[1]
+    info = {"percdamp_used": run.percdamp, "group_bits": alloc.group_bits, "sba_moved": alloc.moved,
+            "sba_error_ratio": alloc.errors[alloc.moved] / alloc.errors[0] if alloc.errors and alloc.errors[0] > 0 else None}
+    return WeightResult(q=run.q, weight_bits=weight_bits, info=info, stored=stored)

@@ -1,0 +1,223 @@
+"""SliM-LLM: salience-determined bit allocation, salience-weighted calibration, GPTQ loop, packing."""
+
+import pytest
+import torch
+
+import billm
+from billm.bits import storage_bits
+from billm.compare import parse_method
+from billm.config import GPTQConfig, SliMConfig
+from billm.errors import BillmError
+from billm.methods import get_method
+from billm.methods.gptq import GridColumns, gptq_weight
+from billm.methods.obc import hessian_error, prepare_hessian
+from billm.methods.rtn import minmax_params, quantize_minmax
+from billm.methods.slim import (allocation_candidates, allocation_errors, group_salience, group_sizes, local_weights,
+                                salience_allocation, make_calibrate, sqc_params, weighted_error)
+
+from conftest import tiny_model
+
+
+def _problem(rows, cols, seed=0, outlier_cols=()):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(4 * cols + 8, cols, generator=g)
+    for c in outlier_cols:  # activations with a few loud channels, as in real LLMs
+        X[:, c] *= 8
+    return W, X.T @ X / X.shape[0]
+
+
+def _real(shared_data, name="q_proj"):
+    from safetensors.torch import load_file
+
+    path = shared_data / "reference" / "billm_reference_block0.safetensors"
+    if not path.exists():
+        pytest.skip("reference file missing")
+    d = load_file(str(path))
+    return d[f"{name}.weight"], d[f"{name}.hessian"]
+
+
+# ----------------------------------------------------------------------------- allocation
+
+
+@pytest.mark.parametrize("cols,groupsize,bits", [(1000, 64, 2), (576, 128, 2), (512, 128, 3), (130, 16, 4), (40, 64, 2)])
+def test_every_candidate_keeps_the_average_exactly(cols, groupsize, bits):
+    sizes = group_sizes(cols, groupsize)
+    assert sum(sizes) == cols
+    sal = torch.rand(len(sizes), generator=torch.Generator().manual_seed(cols))
+    cands = allocation_candidates(sal, sizes, groupsize, bits)
+    assert cands[0] == [bits] * len(sizes)
+    assert len(cands) == 1 + sum(n == groupsize for n in sizes) // 2  # distinct saliences: every pair admissible
+    for k, gb in enumerate(cands):
+        assert sum(n * b for n, b in zip(sizes, gb)) == bits * cols  # exact, in integers
+        assert set(gb) <= {bits - 1, bits, bits + 1}
+        assert gb.count(bits + 1) == gb.count(bits - 1) == k
+        if sizes[-1] != groupsize:
+            assert gb[-1] == bits  # the partial group never moves
+
+
+def test_bits_flow_from_the_least_to_the_most_salient_groups():
+    sal = torch.tensor([5.0, 1.0, 9.0, 3.0, 7.0, 0.5])
+    cands = allocation_candidates(sal, [8] * 6, 8, 2)
+    assert cands[1] == [2, 2, 3, 2, 2, 1]
+    assert cands[2] == [3 if s in (9.0, 7.0) else 1 if s in (1.0, 0.5) else 2 for s in sal.tolist()]
+
+
+def test_uniform_salience_moves_no_bits():
+    assert allocation_candidates(torch.full((8,), 2.5), [16] * 8, 16, 2) == [[2] * 8]
+    # two tied groups in the middle stop the search before bits would move between equals
+    assert len(allocation_candidates(torch.tensor([4.0, 2.0, 2.0, 1.0]), [16] * 4, 16, 2)) == 2
+
+
+def test_group_salience_sums_the_hessian_metric():
+    W, H = _problem(6, 40)
+    d = torch.diag(prepare_hessian(H, W.clone()).U)
+    s = group_salience(W, d, 16)
+    full = W**2 / d**2
+    assert torch.allclose(s, torch.stack([full[:, :16].sum(), full[:, 16:32].sum(), full[:, 32:].sum()]))
+
+
+def test_incremental_errors_equal_direct_computation():
+    W, H = _problem(24, 96, outlier_cols=(3, 50))
+    sal = torch.rand(6, generator=torch.Generator().manual_seed(1))
+    cands = allocation_candidates(sal, [16] * 6, 16, 2)
+
+    def rnd(w, b, col):
+        return quantize_minmax(w, *minmax_params(w, b), b)
+
+    errs = allocation_errors(W, H, cands, 16, rnd)
+    for gb, e in zip(cands, errs):
+        Q = torch.cat([rnd(W[:, 16 * g:16 * g + 16], b, 16 * g) for g, b in enumerate(gb)], dim=1)
+        assert e == pytest.approx(hessian_error(W, Q, H)[0], rel=1e-4)
+
+
+def test_sba_picks_the_least_error_and_mixed_precision_helps_on_salient_channels(shared_data):
+    W, H = _real(shared_data)
+    cfg = SliMConfig(bits=2, groupsize=128)
+    U = prepare_hessian(H, W.clone()).U
+    alloc = salience_allocation(W, H, torch.diag(U), cfg, make_calibrate(torch.diag(U), cfg, torch.float16))
+    assert alloc.errors[alloc.moved] == min(alloc.errors)
+    assert alloc.moved > 0 and alloc.errors[alloc.moved] < alloc.errors[0]  # a real layer has salient groups
+
+
+# ----------------------------------------------------------------------------- SQC
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", range(4))
+def test_sqc_never_increases_the_weighted_error(bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(32, 128, generator=g) * torch.rand(32, 1, generator=g)
+    w[:, :3] *= 6  # a few large weights per row
+    omega = local_weights(w**2, tau=2.0)
+    base = weighted_error(w, quantize_minmax(w, *minmax_params(w, bits, torch.float16), bits), omega)
+    s, z = sqc_params(w, omega, bits, torch.float16, steps=20, max_shrink=0.5)
+    found = weighted_error(w, quantize_minmax(w, s, z, bits), omega)
+    assert (found <= base).all()
+    assert (found < base).any()  # and clipping does pay somewhere
+    for shrink in (0.9, 0.7, 0.5):  # no coarser candidate on its grid beats it
+        lo, hi = w.min(1, keepdim=True).values * shrink, w.max(1, keepdim=True).values * shrink
+        from billm.methods.rtn import range_params
+
+        other = weighted_error(w, quantize_minmax(w, *range_params(lo, hi, bits, torch.float16), bits), omega)
+        assert (found <= other + 1e-6).all()
+
+
+def test_local_weights_mark_outliers_only():
+    delta = torch.ones(2, 64)
+    assert torch.equal(local_weights(delta, 1.0), torch.ones(2, 64))  # uniform salience: plain error
+    delta[0, 5] = 100.0
+    om = local_weights(delta, 1.5)
+    assert om[0, 5] == 2.5 and om.sum() == 128 + 1.5
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def test_without_sba_and_sqc_it_is_gptq_with_groups():
+    W, H = _problem(16, 96)
+    slim = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=3, groupsize=32, blocksize=32, sba=False, sqc=False))
+    gptq = get_method("gptq")(W.clone(), H.clone(), GPTQConfig(bits=3, groupsize=32, blocksize=32))
+    assert torch.equal(slim.q, gptq.q)
+    assert slim.info["group_bits"] == [3, 3, 3] and slim.weight_bits == 3.0
+
+
+def test_uniform_salience_reduces_to_plain_gptq():
+    """Weights of one magnitude and a diagonal H with equal entries: every weight equally salient.
+
+    SBA then keeps every group at the target width, and SQC's weights are all 1: SliM is GPTQ whose
+    group ranges minimise the plain squared error (and, with SQC off, GPTQ bit for bit).
+    """
+    g = torch.Generator().manual_seed(0)
+    W = torch.where(torch.rand(8, 64, generator=g) > 0.5, 0.3, -0.3)
+    H = torch.eye(64) * 2.0
+    gcfg = GPTQConfig(bits=2, groupsize=16, blocksize=32)
+    slim = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=2, groupsize=16, blocksize=32))
+    assert slim.info["group_bits"] == [2] * 4 and slim.info["sba_moved"] == 0
+    assert torch.equal(local_weights(W**2, 1.0), torch.ones_like(W))
+
+    def plain_mse(W0, U):
+        cal = lambda w, b, col: sqc_params(w, torch.ones_like(w), b, torch.float16, 20, 0.5)  # noqa: E731
+        return GridColumns(W0, 2, 16, torch.float16, calibrate=cal)
+
+    assert torch.equal(slim.q, gptq_weight(W.clone(), H.clone(), 32, 0.01, plain_mse).q)
+    nosqc = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=2, groupsize=16, blocksize=32, sqc=False))
+    assert torch.equal(nosqc.q, get_method("gptq")(W.clone(), H.clone(), gcfg).q)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_slim_beats_gptq_at_the_same_storage_on_a_real_layer(shared_data, bits):
+    W, H = _real(shared_data)
+    cfg = SliMConfig(bits=bits, groupsize=128)
+    slim = get_method("slim")(W.clone(), H.clone(), cfg)
+    gcfg = GPTQConfig(bits=bits, groupsize=128)
+    gptq = get_method("gptq")(W.clone(), H.clone(), gcfg)
+    assert slim.weight_bits == bits
+    sb_slim = storage_bits(cfg.to_dict(), tuple(W.shape), slim.info, slim.weight_bits)
+    sb_gptq = storage_bits(gcfg.to_dict(), tuple(W.shape), gptq.info, gptq.weight_bits)
+    # the width map (a byte per group) and zeros at the widest width (one bit more per row and group)
+    assert 0 < sb_slim - sb_gptq < 0.01
+    assert hessian_error(W, slim.q, H)[0] < hessian_error(W, gptq.q, H)[0]
+
+
+def test_each_part_helps_on_a_real_layer(shared_data):
+    W, H = _real(shared_data)
+    err = {}
+    for name, kw in {"gptq": dict(sba=False, sqc=False), "sqc": dict(sba=False), "both": {}}.items():
+        q = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=2, **kw)).q
+        err[name] = hessian_error(W, q, H)[0]
+    assert err["both"] < err["sqc"] < err["gptq"]
+
+
+def test_config_validation_and_spec():
+    with pytest.raises(BillmError, match="2..7"):
+        SliMConfig(bits=1)
+    with pytest.raises(BillmError, match="groupsize"):
+        SliMConfig(groupsize=-1)
+    assert parse_method("slim:w3") == SliMConfig(bits=3)
+    assert parse_method("slim:w2g64") == SliMConfig(bits=2, groupsize=64)
+    assert parse_method("slim:w2+nosqc") == SliMConfig(bits=2, sqc=False)
+    assert parse_method("slim:w2+nosba") == SliMConfig(bits=2, sba=False)
+    with pytest.raises(BillmError, match="slim"):
+        parse_method("slim:w2+fast")
+    assert billm.config_from_dict(SliMConfig(bits=3, tau=2.0).to_dict()) == SliMConfig(bits=3, tau=2.0)
+
+
+def test_slim_checkpoint_round_trip_and_report(tmp_path):
+    model = tiny_model("llama", 0)
+    calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(0))
+    rep = billm.quantize(model, calib, SliMConfig(bits=2, groupsize=16), progress=False)
+    for layer in rep.layers:
+        gb = layer.info["group_bits"]
+        assert sum(gb) == 2 * len(gb) and layer.weight_bits == 2.0
+    assert all(l.info["sba_error_ratio"] is None or l.info["sba_error_ratio"] <= 1 for l in rep.layers)
+    ids = torch.randint(3, 120, (2, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    billm.save(model, rep, tmp_path / "ck")
+    loaded = billm.load(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+    info = billm.inspect_checkpoint(tmp_path / "ck")
+    assert abs(info.storage_bits - rep.storage_bits) < 0.35  # tiny layers: byte padding of each row
+    assert any("group widths" in k for k in info.bytes_by_kind())
