@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import build_layout, choose_path, packed_matmul, requested_kernel
 from .formats import StoredWeight, get_format
 
 PREFIX = "packed_"  # packed fields are buffers named packed_<field>: "<layer>.packed_signs" in a checkpoint
@@ -17,8 +18,12 @@ class PackedLinear(nn.Module):
     """Drop-in replacement for ``nn.Linear`` (or GPT-2's ``Conv1D``) holding a :class:`StoredWeight`.
 
     The packed tensors are buffers (they move with ``.to(device)`` and are saved in the state
-    dict as ``<name>.packed_<field>``); the full weight exists only for the duration of a
-    forward call: it is decoded on the buffers' device, cast to the input's dtype, and used once.
+    dict as ``<name>.packed_<field>``). A forward call takes one of the paths of
+    :mod:`billm.kernels`: a few tokens on CPU multiply straight from the bit planes (lookup
+    tables), CUDA inputs go through the Triton kernels, and otherwise the full weight is decoded
+    on the buffers' device for that call only. The fast paths read a column-aligned copy of the
+    planes (:func:`billm.kernels.build_layout`, about 3 bits a weight for BiLLM), built on first
+    use and kept with the layer, outside the state dict.
 
     Args:
         fmt: stored-weight format name (``billm``, ``grid``, ``sign``, ``pbllm``).
@@ -38,6 +43,9 @@ class PackedLinear(nn.Module):
         for name, spec in get_format(fmt).fields(self.shape, self.meta).items():
             self.register_buffer(PREFIX + name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.kernel: Optional[str] = None  # None: $BILLM_KERNEL or "auto" (see billm.kernels)
+        self._layout: Any = None
+        self._layout_key: Any = None
 
     @classmethod
     def from_stored(cls, stored: StoredWeight, bias: Optional[Tensor] = None) -> "PackedLinear":
@@ -66,10 +74,24 @@ class PackedLinear(nn.Module):
         """The decoded (out, in) weight, float32 (computed on every access; for inspection)."""
         return self.stored().values()
 
+    def layout(self) -> Any:
+        """The fast paths' column-aligned planes (None for a format without one), rebuilt if the buffers moved."""
+        ref = next(b for n, b in self.named_buffers(recurse=False) if n.startswith(PREFIX))
+        key = (ref.device, ref.data_ptr())
+        if self._layout_key != key:
+            self._layout = build_layout(self.stored())
+            self._layout_key = key
+        return self._layout
+
     def forward(self, x: Tensor) -> Tensor:
-        w = self.stored().values().to(x.dtype)  # (out, in), decoded for this call only
+        requested = requested_kernel(self.kernel)
+        path = choose_path(requested, x, requested != "dequant" and self.layout() is not None)
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w, b)
+        if path == "dequant":
+            w = self.stored().values().to(x.dtype)  # (out, in), decoded for this call only
+            return F.linear(x, w, b)
+        y = packed_matmul(x, self.layout(), path)
+        return y + b if b is not None else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.bias is not None}"

@@ -1,0 +1,93 @@
+"""Fast ``y = x W^T`` from packed weights, and the choice of path for each call.
+
+Paths:
+
+``dequant``
+    Decode the whole weight, then ``F.linear``: the reference, and every format's fallback.
+``lut``
+    CPU, a few tokens (decoding): byte lookup tables over the packed planes (:mod:`.lut`).
+``triton``
+    CUDA (or Triton's interpreter): the weight decoded tile by tile in registers
+    (:mod:`.triton_kernels`), GEMV for one token, ``tl.dot`` tiles for prompts.
+
+``auto`` (the default) takes ``triton`` for CUDA inputs when Triton is installed, ``lut`` for CPU
+inputs of at most :data:`LUT_MAX_TOKENS` tokens, else ``dequant``. Gradients always take
+``dequant``. The environment variable ``BILLM_KERNEL`` or :func:`set_kernel` force a path.
+A path a layer's format cannot take (PB-LLM; GPTQ with act-order groups) falls back to ``dequant``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import BillmError
+from .layout import BiLLMPlanes, GridPlanes, build_layout
+
+KERNELS = ("auto", "dequant", "lut", "triton")
+LUT_MAX_TOKENS = 16
+"""Largest token count the CPU lookup path takes under ``auto``; above it decode-then-matmul is faster
+(``benchmarks/bench_kernels.py`` measures the crossover)."""
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def requested_kernel(layer_choice: Optional[str] = None) -> str:
+    """The path asked for: a layer's own choice, else ``$BILLM_KERNEL``, else ``auto``."""
+    name = layer_choice or os.environ.get("BILLM_KERNEL", "auto") or "auto"
+    if name not in KERNELS:
+        raise BillmError(f"unknown kernel {name!r} (BILLM_KERNEL or set_kernel); choose one of {', '.join(KERNELS)}")
+    return name
+
+
+def choose_path(requested: str, x: Tensor, has_layout: bool) -> str:
+    """The path one call takes (see the module docstring)."""
+    if requested == "dequant" or not has_layout or (x.requires_grad and torch.is_grad_enabled()):
+        return "dequant"
+    if requested in ("lut", "triton"):
+        if requested == "triton" and not triton_available():
+            raise BillmError("kernel 'triton' requested but Triton is not installed (pip install triton)")
+        return requested
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.is_cuda:
+        return "triton" if triton_available() else "dequant"
+    return "lut" if tokens <= LUT_MAX_TOKENS else "dequant"
+
+
+def packed_matmul(x: Tensor, layout, path: str) -> Tensor:
+    """``x`` (..., in) times the layout's weight transposed, by ``lut`` or ``triton``: (..., out) in x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if path == "lut":
+        from .lut import lut_matmul
+
+        y = lut_matmul(x2, layout)
+    else:
+        from .triton_kernels import triton_matmul
+
+        y = triton_matmul(x2, layout)
+    return y.to(x.dtype).reshape(*lead, y.shape[-1])
+
+
+def set_kernel(model: nn.Module, name: str) -> int:
+    """Force a path on every :class:`~billm.packing.linear.PackedLinear` of ``model``; returns how many."""
+    from ..packing.linear import PackedLinear
+
+    requested_kernel(name)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.kernel = name
+            n += 1
+    return n
+
+
+__all__ = ["BiLLMPlanes", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "build_layout", "choose_path", "packed_matmul",
+           "requested_kernel", "set_kernel", "triton_available"]

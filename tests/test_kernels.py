@@ -1,0 +1,160 @@
+"""Fast paths from packed weights: CPU lookup tables and the Triton kernels (interpreter on CPU).
+
+Every path is checked against decode-then-matmul (the ``dequant`` reference) on odd shapes,
+for every format that has a fast layout.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined: run them on the CPU
+
+import pytest
+import torch
+
+import billm
+from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm.errors import BillmError
+from billm.kernels import LUT_MAX_TOKENS, build_layout, choose_path, set_kernel, triton_available
+from billm.kernels.lut import byte_table, lut_matmul
+from billm.methods import get_method
+
+from conftest import tiny_model
+
+FAST = [
+    BiLLMConfig(blocksize=32),
+    BiLLMConfig.reference(blocksize=20),  # block not a multiple of 8, centred, 2nd salient plane
+    BiLLMConfig(blocksize=16, salient_order=1, centred=True),
+    RTNConfig(bits=2),
+    RTNConfig(bits=4, groupsize=12),
+    GPTQConfig(bits=3, groupsize=16, blocksize=32),
+    SliMConfig(bits=2, groupsize=16, blocksize=32),
+    SliMConfig(bits=3, groupsize=24, blocksize=24),
+    SignConfig(),
+    SignConfig(centred=True),
+]
+SHAPES = [(17, 131), (5, 9), (70, 200), (1, 64)]
+
+
+def _stored(cfg, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(*shape, generator=g)
+    X = torch.randn(4 * shape[1] + 8, shape[1], generator=g)
+    res = get_method(cfg.method)(W.clone(), X.T @ X / X.shape[0], cfg)
+    return res.stored, res.q
+
+
+def _close(y, ref, tol=2e-5):
+    scale = ref.abs().max().clamp(min=1e-6)
+    assert float((y - ref).abs().max() / scale) < tol
+
+
+def test_byte_table_sums_the_selected_inputs():
+    x = torch.randn(2, 16)
+    t = byte_table(x)  # (2 * 256, 2)
+    assert torch.allclose(t[0b00000101], x[:, 0] + x[:, 2])
+    assert torch.allclose(t[256 + 0b10000000], x[:, 15])
+    assert torch.allclose(t[255], x[:, :8].sum(1))
+
+
+@pytest.mark.parametrize("cfg", FAST, ids=lambda c: f"{c.method}-{abs(hash(c)) % 997}")
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_lookup_path_equals_decode_then_matmul(cfg, shape, tokens):
+    st, q = _stored(cfg, shape)
+    layout = build_layout(st)
+    assert layout is not None
+    x = torch.randn(tokens, shape[1])
+    _close(lut_matmul(x, layout), x @ q.t())
+
+
+@pytest.mark.parametrize("cfg", [PBLLMConfig(blocksize=32), GPTQConfig(bits=3, groupsize=16, act_order=True)],
+                         ids=["pbllm", "gptq-act-order"])
+def test_formats_without_a_fast_layout_fall_back_to_decoding(cfg):
+    st, q = _stored(cfg, (17, 131))
+    assert build_layout(st) is None
+    layer = billm.PackedLinear.from_stored(st)
+    x = torch.randn(1, 131)
+    layer.kernel = "lut"
+    assert torch.equal(layer(x), x @ q.t())  # the exact decoded product
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", FAST, ids=lambda c: f"{c.method}-{abs(hash(c)) % 997}")
+@pytest.mark.parametrize("shape", [(17, 131), (70, 200)])
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+def test_triton_kernels_equal_decode_then_matmul(cfg, shape, tokens):
+    from billm.kernels.triton_kernels import triton_matmul
+
+    st, q = _stored(cfg, shape)
+    x = torch.randn(tokens, shape[1])
+    _close(triton_matmul(x, build_layout(st)), x @ q.t())
+
+
+@needs_triton
+def test_triton_half_precision_tiles():
+    from billm.kernels.triton_kernels import triton_matmul
+
+    st, q = _stored(BiLLMConfig(blocksize=32), (40, 96))
+    x = torch.randn(20, 96).half()
+    ref = x.float() @ q.t()
+    _close(triton_matmul(x, build_layout(st)), ref, tol=2e-2)  # fp16 tiles, fp32 accumulation
+
+
+def test_auto_path_choice():
+    x1, xp = torch.randn(1, 1, 8), torch.randn(1, LUT_MAX_TOKENS + 1, 8)
+    assert choose_path("auto", x1, True) == "lut"
+    assert choose_path("auto", xp, True) == "dequant"
+    assert choose_path("auto", x1, False) == "dequant"  # no fast layout
+    assert choose_path("dequant", x1, True) == "dequant"
+    assert choose_path("lut", xp, True) == "lut"
+    assert choose_path("auto", x1.requires_grad_(), True) == "dequant"  # gradients need the decoded weight
+
+
+def test_environment_and_set_kernel(monkeypatch):
+    st, q = _stored(BiLLMConfig(blocksize=32), (17, 131))
+    layer = billm.PackedLinear.from_stored(st)
+    x = torch.randn(1, 131)
+    monkeypatch.setenv("BILLM_KERNEL", "dequant")
+    assert torch.equal(layer(x), x @ q.t())
+    monkeypatch.setenv("BILLM_KERNEL", "fastest")
+    with pytest.raises(BillmError, match="unknown kernel 'fastest'"):
+        layer(x)
+    monkeypatch.delenv("BILLM_KERNEL")
+    with pytest.raises(BillmError, match="unknown kernel"):
+        set_kernel(layer, "cuda")
+    assert set_kernel(torch.nn.Sequential(layer), "lut") == 1 and layer.kernel == "lut"
+    _close(layer(x), x @ q.t())
+
+
+def test_layout_follows_the_buffers():
+    st, q = _stored(RTNConfig(bits=2), (8, 32))
+    layer = billm.PackedLinear.from_stored(st)
+    x = torch.randn(1, 32)
+    _close(layer(x), x @ q.t())
+    st2, q2 = _stored(RTNConfig(bits=2), (8, 32), seed=1)
+    layer.load_state_dict({f"packed_{k}": v.clone() for k, v in st2.tensors.items()}, assign=True)
+    _close(layer(x), x @ q2.t())  # not the stale planes of the old buffers
+
+
+@pytest.mark.parametrize("cfg", [BiLLMConfig(blocksize=16), SliMConfig(bits=2, groupsize=16)], ids=["billm", "slim"])
+def test_a_loaded_model_decodes_tokens_through_the_lookup_path(cfg, tmp_path):
+    model = tiny_model("llama", 0)
+    calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(0))
+    rep = billm.quantize(model, calib, cfg, progress=False)
+    billm.save(model, rep, tmp_path / "ck")
+    loaded = billm.load(tmp_path / "ck")
+    ids = torch.randint(3, 120, (1, 12))
+    with torch.no_grad():
+        set_kernel(loaded, "dequant")
+        ref = loaded(ids).logits
+        set_kernel(loaded, "auto")
+        out = loaded.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        set_kernel(loaded, "dequant")
+        out_ref = loaded.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        set_kernel(loaded, "lut")
+        _close(loaded(ids).logits, ref, tol=1e-4)
+    for a, b in zip(out.logits, out_ref.logits):
+        _close(a, b, tol=1e-4)
