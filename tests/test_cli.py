@@ -58,6 +58,22 @@ def test_quantize_eval_inspect(tiny_folder, tmp_path, capsys):
         assert layer["storage_bits_rule"] <= layer["storage_bits"] <= layer["storage_bits_rule"] + pad
     assert main(["generate", str(out), "def f(", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("def f(")
+    # every multiplication from the packed bits (lookup tables) gives the same perplexity to float rounding
+    j2 = tmp_path / "ppl-lut.json"
+    assert main(["eval", str(out), "--tasks", "pydoc", "--seqlen", "64", "--max-windows", "2", "--json", str(j2),
+                 "--kernel", "lut"]) == 0
+    assert json.loads(j2.read_text())["perplexity"]["pydoc"]["ppl"] == pytest.approx(again, rel=1e-4)
+
+
+def test_slim_from_the_command_line(tiny_folder, tmp_path):
+    out = tmp_path / "s"
+    assert main(["quantize", str(tiny_folder), "--method", "slim", "--bits", "3", "--groupsize", "16", "--calib", "pydoc",
+                 "--nsamples", "2", "--seqlen", "32", "--out", str(out), "--quiet"]) == 0
+    q = json.loads((out / "billm_report.json").read_text())["quantization"]
+    assert q["config"]["method"] == "slim" and q["weight_bits"] == pytest.approx(3.0)
+    assert all(set(l["info"]["group_bits"]) <= {2, 3, 4} for l in q["layers"])
+    assert main(["quantize", str(tiny_folder), "--method", "slim", "--bits", "1", "--calib", "pydoc", "--nsamples", "2",
+                 "--seqlen", "32", "--out", str(tmp_path / "s1"), "--quiet"]) == 2  # 1-bit average: groups would need 0 bits
 
 
 def test_presets_and_options_reach_the_config(tiny_folder, tmp_path):

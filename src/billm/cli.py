@@ -24,6 +24,11 @@ SAVE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 # ----------------------------------------------------------------------------- helpers
 
+KERNEL_CHOICES = ("auto", "dequant", "lut", "triton")
+KERNEL_HELP = ("how packed linears multiply (default $BILLM_KERNEL or auto: Triton on CUDA, lookup tables for a few "
+               "tokens on CPU, else decode then matmul)")
+
+
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain aligned text table."""
     cells = [[str(h) for h in header]] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
@@ -63,6 +68,15 @@ def _config_from_args(args: argparse.Namespace):
     if args.centred is not None:
         opts["centred"] = args.centred
     return base(**{k: v for k, v in opts.items() if v is not None})
+
+
+def _apply_kernel(model, kernel: Optional[str]) -> None:
+    """``--kernel``: force how the packed linears of ``model`` multiply (no-op for a full-precision model)."""
+    if kernel:
+        from .kernels import set_kernel
+
+        n = set_kernel(model, kernel)
+        log.info("kernel %s on %d packed linears", kernel, n)
 
 
 def _evaluate(model, tokenizer, tasks: Sequence[str], seqlen: int, max_windows: Optional[int], data_dir,
@@ -213,6 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise BillmError(f"unknown task {t!r}: perplexity sets are {', '.join(DATASETS)} (or a path to a text "
                                  f"file); zero-shot tasks are {', '.join(ZEROSHOT)}; harness task names need --harness")
     model, tok = load_model(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    _apply_kernel(model, args.kernel)
     out: dict[str, Any] = {"model": args.model}
     if ppl_tasks:
         results = _evaluate(model, tok, ppl_tasks, args.seqlen, args.max_windows, args.data_dir, args.device,
@@ -316,6 +331,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _check_args(args)
     model, tok = load_model(args.model)
+    _apply_kernel(model, args.kernel)
     device = torch.device(args.device) if args.device else torch.device("cpu")
     model.to(device)
     enc = tok(args.prompt, return_tensors="pt").to(device)
@@ -468,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype to run in (auto: float32, or a billm checkpoint's saved dtype)")
     e.add_argument("--json", default="billm-eval.json", help="also write the results to this JSON file")
     _add_data(e)
+    e.add_argument("--kernel", choices=KERNEL_CHOICES, default=None, help=KERNEL_HELP)
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="quantize the embedded SmolLM2-135M and compare with full precision")
@@ -504,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--device", default=None)
+    g.add_argument("--kernel", choices=KERNEL_CHOICES, default=None, help=KERNEL_HELP)
     g.set_defaults(fn=cmd_generate)
     return p
 

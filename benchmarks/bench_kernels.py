@@ -1,0 +1,236 @@
+"""Speed and memory of the paths that multiply by a packed weight: decoding (1 token) and prompts.
+
+    python benchmarks/bench_kernels.py [--shapes smollm2,llama7b] [--formats billm,gptq2,slim2]
+                                       [--prompt 128] [--device cpu|cuda] [--threads 2] [--json FILE]
+
+For each shape set, the seven linears of one decoder block (SmolLM2-135M: 576-wide, MLP 1536;
+LLaMA-7B: 4096-wide, MLP 11008) are built as packed layers of each format, with random bits and
+scales (speed does not depend on the values). Then ``x W^T`` runs through all seven, for one token
+(decoding) and for ``--prompt`` tokens, by each path:
+
+* ``fp32`` / ``fp16``: dense ``F.linear`` on full-precision weights (the baselines);
+* ``dequant``: decode the whole weight per call, then ``F.linear`` (the reference path);
+* ``auto``: what ``PackedLinear`` picks by itself: on CPU byte lookup tables (``lut``) for up to
+  16 tokens and decode-then-matmul above; on CUDA the Triton kernels.
+
+A second table (CPU, ``--sweep-shapes``) times ``lut`` against ``dequant`` at several token counts:
+the crossover that sets ``billm.kernels.LUT_MAX_TOKENS``.
+
+Tokens per second through the block are the figures, each also as a ratio against the dequant
+reference and against the dense baseline, all measured in the same run. Each
+(format, path) runs in a fresh process, so its memory is its own. On CPU, ``resident MB`` is
+the process's resident memory growth from building the layers to after the calls. It counts the
+packed weights and any layout the path builds. ``peak MB`` is the process's peak growth over the
+same start: the transient buffers of a call. On CUDA both come from ``torch.cuda`` memory stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # (out_features, in_features) of q, k, v, o, gate, up, down
+    "smollm2": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)],
+    "llama7b": [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)],
+}
+FORMATS = {"billm": "BiLLM (1.1 weight bits)", "gptq2": "GPTQ w2 g128", "slim2": "SliM-LLM w2 g128"}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_stored(fmt: str, rows: int, cols: int, g: torch.Generator):
+    """A packed weight of ``fmt`` with random content and realistic structure (for speed only)."""
+    from billm.methods.rtn import stored_grid
+    from billm.methods.slim import stored_mixed
+    from billm.packing.formats import StoredWeight, billm_pack
+
+    if fmt == "billm":
+        bs, k = 128, 10  # ~8 % salient columns, a typical BiLLM choice per block
+        nb = -(-cols // bs)
+        sal = torch.zeros(cols, dtype=torch.bool)
+        for b in range(nb):
+            width = min(bs, cols - b * bs)
+            sal[b * bs + torch.randperm(width, generator=g)[:min(k, width)]] = True
+        s1, sparse, s2 = (torch.rand(rows, cols, generator=g) > 0.5 for _ in range(3))
+        scales = torch.rand(nb, 4, rows, generator=g) * 0.02
+        meta = {"blocksize": bs, "n_salient": int(sal.sum()), "salient_order": 2, "centred": False,
+                "scale_dtype": "float16"}
+        return StoredWeight("billm", (rows, cols), meta, billm_pack(s1, sal, sparse & ~sal, s2, scales, None, meta))
+    G = -(-cols // 128)
+    scales = torch.rand(rows, G, generator=g) * 0.02
+    if fmt == "gptq2":
+        codes = torch.randint(0, 4, (rows, cols), generator=g)
+        return stored_grid(codes, scales, torch.randint(0, 4, (rows, G), generator=g).float(), 2, 128, "float16")
+    if fmt == "slim2":
+        gb = [2] * G
+        for i in range(G // 8):  # an eighth of the groups up, as many down
+            gb[2 * i], gb[2 * i + 1] = 3, 1
+        codes = torch.cat([torch.randint(0, 2**gb[c // 128], (rows, 1), generator=g) for c in range(cols)], 1)
+        zeros = torch.cat([torch.randint(0, 2**b, (rows, 1), generator=g) for b in gb], 1).float()
+        return stored_mixed(codes, scales, zeros, gb, 128, "float16")
+    raise SystemExit(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def _time(fn, repeat: int, sync) -> float:
+    fn()  # warm-up (builds layouts, compiles kernels)
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def child(args) -> dict:
+    """One (shape set, format, path) in this process: tokens/s and memory."""
+    import torch.nn.functional as F
+
+    from billm.packing.linear import PackedLinear
+
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    shapes = SHAPES[args.shape_set]
+    dtype = torch.float16 if (cuda or args.path == "fp16") else torch.float32
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss0, mem0 = _rss_mb(), (torch.cuda.memory_allocated() if cuda else 0)
+    if args.path in ("fp32", "fp16"):
+        ws = [torch.randn(r, c, generator=g).to(dev, torch.float32 if args.path == "fp32" else torch.float16) * 0.02
+              for r, c in shapes]
+        layers = [lambda x, w=w: F.linear(x, w) for w in ws]
+        dtype = ws[0].dtype
+    else:
+        mods = []
+        for r, c in shapes:
+            m = PackedLinear.from_stored(random_stored(args.format, r, c, g).to(dev))
+            m.kernel = args.path
+            mods.append(m)
+        layers = mods
+    built = _rss_mb()
+    width = shapes[0][1]
+
+    def run(T: int):
+        x = torch.randn(T, width, device=dev, dtype=dtype)
+
+        def fn():
+            with torch.no_grad():
+                for layer, (r, c) in zip(layers, shapes):
+                    inp = x if c == width else torch.randn(T, c, device=dev, dtype=dtype)
+                    layer(inp)
+        return fn
+
+    out = {"shape_set": args.shape_set, "format": args.format, "path": args.path, "device": str(dev),
+           "threads": args.threads}
+    t1 = _time(run(1), args.repeat, sync)
+    tp = _time(run(args.prompt), max(1, args.repeat // 2), sync)
+    out.update(decode_tok_s=1 / t1, prompt_tok_s=args.prompt / tp, decode_ms=t1 * 1e3, prompt_ms=tp * 1e3)
+    if args.sweep_tokens:
+        out["sweep"] = {T: T / _time(run(T), max(1, args.repeat // 2), sync) for T in args.sweep_tokens}
+    if cuda:
+        out.update(resident_mb=(torch.cuda.memory_allocated() - mem0) / 2**20,
+                   peak_mb=(torch.cuda.max_memory_allocated() - mem0) / 2**20)
+    else:
+        out.update(resident_mb=_rss_mb() - rss0, peak_mb=_peak_mb() - rss0, built_mb=built - rss0)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="smollm2,llama7b")
+    ap.add_argument("--formats", default="billm,gptq2,slim2")
+    ap.add_argument("--prompt", type=int, default=128, help="tokens of the prompt-processing measurement")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--sweep", default="1,4,16,64", help="token counts of the lut-vs-dequant crossover table")
+    ap.add_argument("--sweep-shapes", default="smollm2", help="shape sets the crossover table is measured on")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--shape-set", help=argparse.SUPPRESS)
+    ap.add_argument("--format", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-tokens", type=lambda v: [int(t) for t in v.split(",") if t], default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+
+    cuda = args.device.startswith("cuda")
+    fast = "triton" if cuda else "lut"
+    dense = ["fp16"] if cuda else ["fp32", "fp16"]
+    base = "fp16" if cuda else "fp32"
+    cmd = "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])
+    print(f"# {cmd}\n# device {args.device}, {args.threads} threads, torch {torch.__version__}, prompt {args.prompt} tokens\n")
+    results = []
+    for shape_set in args.shapes.split(","):
+        plan = [("-", p) for p in dense] + [(f, p) for f in args.formats.split(",") for p in ("dequant", "auto")]
+        if not cuda and shape_set in args.sweep_shapes.split(","):
+            plan += [(f, "lut") for f in args.formats.split(",")]
+        rows = []
+        for fmt, path in plan:
+            c = [sys.executable, __file__, "--child", "--shape-set", shape_set, "--format", fmt, "--path", path,
+                 "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat),
+                 "--prompt", str(args.prompt)]
+            if path in ("lut", "dequant") and not cuda and shape_set in args.sweep_shapes.split(","):
+                c += ["--sweep-tokens", args.sweep]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            r = subprocess.run(c, capture_output=True, text=True, env=env)
+            if r.returncode:
+                raise SystemExit(f"{' '.join(c)} failed:\n{r.stderr}")
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        ref = {(x["format"]): x for x in rows if x["path"] == "dequant"}
+        b = next(x for x in rows if x["path"] == base)
+        print(f"## {shape_set}: the 7 linears of one decoder block {SHAPES[shape_set][0]}..{SHAPES[shape_set][-1]}\n")
+        print(f"| format | path | decode tok/s | vs dequant | vs {base} | prompt tok/s | vs dequant | vs {base} | resident MB | peak MB |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for x in [x for x in rows if x["path"] != "lut"]:
+            d = ref.get(x["format"])
+            rd = f"{x['decode_tok_s'] / d['decode_tok_s']:.2f}x" if d else ""
+            rp = f"{x['prompt_tok_s'] / d['prompt_tok_s']:.2f}x" if d else ""
+            name = FORMATS.get(x["format"], "full precision")
+            print(f"| {name} | {x['path']} | {x['decode_tok_s']:.1f} | {rd} | {x['decode_tok_s'] / b['decode_tok_s']:.2f}x "
+                  f"| {x['prompt_tok_s']:.0f} | {rp} | {x['prompt_tok_s'] / b['prompt_tok_s']:.2f}x "
+                  f"| {x['resident_mb']:.0f} | {x['peak_mb']:.0f} |")
+        print()
+        sweep = [x for x in rows if "sweep" in x]
+        if sweep:
+            toks = list(sweep[0]["sweep"])
+            print(f"Crossover on {shape_set}: tokens/s through the block, lookup tables (lut) against decode-then-matmul\n")
+            print("| format | path | " + " | ".join(f"{t} tokens" for t in toks) + " |")
+            print("|---|---|" + "---:|" * len(toks))
+            for x in sweep:
+                d = ref[x["format"]]["sweep"]
+                cells = [f"{x['sweep'][t]:.0f}" + (f" ({x['sweep'][t] / d[t]:.2f}x)" if x["path"] == "lut" else "") for t in toks]
+                print(f"| {FORMATS[x['format']]} | {x['path']} | " + " | ".join(cells) + " |")
+            print()
+        results.extend(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": cmd, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
