@@ -11,7 +11,7 @@ scales (speed does not depend on the values). Then ``x W^T`` runs through all se
 * ``fp32`` / ``fp16``: dense ``F.linear`` on full-precision weights (the baselines);
 * ``dequant``: decode the whole weight per call, then ``F.linear`` (the reference path);
 * ``auto``: what ``PackedLinear`` picks by itself: on CPU byte lookup tables (``lut``) for up to
-  16 tokens and decode-then-matmul above; on CUDA the Triton kernels.
+  64 tokens (`billm.kernels.LUT_MAX_TOKENS`) and decode-then-matmul above; on CUDA the Triton kernels.
 
 A second table (CPU, ``--sweep-shapes``) times ``lut`` against ``dequant`` at several token counts:
 the crossover that sets ``billm.kernels.LUT_MAX_TOKENS``.

@@ -29,7 +29,7 @@ from ..errors import BillmError
 from .layout import BiLLMPlanes, GridPlanes, build_layout
 
 KERNELS = ("auto", "dequant", "lut", "triton")
-LUT_MAX_TOKENS = 16
+LUT_MAX_TOKENS = 64
 """Largest token count the CPU lookup path takes under ``auto``; above it decode-then-matmul is faster
 (``benchmarks/bench_kernels.py`` measures the crossover)."""
 

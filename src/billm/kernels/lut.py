@@ -44,7 +44,9 @@ def byte_table(x: Tensor) -> Tensor:
     """Lookup table of ``x`` (T, 8 m) float32: (m * 256, T), row ``256 k + v`` = sum of x[:, 8k + b] over bits b of v."""
     T = x.shape[0]
     L = x.reshape(T, -1, 8) @ _bit_table(x.device)  # (T, m, 256)
-    return L.permute(1, 2, 0).reshape(-1, T).contiguous()
+    # a fresh (m * 256, T) tensor with unit stride along T: `.contiguous()` may keep an odd stride on a
+    # size-1 dim, which sends embedding_bag to a path 25x slower for one token
+    return torch.empty(L.shape[1] * 256, T, dtype=L.dtype, device=L.device).copy_(L.permute(1, 2, 0).reshape(-1, T))
 
 
 def bag_sums(plane: Tensor, table: Tensor, bag_bytes: int) -> Tensor:
