@@ -57,10 +57,16 @@ def _peak_mb() -> float:
 
 
 def random_stored(fmt: str, rows: int, cols: int, g: torch.Generator):
-    """A packed weight of ``fmt`` with random content and realistic structure (for speed only)."""
-    from billm.methods.rtn import stored_grid
-    from billm.methods.slim import stored_mixed
-    from billm.packing.formats import StoredWeight, billm_pack
+    """A packed weight of ``fmt`` with random bytes and realistic structure (speed does not depend on values).
+
+    The packed planes are drawn as bytes directly, so building a layer never holds more than its
+    packed size (the peak-memory figures are the calls', not the set-up's).
+    """
+    from billm.packing.bitpack import pack_bits, pack_codes, packed_len
+    from billm.packing.formats import StoredWeight, mixed_columns
+
+    def rand_bytes(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
 
     if fmt == "billm":
         bs, k = 128, 10  # ~8 % salient columns, a typical BiLLM choice per block
@@ -69,23 +75,27 @@ def random_stored(fmt: str, rows: int, cols: int, g: torch.Generator):
         for b in range(nb):
             width = min(bs, cols - b * bs)
             sal[b * bs + torch.randperm(width, generator=g)[:min(k, width)]] = True
-        s1, sparse, s2 = (torch.rand(rows, cols, generator=g) > 0.5 for _ in range(3))
-        scales = torch.rand(nb, 4, rows, generator=g) * 0.02
-        meta = {"blocksize": bs, "n_salient": int(sal.sum()), "salient_order": 2, "centred": False,
-                "scale_dtype": "float16"}
-        return StoredWeight("billm", (rows, cols), meta, billm_pack(s1, sal, sparse & ~sal, s2, scales, None, meta))
+        n_sal = int(sal.sum())
+        meta = {"blocksize": bs, "n_salient": n_sal, "salient_order": 2, "centred": False, "scale_dtype": "float16"}
+        tensors = {"signs": rand_bytes(rows, packed_len(cols)), "group": rand_bytes(rows, packed_len(cols - n_sal)),
+                   "salient_mask": pack_bits(sal), "signs2": rand_bytes(rows, packed_len(n_sal)),
+                   "scales": (torch.rand(nb, 4, rows, generator=g) * 0.02).half()}
+        return StoredWeight("billm", (rows, cols), meta, tensors)
     G = -(-cols // 128)
-    scales = torch.rand(rows, G, generator=g) * 0.02
+    scales = (torch.rand(rows, G, generator=g) * 0.02).half()
     if fmt == "gptq2":
-        codes = torch.randint(0, 4, (rows, cols), generator=g)
-        return stored_grid(codes, scales, torch.randint(0, 4, (rows, G), generator=g).float(), 2, 128, "float16")
+        meta = {"bits": 2, "groupsize": 128, "g_idx": False, "scale_dtype": "float16"}
+        tensors = {"codes": rand_bytes(2, rows, packed_len(cols)), "scales": scales, "zeros": rand_bytes(2, rows, packed_len(G))}
+        return StoredWeight("grid", (rows, cols), meta, tensors)
     if fmt == "slim2":
         gb = [2] * G
         for i in range(G // 8):  # an eighth of the groups up, as many down
             gb[2 * i], gb[2 * i + 1] = 3, 1
-        codes = torch.cat([torch.randint(0, 2**gb[c // 128], (rows, 1), generator=g) for c in range(cols)], 1)
-        zeros = torch.cat([torch.randint(0, 2**b, (rows, 1), generator=g) for b in gb], 1).float()
-        return stored_mixed(codes, scales, zeros, gb, 128, "float16")
+        meta = {"group_bits": gb, "groupsize": 128, "scale_dtype": "float16"}
+        tensors = {"scales": scales, "zeros": pack_codes(torch.zeros(rows, G, dtype=torch.int32), max(gb))}
+        for b, cols_b in mixed_columns(gb, cols, 128).items():
+            tensors[f"codes{b}"] = rand_bytes(b, rows, packed_len(len(cols_b)))
+        return StoredWeight("mixed", (rows, cols), meta, tensors)
     raise SystemExit(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
@@ -118,8 +128,8 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss0, mem0 = _rss_mb(), (torch.cuda.memory_allocated() if cuda else 0)
     if args.path in ("fp32", "fp16"):
-        ws = [torch.randn(r, c, generator=g).to(dev, torch.float32 if args.path == "fp32" else torch.float16) * 0.02
-              for r, c in shapes]
+        wdt = torch.float32 if args.path == "fp32" else torch.float16
+        ws = [torch.randn(r, c, generator=g, dtype=wdt).to(dev) for r, c in shapes]
         layers = [lambda x, w=w: F.linear(x, w) for w in ws]
         dtype = ws[0].dtype
     else:

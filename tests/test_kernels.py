@@ -31,6 +31,7 @@ FAST = [
     SliMConfig(bits=3, groupsize=24, blocksize=24),
     SignConfig(),
     SignConfig(centred=True),
+    BiLLMConfig(blocksize=32, scale_dtype="float8_e4m3fn"),
 ]
 SHAPES = [(17, 131), (5, 9), (70, 200), (1, 64)]
 
@@ -101,6 +102,16 @@ def test_triton_half_precision_tiles():
     x = torch.randn(20, 96).half()
     ref = x.float() @ q.t()
     _close(triton_matmul(x, build_layout(st)), ref, tol=2e-2)  # fp16 tiles, fp32 accumulation
+
+
+def test_aligned_layouts_share_the_stored_planes():
+    st, _ = _stored(BiLLMConfig(blocksize=32), (9, 64))
+    lay = build_layout(st)
+    assert lay.s1 is st.tensors["signs"] and lay.scales.dtype == torch.float16  # no copy of the first plane
+    st, _ = _stored(GPTQConfig(bits=2, groupsize=16), (9, 64))
+    assert build_layout(st)[0].planes is st.tensors["codes"]
+    st, _ = _stored(GPTQConfig(bits=2, groupsize=12), (9, 60))
+    assert build_layout(st)[0].planes is not st.tensors["codes"]  # groups off bytes: re-laid out
 
 
 def test_auto_path_choice():

@@ -8,7 +8,8 @@ Quick use::
     model = billm.load("out-dir", device="cpu")         # PackedLinear layers, decoded per call
 """
 
-from .config import BiLLMConfig, BreakGrid, QuantConfig, SalientMetric, SearchDomain, config_from_dict
+from . import kernels
+from .config import BiLLMConfig, BreakGrid, QuantConfig, SalientMetric, SearchDomain, SliMConfig, config_from_dict
 from .errors import BillmError, CheckpointError, DataError, ModelError, QuantizationError
 from .methods import available_methods, get_method, register_method
 from .packing.checkpoint import inspect as inspect_checkpoint, load, save
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "LayerReport", "ModelError",
-    "PackedLinear", "QuantConfig", "QuantReport", "QuantizationError", "SalientMetric", "SearchDomain",
+    "PackedLinear", "QuantConfig", "QuantReport", "QuantizationError", "SalientMetric", "SearchDomain", "SliMConfig",
     "available_methods", "config_from_dict", "get_method", "inspect_checkpoint", "load", "quantize",
-    "register_method", "save",
+    "kernels", "register_method", "save",
 ]

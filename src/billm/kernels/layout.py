@@ -41,7 +41,8 @@ class BiLLMPlanes:
     Attributes:
         s1, grp, s2: (r, nbytes) uint8, ``nbytes = n_blocks * blocksize / 8`` (zero padded).
         sal: (nbytes,) uint8 salient-column mask.
-        scales: (r, n_blocks, 4) float32, slots (concentrated, sparse, salient 1, salient 2).
+        scales: (r, n_blocks, 4) float16 (float32 when stored so), slots (concentrated, sparse,
+            salient 1, salient 2).
         means: same shape or None.
         blocksize, cols: as stored.
     """
@@ -92,6 +93,11 @@ class GridPlanes:
 Layout = Union[BiLLMPlanes, list[GridPlanes]]
 
 
+def _aligned(n: int, groupsize: int) -> bool:
+    """Whether the stored packing (rows padded only at the end) already starts every group on a byte."""
+    return groupsize % 8 == 0 and n % groupsize == 0
+
+
 def _grouped_planes(codes: Tensor, bits: int, groupsize: int) -> Tensor:
     """(r, n) integer codes -> (bits, r, G * ceil(gs/8)) planes, each group starting on a byte."""
     r, n = codes.shape
@@ -104,10 +110,15 @@ def _grouped_planes(codes: Tensor, bits: int, groupsize: int) -> Tensor:
 
 
 def grid_planes(codes: Tensor, bits: int, scale: Tensor, offset: Tensor, groupsize: int,
-                cols: Optional[Tensor] = None) -> GridPlanes:
-    """A :class:`GridPlanes` from (r, n) codes and (r, G) scale/offset."""
-    return GridPlanes(_grouped_planes(codes, bits, groupsize), scale.float().contiguous(),
-                      offset.float().contiguous(), groupsize, cols, codes.shape[1])
+                cols: Optional[Tensor] = None, stored_planes: Optional[Tensor] = None) -> GridPlanes:
+    """A :class:`GridPlanes` from (r, n) codes and (r, G) scale/offset.
+
+    ``stored_planes``: the stored bit planes of the same codes, shared instead of copied when their
+    groups already start on bytes.
+    """
+    n = codes.shape[1]
+    planes = stored_planes if stored_planes is not None and _aligned(n, groupsize) else _grouped_planes(codes, bits, groupsize)
+    return GridPlanes(planes, scale.float().contiguous(), offset.float().contiguous(), groupsize, cols, n)
 
 
 def build_layout(st: StoredWeight) -> Optional[Layout]:
@@ -128,17 +139,21 @@ def build_layout(st: StoredWeight) -> Optional[Layout]:
         def plane(x: Tensor) -> Tensor:  # (r, c) bool -> (r, nbytes), each block on a byte boundary
             return _grouped_planes(x.to(torch.int32), 1, bs)[0]
 
+        # scales in fp16 (fp8 and fp16 values are exact in it), fp32 only when stored so
+        sdt = torch.float32 if t["scales"].dtype == torch.float32 else torch.float16
+
         salp = plane(sal.unsqueeze(0))[0]
-        scales = t["scales"].float().permute(2, 0, 1).contiguous()  # (r, nb, slots)
+        scales = t["scales"].to(sdt).permute(2, 0, 1).contiguous()  # (r, nb, slots)
         if scales.shape[2] == 3:  # order 1: no second salient pass
             scales = torch.nn.functional.pad(scales, (0, 1))
         means = None
         if m["centred"]:
-            means = t["means"].float().permute(2, 0, 1).contiguous()
+            means = t["means"].to(sdt).permute(2, 0, 1).contiguous()
             if means.shape[2] == 3:
                 means = torch.nn.functional.pad(means, (0, 1))
         assert salp.shape[0] == nbytes
-        return BiLLMPlanes(plane(s1), plane(sparse & ~sal.unsqueeze(0)), plane(s2 & sal.unsqueeze(0)), salp,
+        s1p = t["signs"] if _aligned(c, bs) else plane(s1)  # the stored plane itself when already aligned
+        return BiLLMPlanes(s1p, plane(sparse & ~sal.unsqueeze(0)), plane(s2 & sal.unsqueeze(0)), salp,
                            scales, means, bs, c)
     if st.format == "grid":
         if m.get("g_idx"):
@@ -148,7 +163,7 @@ def build_layout(st: StoredWeight) -> Optional[Layout]:
         codes = unpack_codes(t["codes"], c)
         zeros = unpack_codes(t["zeros"], G).float()
         scale = t["scales"].float()
-        return [grid_planes(codes, m["bits"], scale, -scale * zeros, gs)]
+        return [grid_planes(codes, m["bits"], scale, -scale * zeros, gs, stored_planes=t["codes"])]
     if st.format == "mixed":
         gb, gs = m["group_bits"], m["groupsize"]
         codes_by_width = {}
@@ -163,11 +178,11 @@ def build_layout(st: StoredWeight) -> Optional[Layout]:
             sizes = [min(gs, c - g * gs) for g in groups.tolist()]
             if any(n != gs for n in sizes[:-1]):
                 return None
-            out.append(grid_planes(codes_by_width[b], b, s, -s * z, gs, cols.to(scale.device)))
+            out.append(grid_planes(codes_by_width[b], b, s, -s * z, gs, cols.to(scale.device), stored_planes=t[f"codes{b}"]))
         return out
     if st.format == "sign":
         s = unpack_bits(t["signs"], c).to(torch.int32)
         alpha = t["scales"].float().t()  # (r, 1)
         mean = t["means"].float().t() if m["centred"] else torch.zeros_like(alpha)
-        return [grid_planes(s, 1, 2 * alpha, mean - alpha, c)]
+        return [grid_planes(s, 1, 2 * alpha, mean - alpha, c, stored_planes=t["signs"].unsqueeze(0))]
     return None

@@ -87,10 +87,10 @@ def billm_lut(x: Tensor, p: BiLLMPlanes) -> Tensor:
     ls2 = bag_sums(p.s2, table, bb)
     ln = lnm.unsqueeze(0) - lg  # (r, nb, T)
     lsn = ls - lsm - lsg
-    a = p.scales.unsqueeze(-1)  # (r, nb, 4, 1)
+    a = p.scales.float().unsqueeze(-1)  # (r, nb, 4, 1)
     y = a[:, :, 0] * (2 * lsn - ln) + a[:, :, 1] * (2 * lsg - lg) + a[:, :, 2] * (2 * lsm - lm) + a[:, :, 3] * (2 * ls2 - lm)
     if p.means is not None:
-        mu = p.means.unsqueeze(-1)
+        mu = p.means.float().unsqueeze(-1)
         y = y + mu[:, :, 0] * ln + mu[:, :, 1] * lg + (mu[:, :, 2] + mu[:, :, 3]) * lm
     return y.sum(1).t()  # (T, r)
 

@@ -48,19 +48,19 @@ def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr
         s2 = (tl.load(s2_ptr + boff, mask=m2, other=0).to(tl.int32) >> bit[None, :]) & 1
         sal = (tl.load(sal_ptr + byte, mask=pc < NBYTES * 8, other=0).to(tl.int32) >> bit) & 1  # (BK,)
         soff = rows[:, None] * (NB * 4) + blk[None, :] * 4
-        a_c = tl.load(sc_ptr + soff, mask=m2, other=0.0)
-        a_s = tl.load(sc_ptr + soff + 1, mask=m2, other=0.0)
-        a_1 = tl.load(sc_ptr + soff + 2, mask=m2, other=0.0)
-        a_2 = tl.load(sc_ptr + soff + 3, mask=m2, other=0.0)
+        a_c = tl.load(sc_ptr + soff, mask=m2, other=0.0).to(tl.float32)
+        a_s = tl.load(sc_ptr + soff + 1, mask=m2, other=0.0).to(tl.float32)
+        a_1 = tl.load(sc_ptr + soff + 2, mask=m2, other=0.0).to(tl.float32)
+        a_2 = tl.load(sc_ptr + soff + 3, mask=m2, other=0.0).to(tl.float32)
         is_sal = sal[None, :] == 1
         sign1 = (2 * s1 - 1).to(tl.float32)
         sign2 = (2 * s2 - 1).to(tl.float32)
         w = tl.where(is_sal, a_1, tl.where(g == 1, a_s, a_c)) * sign1 + tl.where(is_sal, a_2 * sign2, 0.0)
         if HAS_MEANS:
-            m_c = tl.load(mu_ptr + soff, mask=m2, other=0.0)
-            m_s = tl.load(mu_ptr + soff + 1, mask=m2, other=0.0)
-            m_1 = tl.load(mu_ptr + soff + 2, mask=m2, other=0.0)
-            m_2 = tl.load(mu_ptr + soff + 3, mask=m2, other=0.0)
+            m_c = tl.load(mu_ptr + soff, mask=m2, other=0.0).to(tl.float32)
+            m_s = tl.load(mu_ptr + soff + 1, mask=m2, other=0.0).to(tl.float32)
+            m_1 = tl.load(mu_ptr + soff + 2, mask=m2, other=0.0).to(tl.float32)
+            m_2 = tl.load(mu_ptr + soff + 3, mask=m2, other=0.0).to(tl.float32)
             w += tl.where(is_sal, m_1 + m_2, tl.where(g == 1, m_s, m_c))
         w = tl.where(cmask[None, :], w, 0.0)  # (BR, BK)
         if BLOCK_T == 1:
