@@ -224,3 +224,18 @@ def test_slim_checkpoint_round_trip_and_report(tmp_path):
     info = billm.inspect_checkpoint(tmp_path / "ck")
     assert abs(info.storage_bits - rep.storage_bits) < 0.35  # tiny layers: byte padding of each row
     assert any("group widths" in k for k in info.bytes_by_kind())
+
+
+def test_a_corrupt_width_map_is_a_checkpoint_error(tmp_path):
+    import json
+
+    model = tiny_model("llama", 0)
+    rep = billm.quantize(model, torch.randint(3, 120, (2, 32)), SliMConfig(bits=2, groupsize=16), progress=False)
+    billm.save(model, rep, tmp_path / "ck")
+    qf = tmp_path / "ck" / "billm_quant.json"
+    q = json.loads(qf.read_text())
+    name = next(iter(q["layers"]))
+    q["layers"][name]["meta"]["group_bits"] = [2, 2]
+    qf.write_text(json.dumps(q))
+    with pytest.raises(billm.CheckpointError, match=f"layer {name} has invalid attributes.*group_bits"):
+        billm.load(tmp_path / "ck")

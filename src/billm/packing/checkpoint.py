@@ -199,6 +199,10 @@ def read_map(path: Union[str, Path]) -> dict[str, Any]:
     for name, layer in qmap["layers"].items():
         if layer.get("format") not in FORMATS:
             raise CheckpointError(f"{f}: layer {name} has unknown format {layer.get('format')!r}")
+        try:
+            get_format(layer["format"]).fields(tuple(layer["shape"]), layer["meta"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{f}: layer {name} has invalid attributes ({type(e).__name__}: {e})") from None
     return qmap
 
 
