@@ -12,8 +12,9 @@ from billm.methods import get_method
 from billm.methods.gptq import GridColumns, gptq_weight
 from billm.methods.obc import hessian_error, prepare_hessian
 from billm.methods.rtn import minmax_params, quantize_minmax
-from billm.methods.slim import (allocation_candidates, allocation_errors, group_salience, group_sizes, local_weights,
-                                salience_allocation, make_calibrate, sqc_params, weighted_error)
+from billm.methods.slim import (allocation_candidates, allocation_errors, diag_allocation_errors, group_salience,
+                                group_sizes, local_weights, make_calibrate, salience_allocation, sqc_params,
+                                weighted_error)
 
 from conftest import tiny_model
 
@@ -89,6 +90,30 @@ def test_incremental_errors_equal_direct_computation():
     for gb, e in zip(cands, errs):
         Q = torch.cat([rnd(W[:, 16 * g:16 * g + 16], b, 16 * g) for g, b in enumerate(gb)], dim=1)
         assert e == pytest.approx(hessian_error(W, Q, H)[0], rel=1e-4)
+
+
+def test_diag_errors_are_gptqs_per_column_loss():
+    W, H = _problem(12, 64)
+    d = torch.diag(prepare_hessian(H, W.clone()).U)
+    cands = allocation_candidates(torch.arange(4.0), [16] * 4, 16, 3)
+
+    def rnd(w, b, col):
+        return quantize_minmax(w, *minmax_params(w, b), b)
+
+    errs = diag_allocation_errors(W, d, cands, 16, rnd)
+    for gb, e in zip(cands, errs):
+        Q = torch.cat([rnd(W[:, 16 * g:16 * g + 16], b, 16 * g) for g, b in enumerate(gb)], dim=1)
+        assert e == pytest.approx(float((((W - Q) / d) ** 2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("proxy", ["diag", "output"])
+def test_sba_lowers_the_real_output_error_with_either_proxy(shared_data, proxy):
+    W, H = _real(shared_data, "down_proj")
+    base = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=3, sba=False)).q
+    res = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=3, sba_error=proxy))
+    assert hessian_error(W, res.q, H)[0] <= hessian_error(W, base, H)[0]
+    if proxy == "diag":  # GPTQ's own loss sees what the rounded-output proxy misses on this layer
+        assert res.info["sba_moved"] > 0 and hessian_error(W, res.q, H)[0] < 0.9 * hessian_error(W, base, H)[0]
 
 
 def test_sba_picks_the_least_error_and_mixed_precision_helps_on_salient_channels(shared_data):
@@ -198,6 +223,9 @@ def test_config_validation_and_spec():
     assert parse_method("slim:w2g64") == SliMConfig(bits=2, groupsize=64)
     assert parse_method("slim:w2+nosqc") == SliMConfig(bits=2, sqc=False)
     assert parse_method("slim:w2+nosba") == SliMConfig(bits=2, sba=False)
+    assert parse_method("slim:w3+output") == SliMConfig(bits=3, sba_error="output")
+    with pytest.raises(BillmError, match="sba_error"):
+        SliMConfig(sba_error="kl")
     with pytest.raises(BillmError, match="slim"):
         parse_method("slim:w2+fast")
     assert billm.config_from_dict(SliMConfig(bits=3, tau=2.0).to_dict()) == SliMConfig(bits=3, tau=2.0)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def parse_method(spec: str) -> Optional[QuantConfig]:
     """``fp`` -> None; ``rtn:w2``, ``gptq:w3g128``, ``gptq:w2g128a`` (act-order), ``sign``,
     ``sign:noobc``, ``slim:w2`` (SliM-LLM, average 2 bits, groups of 128; ``slim:w3g64``,
-    ``+nosba`` / ``+nosqc`` switch its parts off), ``pbllm``, ``pbllm:f0.05``, ``billm``, ``billm:reference`` -> a config.
+    ``+nosba`` / ``+nosqc`` switch its parts off, ``+output`` / ``+diag`` pick SBA's error proxy), ``pbllm``, ``pbllm:f0.05``, ``billm``, ``billm:reference`` -> a config.
 
     BiLLM options join with ``+``: a preset (``paper``, ``reference``, ``plus``) and/or ``intra``
     (in-block GPTQ), ``refineN`` (N refinement rounds), ``refit``, ``centred``, ``bN`` (blocksize),
@@ -56,9 +56,12 @@ def parse_method(spec: str) -> Optional[QuantConfig]:
 def _slim_spec(spec: str, opts: str) -> SliMConfig:
     width, *flags = opts.split("+") if opts else ["w2"]
     m = re.fullmatch(r"w(\d)(?:g(\d+))?", width)
-    if not m or not set(flags) <= {"nosba", "nosqc"}:
-        raise BillmError(f"bad method spec {spec!r}: expected slim:w<bits>[g<groupsize>][+nosba][+nosqc]")
+    if not m or not set(flags) <= {"nosba", "nosqc", "diag", "output"}:
+        raise BillmError(f"bad method spec {spec!r}: expected slim:w<bits>[g<groupsize>][+nosba][+nosqc][+diag|+output]")
     kw: dict[str, Any] = {"bits": int(m.group(1)), "sba": "nosba" not in flags, "sqc": "nosqc" not in flags}
+    for proxy in ("diag", "output"):
+        if proxy in flags:
+            kw["sba_error"] = proxy
     if m.group(2):
         kw["groupsize"] = int(m.group(2))
     return SliMConfig(**kw)

@@ -6,9 +6,11 @@ Two additions to GPTQ on the shared OBC loop, both driven by the Hessian salienc
 * **SBA** (salience-determined bit allocation). The input columns are cut into groups of
   ``groupsize``. Each full group gets a salience, the sum of its ``delta``. For an average of ``N``
   bits, the ``k`` most salient groups get ``N + 1`` bits and the ``k`` least salient get ``N - 1``,
-  so the layer's average stays exactly ``N``. ``k`` (0 included) is chosen for the least output
-  error ``tr(D H D^T)`` of the rounded weights. A partial last group stays at ``N``, and bits only
-  flow from a strictly less salient group to a more salient one.
+  so the layer's average stays exactly ``N``. ``k`` (0 included) is chosen for the least error of
+  the rounded weights: by default GPTQ's per-column loss ``sum (w - q)^2 / U_jj^2``, the part of
+  each column's error that compensation cannot remove (``sba_error="diag"``), or the output error
+  ``tr(D H D^T)``, which ignores the compensation that follows (``"output"``). A partial last
+  group stays at ``N``, and bits only flow from a strictly less salient group to a more salient one.
 * **SQC** (salience-weighted quantizer calibration). Each row of each group picks the clipping of
   its asymmetric range that minimises ``sum omega (w - q)^2``. ``omega`` is ``1 + tau`` on the
   weights that are salient within the group row (``delta > mean + 3 std``) and 1 elsewhere.
@@ -105,6 +107,20 @@ def allocation_errors(W: Tensor, H: Tensor, cands: list[list[int]], groupsize: i
     return errors
 
 
+def diag_allocation_errors(W: Tensor, d: Tensor, cands: list[list[int]], groupsize: int,
+                           round_group: Callable[[Tensor, int, int], Tensor]) -> list[float]:
+    """GPTQ's per-column loss ``sum (w - q)^2 / d_j^2`` of each candidate (additive over groups)."""
+    cache: dict[tuple[int, int], float] = {}
+    cols = W.shape[1]
+    for cand in cands:
+        for g, b in enumerate(cand):
+            if (g, b) not in cache:
+                st, ed = g * groupsize, min((g + 1) * groupsize, cols)
+                w = W[:, st:ed]
+                cache[(g, b)] = float((((w - round_group(w, b, st)) / d[st:ed].unsqueeze(0)) ** 2).sum())
+    return [sum(cache[(g, b)] for g, b in enumerate(cand)) for cand in cands]
+
+
 @dataclass
 class Allocation:
     """The chosen widths of a layer's groups and how they were found.
@@ -129,7 +145,10 @@ def salience_allocation(W: Tensor, H: Tensor, d: Tensor, cfg: SliMConfig, calibr
         scale, zero = calibrate(w, b, col)
         return quantize_minmax(w, scale, zero, b)
 
-    errors = allocation_errors(W, H, cands, cfg.groupsize, round_group)
+    if cfg.sba_error == "diag":
+        errors = diag_allocation_errors(W, d, cands, cfg.groupsize, round_group)
+    else:
+        errors = allocation_errors(W, H, cands, cfg.groupsize, round_group)
     k = min(range(len(errors)), key=lambda i: (errors[i], i))
     return Allocation(group_bits=cands[k], moved=k, errors=errors)
 
