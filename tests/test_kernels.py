@@ -6,10 +6,14 @@ for every format that has a fast layout.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined: run them on the CPU
-
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter on CPU tensors; with one they compile for CUDA.
+# Either way this must be decided before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+KDEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
 
 import billm
 from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
@@ -97,7 +101,7 @@ def test_triton_kernels_equal_decode_then_matmul(cfg, shape, tokens):
 
     st, q = _stored(cfg, shape)
     x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens))
-    _close(triton_matmul(x, build_layout(st)), x @ q.t(), mag=_mag(x, q))
+    _close(triton_matmul(x.to(KDEV), build_layout(st.to(KDEV))).cpu(), x @ q.t(), mag=_mag(x, q))
 
 
 @needs_triton
@@ -107,7 +111,7 @@ def test_triton_half_precision_tiles():
     st, q = _stored(BiLLMConfig(blocksize=32), (40, 96))
     x = torch.randn(20, 96).half()
     ref = x.float() @ q.t()
-    _close(triton_matmul(x, build_layout(st)), ref, tol=2e-2)  # fp16 tiles, fp32 accumulation
+    _close(triton_matmul(x.to(KDEV), build_layout(st.to(KDEV))).cpu(), ref, tol=2e-2)  # fp16 tiles, fp32 accumulation
 
 
 def test_aligned_layouts_share_the_stored_planes():
