@@ -53,6 +53,28 @@ def tiny_model(family: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
 
 
+def random_problem(rows: int, cols: int, seed: int = 0, outlier_cols=()):
+    """A random weight (rows, cols) and the Hessian ``X^T X / n`` of random inputs (optionally a few
+    input channels 8x louder, as in real LLMs)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(4 * cols + 8, cols, generator=g)
+    for c in outlier_cols:
+        X[:, c] *= 8
+    return W, X.T @ X / X.shape[0]
+
+
+def real_layer(shared_data: Path, name: str = "q_proj"):
+    """(weight, Hessian) of a real SmolLM2 block-0 linear from the reference file (skips if absent)."""
+    from safetensors.torch import load_file
+
+    path = shared_data / "reference" / "billm_reference_block0.safetensors"
+    if not path.exists():
+        pytest.skip("reference file missing")
+    d = load_file(str(path))
+    return d[f"{name}.weight"], d[f"{name}.hessian"]
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -9,17 +9,7 @@ from billm.methods import get_method
 from billm.methods.obc import hessian_error
 from billm.methods.rtn import rtn
 
-from conftest import tiny_model
-
-
-def _real(shared_data, name="q_proj"):
-    from safetensors.torch import load_file
-
-    path = shared_data / "reference" / "billm_reference_block0.safetensors"
-    if not path.exists():
-        pytest.skip("reference file missing")
-    d = load_file(str(path))
-    return d[f"{name}.weight"], d[f"{name}.hessian"]
+from conftest import real_layer, tiny_model
 
 
 @pytest.mark.parametrize("bits,groupsize", [(2, -1), (3, 16), (4, 32), (8, -1)])
@@ -41,14 +31,14 @@ def test_gptq_with_identity_hessian_equals_rtn():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gptq_beats_rtn_on_a_real_hessian(shared_data, bits):
-    W, H = _real(shared_data)
+    W, H = real_layer(shared_data)
     q_rtn = rtn(W, bits)
     q_gptq = get_method("gptq")(W.clone(), H.clone(), GPTQConfig(bits=bits)).q
     assert hessian_error(W, q_gptq, H)[0] < 0.8 * hessian_error(W, q_rtn, H)[0]
 
 
 def test_gptq_act_order_and_groups_run_and_stay_on_the_grid(shared_data):
-    W, H = _real(shared_data)
+    W, H = real_layer(shared_data)
     q = get_method("gptq")(W.clone(), H.clone(), GPTQConfig(bits=2, groupsize=128, act_order=True)).q
     assert q.shape == W.shape and torch.isfinite(q).all()
     assert hessian_error(W, q, H)[1] < hessian_error(W, rtn(W, 2, 128), H)[1]
@@ -56,14 +46,14 @@ def test_gptq_act_order_and_groups_run_and_stay_on_the_grid(shared_data):
 
 @pytest.mark.parametrize("method,cfg", [("rtn", RTNConfig(bits=8)), ("gptq", GPTQConfig(bits=8))])
 def test_eight_bits_is_near_lossless(shared_data, method, cfg):
-    W, H = _real(shared_data)
+    W, H = real_layer(shared_data)
     q = get_method(method)(W.clone(), H.clone(), cfg).q
     assert hessian_error(W, q, H)[1] < 1e-3
 
 
 @pytest.mark.parametrize("centred", [False, True])
 def test_sign_is_one_bit_per_weight_and_compensation_helps(shared_data, centred):
-    W, H = _real(shared_data)
+    W, H = real_layer(shared_data)
     plain = get_method("sign")(W.clone(), None, SignConfig(obc=False, centred=centred)).q
     comp = get_method("sign")(W.clone(), H.clone(), SignConfig(obc=True, centred=centred)).q
     for q in (plain, comp):
@@ -94,7 +84,7 @@ def test_invalid_baseline_options():
 def test_pbllm_keeps_exactly_the_requested_fraction(shared_data, fraction):
     from billm.config import PBLLMConfig
 
-    W, H = _real(shared_data)
+    W, H = real_layer(shared_data)
     res = get_method("pbllm")(W.clone(), H.clone(), PBLLMConfig(salient_fraction=fraction))
     blocks = [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
     assert res.info["salient_weights"] == sum(round(fraction * 576 * (b - a)) for a, b in blocks)

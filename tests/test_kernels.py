@@ -22,7 +22,7 @@ from billm.kernels import LUT_MAX_TOKENS, build_layout, choose_path, set_kernel,
 from billm.kernels.lut import byte_table, lut_matmul
 from billm.methods import get_method
 
-from conftest import tiny_model
+from conftest import random_problem, tiny_model
 
 FAST = [
     BiLLMConfig(blocksize=32),
@@ -41,10 +41,8 @@ SHAPES = [(17, 131), (5, 9), (70, 200), (1, 64)]
 
 
 def _stored(cfg, shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(*shape, generator=g)
-    X = torch.randn(4 * shape[1] + 8, shape[1], generator=g)
-    res = get_method(cfg.method)(W.clone(), X.T @ X / X.shape[0], cfg)
+    W, H = random_problem(*shape, seed=seed)
+    res = get_method(cfg.method)(W.clone(), H, cfg)
     return res.stored, res.q
 
 

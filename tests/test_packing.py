@@ -16,7 +16,7 @@ from billm.packing.formats import map_bytes
 from billm.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
 from billm.packing.checkpoint import QUANT_MAP, WEIGHTS, inspect, load, read_header, save, tensor_sha256
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, random_problem, tiny_model
 
 ODD_SHAPES = [(1, 1), (3, 7), (5, 9), (17, 131), (8, 64), (2, 1000)]
 
@@ -74,17 +74,10 @@ def test_packing_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- stored forms
 
-def _problem(rows, cols, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g)
-    X = torch.randn(4 * cols + 8, cols, generator=g)
-    return W, X.T @ X / X.shape[0]
-
-
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-{abs(hash(c)) % 997}")
 @pytest.mark.parametrize("shape", [(17, 131), (5, 9), (24, 200)])
 def test_stored_form_decodes_to_the_simulated_weights_exactly(cfg, shape):
-    W, H = _problem(*shape)
+    W, H = random_problem(*shape)
     res = get_method(cfg.method)(W.clone(), H.clone(), cfg)
     st = res.stored
     assert st is not None and st.shape == shape
@@ -100,7 +93,7 @@ def test_stored_form_decodes_to_the_simulated_weights_exactly(cfg, shape):
 
 
 def test_scales_are_stored_in_fp16_and_used_as_stored():
-    W, H = _problem(16, 64)
+    W, H = random_problem(16, 64)
     res = get_method("billm")(W.clone(), H.clone(), BiLLMConfig(blocksize=32))
     assert res.stored.tensors["scales"].dtype == torch.float16
     ref = get_method("billm")(W.clone(), H.clone(), BiLLMConfig.reference(blocksize=32))
@@ -108,14 +101,14 @@ def test_scales_are_stored_in_fp16_and_used_as_stored():
 
 
 def test_scale_overflowing_fp16_is_a_clear_error():
-    W, H = _problem(4, 16)
+    W, H = random_problem(4, 16)
     with pytest.raises(billm.QuantizationError, match="overflows"):
         get_method("sign")(W * 1e6, None, SignConfig(obc=False))
     assert get_method("sign")(W * 1e6, None, SignConfig(obc=False, scale_dtype="float32")).stored is not None
 
 
 def test_packed_linear_matches_nn_linear_with_decoded_weights():
-    W, H = _problem(12, 40)
+    W, H = random_problem(12, 40)
     res = get_method("billm")(W.clone(), H.clone(), BiLLMConfig(blocksize=16))
     bias = torch.randn(12)
     layer = billm.PackedLinear.from_stored(res.stored, bias)

@@ -16,26 +16,7 @@ from billm.methods.slim import (allocation_candidates, allocation_errors, diag_a
                                 group_sizes, local_weights, make_calibrate, salience_allocation, sqc_params,
                                 weighted_error)
 
-from conftest import tiny_model
-
-
-def _problem(rows, cols, seed=0, outlier_cols=()):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g)
-    X = torch.randn(4 * cols + 8, cols, generator=g)
-    for c in outlier_cols:  # activations with a few loud channels, as in real LLMs
-        X[:, c] *= 8
-    return W, X.T @ X / X.shape[0]
-
-
-def _real(shared_data, name="q_proj"):
-    from safetensors.torch import load_file
-
-    path = shared_data / "reference" / "billm_reference_block0.safetensors"
-    if not path.exists():
-        pytest.skip("reference file missing")
-    d = load_file(str(path))
-    return d[f"{name}.weight"], d[f"{name}.hessian"]
+from conftest import random_problem, real_layer, tiny_model
 
 
 # ----------------------------------------------------------------------------- allocation
@@ -71,7 +52,7 @@ def test_uniform_salience_moves_no_bits():
 
 
 def test_group_salience_sums_the_hessian_metric():
-    W, H = _problem(6, 40)
+    W, H = random_problem(6, 40)
     d = torch.diag(prepare_hessian(H, W.clone()).U)
     s = group_salience(W, d, 16)
     full = W**2 / d**2
@@ -79,7 +60,7 @@ def test_group_salience_sums_the_hessian_metric():
 
 
 def test_incremental_errors_equal_direct_computation():
-    W, H = _problem(24, 96, outlier_cols=(3, 50))
+    W, H = random_problem(24, 96, outlier_cols=(3, 50))
     sal = torch.rand(6, generator=torch.Generator().manual_seed(1))
     cands = allocation_candidates(sal, [16] * 6, 16, 2)
 
@@ -93,7 +74,7 @@ def test_incremental_errors_equal_direct_computation():
 
 
 def test_diag_errors_are_gptqs_per_column_loss():
-    W, H = _problem(12, 64)
+    W, H = random_problem(12, 64)
     d = torch.diag(prepare_hessian(H, W.clone()).U)
     cands = allocation_candidates(torch.arange(4.0), [16] * 4, 16, 3)
 
@@ -108,7 +89,7 @@ def test_diag_errors_are_gptqs_per_column_loss():
 
 @pytest.mark.parametrize("proxy", ["diag", "output"])
 def test_sba_lowers_the_real_output_error_with_either_proxy(shared_data, proxy):
-    W, H = _real(shared_data, "down_proj")
+    W, H = real_layer(shared_data, "down_proj")
     base = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=3, sba=False)).q
     res = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=3, sba_error=proxy))
     assert hessian_error(W, res.q, H)[0] <= hessian_error(W, base, H)[0]
@@ -117,7 +98,7 @@ def test_sba_lowers_the_real_output_error_with_either_proxy(shared_data, proxy):
 
 
 def test_sba_picks_the_least_error_and_mixed_precision_helps_on_salient_channels(shared_data):
-    W, H = _real(shared_data)
+    W, H = real_layer(shared_data)
     cfg = SliMConfig(bits=2, groupsize=128)
     U = prepare_hessian(H, W.clone()).U
     alloc = salience_allocation(W, H, torch.diag(U), cfg, make_calibrate(torch.diag(U), cfg, torch.float16))
@@ -160,7 +141,7 @@ def test_local_weights_mark_outliers_only():
 
 
 def test_without_sba_and_sqc_it_is_gptq_with_groups():
-    W, H = _problem(16, 96)
+    W, H = random_problem(16, 96)
     slim = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=3, groupsize=32, blocksize=32, sba=False, sqc=False))
     gptq = get_method("gptq")(W.clone(), H.clone(), GPTQConfig(bits=3, groupsize=32, blocksize=32))
     assert torch.equal(slim.q, gptq.q)
@@ -192,7 +173,7 @@ def test_uniform_salience_reduces_to_plain_gptq():
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_slim_beats_gptq_at_the_same_storage_on_a_real_layer(shared_data, bits):
-    W, H = _real(shared_data)
+    W, H = real_layer(shared_data)
     cfg = SliMConfig(bits=bits, groupsize=128)
     slim = get_method("slim")(W.clone(), H.clone(), cfg)
     gcfg = GPTQConfig(bits=bits, groupsize=128)
@@ -206,7 +187,7 @@ def test_slim_beats_gptq_at_the_same_storage_on_a_real_layer(shared_data, bits):
 
 
 def test_each_part_helps_on_a_real_layer(shared_data):
-    W, H = _real(shared_data)
+    W, H = real_layer(shared_data)
     err = {}
     for name, kw in {"gptq": dict(sba=False, sqc=False), "sqc": dict(sba=False), "both": {}}.items():
         q = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=2, **kw)).q
