@@ -22,6 +22,18 @@ from .layout import BiLLMPlanes, GridPlanes
 
 
 @triton.jit
+def _accumulate(acc, x, w, BLOCK_T: tl.constexpr, HALF: tl.constexpr):
+    """``acc (BT, BR) + x (BT, BK) @ w (BR, BK)^T``: a row sum for one token, else ``tl.dot`` tiles."""
+    if BLOCK_T == 1:
+        acc += tl.sum(x * w, axis=1)[None, :]
+    elif HALF:
+        acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
+    else:
+        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr,
                   T, R, C, NBYTES, NB, stride_xt, stride_yt,
                   BS: tl.constexpr, BB: tl.constexpr, HAS_MEANS: tl.constexpr, HALF: tl.constexpr,
@@ -63,12 +75,7 @@ def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr
             m_2 = tl.load(mu_ptr + soff + 3, mask=m2, other=0.0).to(tl.float32)
             w += tl.where(is_sal, m_1 + m_2, tl.where(g == 1, m_s, m_c))
         w = tl.where(cmask[None, :], w, 0.0)  # (BR, BK)
-        if BLOCK_T == 1:
-            acc += tl.sum(x * w, axis=1)[None, :]
-        elif HALF:
-            acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
-        else:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        acc = _accumulate(acc, x, w, BLOCK_T, HALF)
     tl.store(y_ptr + toks[:, None] * stride_yt + rows[None, :], acc, mask=(toks[:, None] < T) & rmask[None, :])
 
 
@@ -104,12 +111,7 @@ def _grid_kernel(x_ptr, planes_ptr, scale_ptr, off_ptr, cols_ptr, y_ptr,
         goff = rows[:, None] * G + grp[None, :]
         w = tl.load(scale_ptr + goff, mask=m2, other=0.0) * code.to(tl.float32) + tl.load(off_ptr + goff, mask=m2, other=0.0)
         w = tl.where(m2, w, 0.0)
-        if BLOCK_T == 1:
-            acc += tl.sum(x * w, axis=1)[None, :]
-        elif HALF:
-            acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
-        else:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        acc = _accumulate(acc, x, w, BLOCK_T, HALF)
     ymask = (toks[:, None] < T) & rmask[None, :]
     yptr = y_ptr + toks[:, None] * stride_yt + rows[None, :]
     if ACCUM:
