@@ -130,8 +130,6 @@ def build_layout(st: StoredWeight) -> Optional[Layout]:
     m, t = st.meta, st.tensors
     if st.format == "billm":
         bs = m["blocksize"]
-        nb = -(-c // bs)
-        nbytes = nb * ((bs + 7) // 8)
         s1, sal, sparse, s2 = billm_unpack(t, st.shape, m)
         if s2 is None:
             s2 = torch.zeros_like(s1)
@@ -142,16 +140,13 @@ def build_layout(st: StoredWeight) -> Optional[Layout]:
         # scales in fp16 (fp8 and fp16 values are exact in it), fp32 only when stored so
         sdt = torch.float32 if t["scales"].dtype == torch.float32 else torch.float16
 
+        def per_row(x: Tensor) -> Tensor:  # (nb, slots, r) -> (r, nb, 4); order 1 has no second salient slot
+            x = x.to(sdt).permute(2, 0, 1)
+            return torch.nn.functional.pad(x, (0, 4 - x.shape[2])).contiguous()
+
         salp = plane(sal.unsqueeze(0))[0]
-        scales = t["scales"].to(sdt).permute(2, 0, 1).contiguous()  # (r, nb, slots)
-        if scales.shape[2] == 3:  # order 1: no second salient pass
-            scales = torch.nn.functional.pad(scales, (0, 1))
-        means = None
-        if m["centred"]:
-            means = t["means"].to(sdt).permute(2, 0, 1).contiguous()
-            if means.shape[2] == 3:
-                means = torch.nn.functional.pad(means, (0, 1))
-        assert salp.shape[0] == nbytes
+        scales = per_row(t["scales"])
+        means = per_row(t["means"]) if m["centred"] else None
         s1p = t["signs"] if _aligned(c, bs) else plane(s1)  # the stored plane itself when already aligned
         return BiLLMPlanes(s1p, plane(sparse & ~sal.unsqueeze(0)), plane(s2 & sal.unsqueeze(0)), salp,
                            scales, means, bs, c)
@@ -166,19 +161,15 @@ def build_layout(st: StoredWeight) -> Optional[Layout]:
         return [grid_planes(codes, m["bits"], scale, -scale * zeros, gs, stored_planes=t["codes"])]
     if st.format == "mixed":
         gb, gs = m["group_bits"], m["groupsize"]
-        codes_by_width = {}
         zeros = unpack_codes(t["zeros"], len(gb)).float()  # (r, G)
         scale = t["scales"].float()
         out = []
+        # a width's columns are its groups in order; only the layer's last group, last in its list, may be short
         for b, cols in mixed_columns(gb, c, gs).items():
-            groups = torch.tensor([g for g, w in enumerate(gb) if w == b], dtype=torch.long)
-            codes_by_width[b] = unpack_codes(t[f"codes{b}"], len(cols))
-            s, z = scale[:, groups.to(scale.device)], zeros[:, groups.to(zeros.device)]
-            # a width's columns are whole groups in order, except possibly the layer's short last group
-            sizes = [min(gs, c - g * gs) for g in groups.tolist()]
-            if any(n != gs for n in sizes[:-1]):
-                return None
-            out.append(grid_planes(codes_by_width[b], b, s, -s * z, gs, cols.to(scale.device), stored_planes=t[f"codes{b}"]))
+            groups = torch.tensor([g for g, w in enumerate(gb) if w == b], dtype=torch.long, device=scale.device)
+            s, z = scale[:, groups], zeros[:, groups]
+            out.append(grid_planes(unpack_codes(t[f"codes{b}"], len(cols)), b, s, -s * z, gs, cols.to(scale.device),
+                                   stored_planes=t[f"codes{b}"]))
         return out
     if st.format == "sign":
         s = unpack_bits(t["signs"], c).to(torch.int32)
