@@ -85,12 +85,13 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         requested = requested_kernel(self.kernel)
-        path = choose_path(requested, x, requested != "dequant" and self.layout() is not None)
+        layout = self.layout() if requested != "dequant" else None
+        path = choose_path(requested, x, layout is not None)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         if path == "dequant":
             w = self.stored().values().to(x.dtype)  # (out, in), decoded for this call only
             return F.linear(x, w, b)
-        y = packed_matmul(x, self.layout(), path)
+        y = packed_matmul(x, layout, path)
         return y + b if b is not None else y
 
     def extra_repr(self) -> str:
