@@ -62,7 +62,7 @@ def random_stored(fmt: str, rows: int, cols: int, g: torch.Generator):
     The packed planes are drawn as bytes directly, so building a layer never holds more than its
     packed size (the peak-memory figures are the calls', not the set-up's).
     """
-    from billm.packing.bitpack import pack_bits, pack_codes, packed_len
+    from billm.kernels.bitpack import pack_bits, pack_codes, packed_len
     from billm.packing.formats import StoredWeight, mixed_columns
 
     def rand_bytes(*shape: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ def main() -> int:
         ck = {"float32": work / "ck-fp32", "float16": work / "ck-fp16"}
         for dt, path in ck.items():
             t0 = time.perf_counter()
-            billm.save(model, report, path, tok, dtype=getattr(torch, dt))
+            billm.save(model, path, tok, report=report, dtype=getattr(torch, dt))
             print(f"saved {dt} checkpoint in {time.perf_counter() - t0:.1f}s")
         ids = torch.randint(0, 1000, (1, 256))
         with torch.no_grad():
@@ -94,7 +94,7 @@ def main() -> int:
         i32 = infos["float32"]
         print("\n## Size")
         print(f"quantized linears: {i32.n_quantized:,} weights, {i32.weight_bits:.3f} weight bits, "
-              f"{i32.storage_bits:.3f} storage bits measured from the file (rule: {report.storage_bits:.3f})")
+              f"{i32.storage_bits:.3f} storage bits measured from the file (the run's report: {report.storage_bits:.3f})")
         packed = sum(l.nbytes for l in i32.layers)
         print("packed bytes: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in
                                            sorted(i32.bytes_by_kind().items(), key=lambda kv: -kv[1])))
@@ -124,8 +124,7 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "command": " ".join(sys.argv), "threads": args.threads, "round_trip_max_abs_diff": diff,
-                "weight_bits": i32.weight_bits, "storage_bits_file": i32.storage_bits,
-                "storage_bits_rule": report.storage_bits, "packed_bytes": packed,
+                "weight_bits": i32.weight_bits, "storage_bits": i32.storage_bits, "packed_bytes": packed,
                 "bytes_by_kind": i32.bytes_by_kind(), "fp16_bytes": i32.fp16_bytes,
                 "checkpoint_bytes": {dt: info.file_bytes for dt, info in infos.items()}, "eval": results}, indent=2))
         if args.keep:

@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny random models of six families, the shared data folder, the real model."""
+"""Shared fixtures: tiny random models of several families, random and real layer problems, a byte-level
+tokenizer, the shared data folder.
+
+Test modules take what they share from here as fixtures (test modules never import each other). A
+plain helper is offered as a session-scoped fixture of the same name that returns the function
+(``def test_x(tiny_model): model = tiny_model("llama")``); session scope lets module-scoped fixtures
+use it too. The plain functions stay importable (``from conftest import tiny_model``) only for
+modules not yet moved to the fixtures.
+"""
 
 from __future__ import annotations
 
@@ -75,6 +83,51 @@ def real_layer(shared_data: Path, name: str = "q_proj"):
     return d[f"{name}.weight"], d[f"{name}.hessian"]
 
 
+def byte_tokenizer(model_max_length: int = 10**9, bos: bool = False):
+    """A tiny byte-level tokenizer (one token per UTF-8 byte, ids 0..255; ``<s>`` is 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<s>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", model_max_length=model_max_length)
+
+
+# --------------------------------------------------------------------------------------------
+# The helpers above as fixtures (each returns the function).
+
+
+@pytest.fixture(scope="session", name="tiny_config")
+def _tiny_config_fixture():
+    return tiny_config
+
+
+@pytest.fixture(scope="session", name="tiny_model")
+def _tiny_model_fixture():
+    return tiny_model
+
+
+@pytest.fixture(scope="session", name="random_problem")
+def _random_problem_fixture():
+    return random_problem
+
+
+@pytest.fixture(scope="session", name="real_layer")
+def _real_layer_fixture():
+    return real_layer
+
+
+@pytest.fixture(scope="session", name="byte_tokenizer")
+def _byte_tokenizer_fixture():
+    return byte_tokenizer
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
@@ -90,5 +143,19 @@ def _offline(monkeypatch):
     yield
 
 
+_SET_BY_US = "_billm_set_triton_interpret"
+
+
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
+    # Without CUDA, Triton's kernels can only run in its interpreter, and Triton reads the variable once,
+    # when it is first imported: building any transformers model imports it, so the run sets it up front
+    # (before collection) and removes it at the end. With a GPU nothing is set and the kernels compile.
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+        setattr(config, _SET_BY_US, True)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, _SET_BY_US, False):
+        os.environ.pop("TRITON_INTERPRET", None)

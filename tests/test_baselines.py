@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import billm
-from billm.config import GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, config_from_dict
+from billm import config_from_dict
+from billm.config import GPTQConfig, PBLLMConfig, RTNConfig, SignConfig
 from billm.methods import get_method
 from billm.methods.obc import hessian_error
 from billm.methods.rtn import rtn
 
-from conftest import real_layer, tiny_model
+from conftest import random_problem, real_layer, tiny_model
 
 
 @pytest.mark.parametrize("bits,groupsize", [(2, -1), (3, 16), (4, 32), (8, -1)])
@@ -94,16 +95,17 @@ def test_pbllm_keeps_exactly_the_requested_fraction(shared_data, fraction):
     assert hessian_error(W, res.q, H)[0] < hessian_error(W, sign, H)[0]
 
 
-def test_storage_bits_count_scales_and_bitmaps():
-    from billm.bits import storage_bits
-
-    cfg = billm.BiLLMConfig().to_dict()
-    # one 128-column block, 4 rows, 3 salient columns: 4*128 + 4*3 + 4*125 + 128 + 4*4*16 bits
-    assert storage_bits(cfg, (4, 128), {"salient_columns": [[1, 2, 3]]}, 1.0) == pytest.approx(
-        (512 + 12 + 500 + 128 + 256) / 512)
-    g = GPTQConfig(bits=2, groupsize=128).to_dict()
-    assert storage_bits(g, (10, 256), {}, 2.0) == pytest.approx(2 + 2 * (16 + 2) / 256)
-    assert storage_bits(SignConfig().to_dict(), (8, 64), {}, 1.0) == pytest.approx(1 + 16 / 64)
+def test_storage_bits_are_the_packed_bytes():
+    W, H = random_problem(10, 256)
+    g = get_method("gptq")(W.clone(), H.clone(), GPTQConfig(bits=2, groupsize=128))
+    # codes: 2 planes x 10 rows x 32 bytes; scales 10 x 2 fp16; zeros: 2 planes x 10 rows x 1 byte
+    assert g.stored.storage_bits == (2 * 10 * 32 + 10 * 2 * 2 + 2 * 10 * 1) * 8 / (10 * 256)
+    s = get_method("sign")(W[:8, :64].clone(), None, SignConfig(obc=False))
+    assert s.stored.storage_bits == 1 + 16 / 64  # a sign bit a weight and an fp16 scale a row
+    b = get_method("billm")(W[:4, :128].clone(), H[:128, :128].clone(), billm.BiLLMConfig())
+    k = b.info["salient_cols"]
+    # 4 rows: signs 16 B each plane, 2nd signs ceil(k/8) B, group bitmap ceil((128-k)/8) B, 16 B column mask, 4x4 fp16
+    assert b.stored.storage_bits == (4 * 16 + 4 * -(-k // 8) + 4 * -(-(128 - k) // 8) + 16 + 4 * 4 * 2) * 8 / 512
 
 
 def test_report_has_storage_bits_above_weight_bits():

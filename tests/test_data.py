@@ -16,6 +16,7 @@ from billm.data.sources import load_corpus, paragraph_cut
 from billm.data.tokens import tokenize
 from billm.errors import DataError
 
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKI = SHARED_DATA / "wikitext-2-raw"
 C4_TRAIN = SHARED_DATA / "c4" / "c4-train.00000-of-01024.head1041.jsonl"
@@ -26,24 +27,8 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-def byte_tokenizer(model_max_length: int = 10**9, bos: bool = False):
-    """A tiny byte-level tokenizer (one token per UTF-8 byte, ids 0..255; ``<s>`` is 256)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["<s>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    if bos:
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", model_max_length=model_max_length)
-
-
 @pytest.fixture(scope="module")
-def tok():
+def tok(byte_tokenizer):
     return byte_tokenizer()
 
 
@@ -113,13 +98,13 @@ def test_eval_tokens_are_the_default_tokenization_of_the_joined_text(tok):
     assert torch.equal(ids, tok(text, return_tensors="pt").input_ids)
 
 
-def test_eval_tokens_keep_the_tokenizers_default_bos():
+def test_eval_tokens_keep_the_tokenizers_default_bos(byte_tokenizer):
     bos_tok = byte_tokenizer(bos=True)
     ids = get_eval_tokens("pydoc", bos_tok, 64)
     assert ids[0, 0].item() == 256 and (ids == 256).sum().item() == 1
 
 
-def test_only_the_length_warning_is_silenced(tmp_path):
+def test_only_the_length_warning_is_silenced(tmp_path, byte_tokenizer):
     records: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):

@@ -40,9 +40,12 @@ def test_families_quantize_end_to_end(family):
     with torch.no_grad():
         before = model(ids).logits
     ref_weights = {n: get_weight(m).clone() for n, m in model.named_modules() if n.endswith(tuple(find_linears(find_blocks(model)[1][0])))}
-    rep = billm.quantize(model, ids, BiLLMConfig(), progress=False)
     n_lin = sum(len(find_linears(b)) for b in find_blocks(model)[1])
+    rep = billm.quantize(model, ids, BiLLMConfig(), progress=False)
     assert len(rep.layers) == n_lin > 0
+    # the model now holds the packed layers themselves, and no quantizable linear is left in its blocks
+    assert sum(isinstance(m, billm.PackedLinear) for m in model.modules()) == n_lin
+    assert sum(len(find_linears(b)) for b in find_blocks(model)[1]) == 0
     for r in rep.layers:
         assert 1.0 < r.weight_bits < 2.0
         assert 0 < r.hessian_rel_err < 1.0  # better than zeroing the layer

@@ -19,13 +19,18 @@ def _block(rows, cols, seed, heavy=4, salience=False):
     return W
 
 
-CASES = [(rows, cols, seed, sal) for rows, cols, seed, sal in
+CASES = [pytest.param(rows, cols, seed, sal, id=f"{rows}x{cols}-seed{seed}-{'salience' if sal else 'weights'}")
+         for rows, cols, seed, sal in
          [(48, 128, 0, False), (48, 128, 1, True), (33, 70, 2, False), (7, 128, 3, True), (64, 20, 4, False)]]
 
 
+def _centred_id(centred: bool) -> str:
+    return "centred" if centred else "uncentred"
+
+
 @pytest.mark.parametrize("rows,cols,seed,sal", CASES)
-@pytest.mark.parametrize("order", [1, 2])
-@pytest.mark.parametrize("centred", [True, False])
+@pytest.mark.parametrize("order", [1, 2], ids=lambda o: f"order{o}")
+@pytest.mark.parametrize("centred", [True, False], ids=_centred_id)
 def test_salient_search_matches_oracle(rows, cols, seed, sal, order, centred):
     M = _block(rows, cols, seed, salience=sal)
     score = (M**2).sum(0) if not sal else M.sum(0)
@@ -37,8 +42,9 @@ def test_salient_search_matches_oracle(rows, cols, seed, sal, order, centred):
 
 
 @pytest.mark.parametrize("rows,cols,seed,sal", CASES)
-@pytest.mark.parametrize("grid,n", [("quantile", 81), ("linear", 9)])
-@pytest.mark.parametrize("order,centred", [(1, True), (1, False), (2, True)])
+@pytest.mark.parametrize("grid,n", [("quantile", 81), ("linear", 9)], ids=["quantile81", "linear9"])
+@pytest.mark.parametrize("order,centred", [(1, True), (1, False), (2, True)],
+                         ids=["order1-centred", "order1-uncentred", "order2-centred"])
 def test_break_search_matches_oracle(rows, cols, seed, sal, grid, n, order, centred):
     M = _block(rows, cols, seed, salience=sal)
     salient = torch.zeros(cols, dtype=torch.bool)

@@ -30,6 +30,7 @@ def test_smollm2_quantizes_end_to_end(smollm2, tmp_path):
     calib = get_calibration_batches("pydoc", tok, nsamples=4, seqlen=128, seed=0)
     test_ids = get_eval_tokens("pydoc", tok, seqlen=256)
     fp = perplexity(model, test_ids, seqlen=256, max_windows=4)
+    n_params = sum(p.numel() for p in model.parameters())
     report = billm.quantize(model, calib, billm.BiLLMConfig(), progress=False)
     q = perplexity(model, test_ids, seqlen=256, max_windows=4)
 
@@ -43,14 +44,14 @@ def test_smollm2_quantizes_end_to_end(smollm2, tmp_path):
     assert len(torch.unique(w)) <= 8
 
     # the packed checkpoint reproduces the in-memory quantized model, and is much smaller than fp16
-    out = billm.save(model, report, tmp_path / "smollm2-billm", tok)
+    out = billm.save(model, tmp_path / "smollm2-billm", tok, report=report)
     loaded = billm.load(out)
     ids = test_ids[:, :128]
     with torch.no_grad():
         diff = (loaded(ids).logits - model(ids).logits).abs().max()
     assert diff <= 1e-4
     info = billm.inspect_checkpoint(out)
-    assert info.n_params == sum(p.numel() for p in model.parameters())
+    assert info.n_params == n_params
     assert 2.0 < info.storage_bits < 3.5  # 1.1 weight bits + bitmaps, masks and fp16 scales at blocksize 128
     assert info.file_bytes < 0.6 * info.fp16_bytes  # fp32 embeddings included
 
@@ -64,9 +65,12 @@ def test_demo_command_runs_on_the_embedded_model(tmp_path, capsys):
                "--max-windows", "2", "--out", str(out), "--data-dir", str(tmp_path)])  # no wikitext2 there: skipped
     assert rc == 0
     text = capsys.readouterr().out
-    assert "full precision" in text and "BiLLM" in text and "pydoc" in text
+    assert "full precision" in text and "BiLLM plus" in text and "storage bits" in text and "pydoc" in text
+    assert "wikitext2: skipped" in text
     import json
 
     d = json.loads(out.read_text())
     assert set(d["billm"]) == {"pydoc"}  # the missing dataset was skipped, not fatal
     assert d["billm"]["pydoc"]["ppl"] > d["full_precision"]["pydoc"]["ppl"]
+    assert [r["spec"] for r in d["rows"]] == ["fp", "billm", "billm:plus"]
+    assert all(r["storage_bits"] > r["weight_bits"] for r in d["rows"][1:])

@@ -3,24 +3,35 @@
 Quick use::
 
     import billm
-    report = billm.quantize(model, calibration_ids, billm.BiLLMConfig())
-    billm.save(model, report, "out-dir", tokenizer)      # bit-packed checkpoint
-    model = billm.load("out-dir", device="cpu")         # PackedLinear layers, decoded per call
+    report = billm.quantize(model, calibration_ids, billm.BiLLMConfig())  # linears become PackedLinear
+    billm.save(model, "out-dir", tokenizer)                               # bit-packed checkpoint
+    model = billm.load("out-dir", device="cpu")                           # the same PackedLinear layers
+
+A method is a config class, a weight quantizer registered for it (:func:`register_method`) and a
+stored format (:func:`register_format`); see ``docs/methods.md``.
 """
 
 from . import kernels
-from .config import BiLLMConfig, BreakGrid, QuantConfig, SalientMetric, SearchDomain, SliMConfig, config_from_dict
+from .config import (
+    SCALE_DTYPES, BiLLMConfig, BreakGrid, GPTQConfig, PBLLMConfig, QuantConfig, RTNConfig, SalientMetric, SearchDomain,
+    SignConfig, SliMConfig, option,
+)
 from .errors import BillmError, CheckpointError, DataError, ModelError, QuantizationError
-from .methods import available_methods, get_method, register_method
+from .methods import (
+    WeightResult, available_methods, config_from_dict, config_from_spec, get_method, method_of, register_method,
+)
 from .packing.checkpoint import inspect as inspect_checkpoint, load, save
-from .packing.linear import PackedLinear
+from .packing.formats import FieldSpec, Format, StoredWeight, register_format, storage_bits
+from .packing.linear import PackedLinear, set_kernel
 from .quantize import LayerReport, QuantReport, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "LayerReport", "ModelError",
-    "PackedLinear", "QuantConfig", "QuantReport", "QuantizationError", "SalientMetric", "SearchDomain", "SliMConfig",
-    "available_methods", "config_from_dict", "get_method", "inspect_checkpoint", "load", "quantize",
-    "kernels", "register_method", "save",
+    "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "FieldSpec", "Format", "GPTQConfig",
+    "LayerReport", "ModelError", "PBLLMConfig", "PackedLinear", "QuantConfig", "QuantReport", "QuantizationError",
+    "RTNConfig", "SCALE_DTYPES", "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig", "StoredWeight",
+    "WeightResult", "available_methods", "config_from_dict", "config_from_spec", "get_method", "inspect_checkpoint",
+    "kernels", "load", "method_of", "option", "quantize", "register_format", "register_method", "save", "set_kernel",
+    "storage_bits",
 ]

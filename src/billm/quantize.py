@@ -1,9 +1,12 @@
 """The one entry point: ``billm.quantize(model, calibration, config) -> QuantReport``.
 
-Block by block: capture the first block's inputs, then for each decoder block accumulate the
-Hessian of every selected linear from the block's calibration inputs, quantize each linear with
-the configured method (simulated weights written in place), and run the quantized block again
-so the next block sees quantized outputs. Finished blocks go back to the offload device.
+Steps, block by block (each a function below): capture the first block's inputs
+(:func:`~billm.model.walker.capture_inputs`); for each decoder block, accumulate the Hessian of
+every selected linear from the block's calibration inputs (:func:`accumulate_hessians`), quantize
+each linear with the config's method and swap in its :class:`~billm.packing.linear.PackedLinear`
+(:func:`quantize_linear`), and run the now-packed block again so the next block sees quantized
+outputs (:func:`propagate`). Finished blocks go back to the offload device; a resumed run first
+replays the finished blocks from its progress store (:func:`replay`).
 """
 
 from __future__ import annotations
@@ -17,19 +20,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .bits import storage_bits
 from .config import QuantConfig
 from .errors import BillmError, DataError, ModelError, QuantizationError
-from .eval.perplexity import max_positions
-from .methods import get_method
 from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
-from .packing.formats import StoredWeight
+from .methods.registry import Method, method_of
+from .model.walker import (
+    BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, max_positions, replace_module, run_block,
+    select_linears,
+)
+from .packing.checkpoint import FORMAT_VERSION
+from .packing.linear import PackedLinear
 
 if TYPE_CHECKING:
     from .resume import ProgressStore
-from .model.walker import (
-    BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, run_block, select_linears, set_weight,
-)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,9 @@ class LayerReport:
     Attributes:
         name: qualified module name.
         shape: (out_features, in_features).
-        weight_bits: bits per weight as papers count them.
-        storage_bits: bits per weight of everything the stored form needs (:mod:`billm.bits`).
+        weight_bits: bits per weight as papers count them (the format's ``weight_bits``).
+        storage_bits: bytes of the packed buffers (and map share) x 8 / weights
+            (:func:`billm.packing.formats.storage_bits`).
         hessian_rel_err: ``tr(D H D^T) / tr(W H W^T)``, D = W - Q: relative output error on the calibration data.
         weight_rel_err: ``||W - Q||_F / ||W||_F``.
         seconds: time spent quantizing this linear.
@@ -63,18 +67,13 @@ class LayerReport:
 
 @dataclass
 class QuantReport:
-    """Per-layer report and phase timings of one :func:`quantize` run.
-
-    ``stored`` maps each quantized linear's full name to its packed form (what
-    :func:`billm.save` writes); it is not part of :meth:`to_dict`.
-    """
+    """Per-layer metrics and phase timings of one :func:`quantize` run (the weights live in the model)."""
 
     config: dict[str, Any]
     layers: list[LayerReport]
     phases: dict[str, float]
     nsamples: int
     seqlen: int
-    stored: dict[str, StoredWeight] = field(default_factory=dict, repr=False)
 
     @property
     def n_weights(self) -> int:
@@ -89,7 +88,7 @@ class QuantReport:
 
     @property
     def storage_bits(self) -> float:
-        """Average stored bits per quantized weight, scales and bitmaps included (:mod:`billm.bits`)."""
+        """Average stored bits per quantized weight, scales and bitmaps included (from the packed bytes)."""
         n = self.n_weights
         return sum(r.storage_bits * r.shape[0] * r.shape[1] for r in self.layers) / n if n else float("nan")
 
@@ -145,32 +144,30 @@ def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs,
     return list(groups.values())
 
 
-def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
-             device: Optional[Device] = None, batch_size: int = 8, progress: bool = True,
-             store: Optional["ProgressStore"] = None) -> QuantReport:
-    """Quantize the linears of every decoder block of ``model`` in place (simulated weights).
+@dataclass
+class _Run:
+    """The state of one :func:`quantize` call, handed from step to step."""
 
-    Args:
-        model: a Hugging Face causal LM (or any model with a list of repeated decoder blocks).
-        calibration: token ids, (nsamples, seqlen) or a list of 1-D tensors of one length.
-        config: the method's config (e.g. :class:`billm.BiLLMConfig`).
-        device: where each block runs while it is quantized (e.g. ``"cuda"``); the rest of the
-            model waits on its current device. Default: the model's device.
-        batch_size: calibration sequences per forward call.
-        progress: show a tqdm bar over blocks.
-        store: a :class:`~billm.resume.ProgressStore`: every finished block is recorded there,
-            and a run that finds earlier progress continues after its last finished block.
+    model: nn.Module
+    config: QuantConfig
+    method: Method
+    blocks_name: str
+    blocks: nn.ModuleList
+    targets: list[dict[str, nn.Module]]  # per block, the linears to quantize by in-block name
+    device: torch.device
+    offload: torch.device
+    inputs: Optional[BlockInputs] = None
+    layers: list[LayerReport] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    groups: Optional[list[list[str]]] = None  # linears sharing one input, probed once
 
-    Returns:
-        A :class:`QuantReport` with one :class:`LayerReport` per quantized linear.
+    def name(self, i: int, linear: str) -> str:
+        return f"{self.blocks_name}.{i}.{linear}"
 
-    Raises:
-        QuantizationError: a weight or activation is not finite, or a Hessian cannot be factored.
-            Blocks finished before the failure stay quantized in place; reload the model to retry.
-    """
-    fn = get_method(config.method)
-    batches = _as_batches(calibration, batch_size)
-    nsamples, seqlen = sum(b.shape[0] for b in batches), batches[0].shape[1]
+
+def plan(model: nn.Module, config: QuantConfig, seqlen: int, device: Optional[Device]) -> _Run:
+    """Check the model, the config and the calibration length; find the linears to quantize. No work yet."""
+    method = method_of(config)
     max_pos = max_positions(getattr(model, "config", None))
     if max_pos is not None and seqlen > max_pos:
         raise DataError(f"calibration seqlen {seqlen} exceeds the model's maximum of {max_pos} positions")
@@ -185,114 +182,191 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             if not torch.isfinite(get_weight(mod)).all():
                 raise QuantizationError(f"{blocks_name}.{i}.{name}: the weight has NaN/Inf entries; refusing to quantize it")
     home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    offload = home
-    phases = {p: 0.0 for p in PHASES}
+    return _Run(model, config, method, blocks_name, blocks, targets, torch.device(device) if device is not None else home,
+                home)
+
+
+def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
+    """Step 1: one pass of the calibration inputs through the (full-precision) block ``i``; a Hessian per linear.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator.
+    """
+    block, linears = run.blocks[i], run.targets[i]
+    if not run.config.uses_hessian:
+        return {}
+    if run.groups is None or {n for g in run.groups for n in g} != set(linears):  # blocks repeat one structure
+        run.groups = shared_input_groups(block, linears, run.inputs, run.device, i)
+    accs: dict[str, HessianAccumulator] = {}
+    handles = []
+    for group in run.groups:
+        acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], run.device,
+                                 name=" / ".join(run.name(i, n) for n in group))
+        accs.update({n: acc for n in group})
+        handles.append(linears[group[0]].register_forward_hook(lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
+    try:
+        run_block(block, run.inputs, run.device, run.offload, i)
+    except QuantizationError as e:
+        raise QuantizationError(f"block {run.blocks_name}.{i}: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+    for name in linears:
+        if accs[name].nsamples == 0:
+            raise QuantizationError(f"{run.name(i, name)}: received no calibration input (is it on an unused path?); "
+                                    "exclude it with --exclude")
+    return accs
+
+
+def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, method: Method, full: str,
+                    times: OBCTimes) -> tuple[PackedLinear, LayerReport]:
+    """Step 2: quantize one linear; returns its PackedLinear (on the weight's device) and its metrics.
+
+    Raises:
+        QuantizationError: the method failed, or its stored form does not decode to its simulated weights.
+    """
+    W = get_weight(mod).to(torch.float32)  # (out, in)
+    t0 = time.perf_counter()
+    try:
+        res = method(W.clone(), H, config, times)
+    except BillmError as e:
+        raise QuantizationError(f"{full}: {e}") from e
+    bias = getattr(mod, "bias", None)
+    packed = PackedLinear.from_stored(res.stored.to(W.device), bias, source=type(mod).__name__)
+    Q = packed.stored().values()  # (out, in): what every later forward computes with
+    if res.q is not None and not torch.equal(res.q, Q):
+        raise QuantizationError(f"{full}: the {method.name} stored form does not decode to the weights it simulated "
+                                f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
+    took = time.perf_counter() - t0
+    rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
+    wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
+    st = packed.stored()
+    log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits (%.3f stored), %.2fs",
+             full, tuple(W.shape), rel, wrel, st.weight_bits, st.storage_bits, took)
+    return packed, LayerReport(name=full, shape=tuple(W.shape), weight_bits=st.weight_bits,
+                               storage_bits=st.storage_bits, hessian_rel_err=rel, weight_rel_err=wrel, seconds=took,
+                               info=res.info)
+
+
+def quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> list[LayerReport]:
+    """Step 2 for every selected linear of block ``i``: each is replaced by its PackedLinear in place."""
+    done = []
+    for name, mod in run.targets[i].items():
+        times = OBCTimes()
+        H = accs[name].H if run.config.uses_hessian else None
+        packed, rep = quantize_linear(mod, H, run.config, run.method, run.name(i, name), times)
+        replace_module(run.blocks[i], name, packed)
+        run.phases["search"] += times.quantize
+        run.phases["compensation"] += times.compensate
+        run.phases["hessian"] += rep.seconds - times.quantize - times.compensate
+        done.append(rep)
+    return done
+
+
+def propagate(run: _Run, i: int) -> None:
+    """Step 3: the packed block ``i`` on the calibration inputs, through its decode path; its outputs feed block i+1."""
+    packed = [m for m in run.blocks[i].modules() if isinstance(m, PackedLinear)]
+    kernels = [m.kernel for m in packed]
+    for m in packed:
+        m.kernel = "dequant"  # exactly the simulated weights, whatever the token count
+    try:
+        run.inputs.hidden = run_block(run.blocks[i], run.inputs, run.device, run.offload, i)
+    finally:
+        for m, k in zip(packed, kernels):
+            m.kernel = k
+
+
+def replay(run: _Run, store: "ProgressStore") -> int:
+    """Resume: swap in the packed layers an earlier run finished; returns the first block still to do."""
+    state = store.load()
+    if state is None:
+        return 0
+    for name, st in state.stored.items():
+        old = run.model.get_submodule(name)
+        replace_module(run.model, name, PackedLinear.from_stored(st.to(get_weight(old).device), getattr(old, "bias", None),
+                                                                 source=type(old).__name__))
+    run.layers = [LayerReport(**{**d, "shape": tuple(d["shape"])}) for d in state.layers]
+    for k, v in state.phases.items():
+        run.phases[k] += v
+    if state.hidden is not None:
+        run.inputs.hidden = state.hidden
+    log.info("resumed: blocks 0..%d were finished by an earlier run", state.next_block - 1)
+    return state.next_block
+
+
+def record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", before: dict[str, float]) -> None:
+    """Write block ``i``'s packed layers, reports and output activations to the progress store."""
+    prefix = f"{run.blocks_name}.{i}."
+    stored = {prefix + n: m.stored() for n, m in run.blocks[i].named_modules() if isinstance(m, PackedLinear)}
+    last = i + 1 == len(run.blocks)
+    store.record_block(i, done, stored, None if last else run.inputs.hidden,
+                       {k: run.phases[k] - before[k] for k in run.phases})
+
+
+def mark_quantized(model: nn.Module, config: QuantConfig) -> None:
+    """Record the method's config on the model (``model.config.quantization_config``), where :func:`billm.save` reads it."""
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = {"quant_method": "billm", "method": config.method,
+                                            "format_version": FORMAT_VERSION, "config": config.to_dict()}
+
+
+def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
+             device: Optional[Device] = None, batch_size: int = 8, progress: bool = True,
+             store: Optional["ProgressStore"] = None) -> QuantReport:
+    """Quantize the linears of every decoder block of ``model`` in place: each becomes a :class:`PackedLinear`.
+
+    Args:
+        model: a Hugging Face causal LM (or any model with a list of repeated decoder blocks).
+        calibration: token ids, (nsamples, seqlen) or a list of 1-D tensors of one length.
+        config: the method's config (e.g. :class:`billm.BiLLMConfig`); its type picks the method.
+        device: where each block runs while it is quantized (e.g. ``"cuda"``); the rest of the
+            model waits on its current device. Default: the model's device.
+        batch_size: calibration sequences per forward call.
+        progress: show a tqdm bar over blocks.
+        store: a :class:`~billm.resume.ProgressStore`: every finished block is recorded there,
+            and a run that finds earlier progress continues after its last finished block.
+
+    Returns:
+        A :class:`QuantReport` with one :class:`LayerReport` per quantized linear (metrics only:
+        the packed weights are in the model, where :func:`billm.save` reads them).
+
+    Raises:
+        QuantizationError: a weight or activation is not finite, or a Hessian cannot be factored.
+            Blocks finished before the failure stay quantized in place; reload the model to retry.
+    """
+    batches = _as_batches(calibration, batch_size)
+    run = plan(model, config, batches[0].shape[1], device)
     was_training = model.training
     model.eval()
-
     current: Optional[nn.Module] = None
     try:
         t0 = time.perf_counter()
-        inputs = capture_inputs(model, batches, device=device, offload=offload)
-        phases["capture"] += time.perf_counter() - t0
-
-        layers: list[LayerReport] = []
-        stored: dict[str, StoredWeight] = {}
-        start = 0
-        state = store.load() if store is not None else None
-        if state is not None:  # replay the finished blocks: their packed weights decode to the simulated ones
-            start = state.next_block
-            for name, st in state.stored.items():
-                mod = model.get_submodule(name)
-                set_weight(mod, st.values().to(get_weight(mod).device))
-            stored.update(state.stored)
-            layers = [LayerReport(**{**d, "shape": tuple(d["shape"])}) for d in state.layers]
-            for k, v in state.phases.items():
-                phases[k] += v
-            if state.hidden is not None:
-                inputs.hidden = state.hidden
-            log.info("resumed: blocks 0..%d were finished by an earlier run", start - 1)
-        groups: Optional[list[list[str]]] = None
-        bar = tqdm(list(enumerate(blocks))[start:], desc=f"{config.method} blocks", disable=not progress, unit="block",
-                   initial=start, total=len(blocks))
-        for i, block in bar:
-            before = dict(phases)
-            n_layers_before = len(layers)
-            current = block
-            block.to(device)
-            linears = targets[i]
-            # 1) statistics: one pass of the calibration inputs through the (still full-precision) block
+        run.inputs = capture_inputs(model, batches, device=run.device, offload=run.offload)
+        run.phases["capture"] += time.perf_counter() - t0
+        start = replay(run, store) if store is not None else 0
+        bar = tqdm(range(start, len(run.blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block",
+                   initial=start, total=len(run.blocks))
+        for i in bar:
+            before = dict(run.phases)
+            current = run.blocks[i].to(run.device)
             t0 = time.perf_counter()
-            # Blocks repeat one structure: probe the input sharing once, reuse it while the names match.
-            if config.uses_hessian and (groups is None or {n for g in groups for n in g} != set(linears)):
-                groups = shared_input_groups(block, linears, inputs, device, i)
-            accs: dict[str, HessianAccumulator] = {}
-            handles = []
-            for group in (groups if config.uses_hessian else []):  # one accumulator per distinct input (q/k/v share one, gate/up another)
-                acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], device,
-                                         name=" / ".join(f"{blocks_name}.{i}.{n}" for n in group))
-                accs.update({n: acc for n in group})
-                handles.append(linears[group[0]].register_forward_hook(
-                    lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
-            try:
-                if handles:
-                    run_block(block, inputs, device, offload, i)
-            except QuantizationError as e:
-                raise QuantizationError(f"block {blocks_name}.{i}: {e}") from e
-            finally:
-                for h in handles:
-                    h.remove()
-            phases["hessian"] += time.perf_counter() - t0
-            # 2) quantize each linear
-            for name, mod in linears.items():
-                full = f"{blocks_name}.{i}.{name}"
-                W = get_weight(mod).to(torch.float32)
-                if config.uses_hessian and accs[name].nsamples == 0:
-                    raise QuantizationError(f"{full}: received no calibration input (is it on an unused "
-                                            f"path?); exclude it with --exclude")
-                H = accs[name].H if config.uses_hessian else None
-                times = OBCTimes()
-                t0 = time.perf_counter()
-                try:
-                    res = fn(W.clone(), H, config, times)
-                except BillmError as e:
-                    raise QuantizationError(f"{full}: {e}") from e
-                took = time.perf_counter() - t0
-                phases["search"] += times.quantize
-                phases["compensation"] += times.compensate
-                phases["hessian"] += took - times.quantize - times.compensate
-                rel = hessian_error(W, res.q, H)[1] if H is not None else float("nan")
-                wrel = float(torch.linalg.norm(W - res.q) / torch.linalg.norm(W).clamp(min=1e-12))
-                set_weight(mod, res.q)
-                if res.stored is not None:
-                    stored[full] = res.stored
-                elif store is not None:
-                    raise QuantizationError(f"method {config.method!r} returned no packed form for {full}; "
-                                            "a resumable run needs one (WeightResult.stored)")
-                layers.append(LayerReport(name=full, shape=tuple(W.shape), weight_bits=res.weight_bits,
-                                          storage_bits=storage_bits(config.to_dict(), tuple(W.shape), res.info,
-                                                                    res.weight_bits),
-                                          hessian_rel_err=rel, weight_rel_err=wrel, seconds=took, info=res.info))
-                log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits, %.2fs",
-                         full, tuple(W.shape), rel, wrel, res.weight_bits, took)
+            accs = accumulate_hessians(run, i)
+            run.phases["hessian"] += time.perf_counter() - t0
+            done = quantize_block(run, i, accs)
             del accs
-            # 3) propagate: the next block sees this block's quantized outputs
             t0 = time.perf_counter()
-            if i + 1 < len(blocks):
-                inputs.hidden = run_block(block, inputs, device, offload, i)
-            block.to(offload)
-            phases["propagation"] += time.perf_counter() - t0
+            if i + 1 < len(run.blocks):
+                propagate(run, i)
+            current.to(run.offload)
+            run.phases["propagation"] += time.perf_counter() - t0
+            run.layers.extend(done)
             if store is not None:
-                done = layers[n_layers_before:]
-                store.record_block(i, done, {r.name: stored[r.name] for r in done if r.name in stored},
-                                   inputs.hidden if i + 1 < len(blocks) else None,
-                                   {k: phases[k] - before[k] for k in phases})
-            if layers:
-                bar.set_postfix(err=f"{layers[-1].hessian_rel_err:.3f}")
+                record(run, i, done, store, before)
+            if done:
+                bar.set_postfix(err=f"{done[-1].hessian_rel_err:.3f}")
     finally:  # on any failure: the block back where it was, the mode restored
         if current is not None:
-            current.to(offload)
+            current.to(run.offload)
         model.train(was_training)
-    return QuantReport(config=config.to_dict(), layers=layers, phases=phases, nsamples=nsamples, seqlen=seqlen,
-                       stored=stored)
+    mark_quantized(model, config)
+    return QuantReport(config=config.to_dict(), layers=run.layers, phases=run.phases,
+                       nsamples=sum(b.shape[0] for b in batches), seqlen=batches[0].shape[1])

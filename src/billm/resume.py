@@ -10,7 +10,7 @@ A :class:`ProgressStore` lives in a folder beside the output (``.<out>.billm-pro
 Every file is written to a temporary name, fsynced and renamed, in the order block file, then
 activations, so after a kill at any moment the activations name the last block whose outputs
 are known, and every block up to it has its file. A resumed run replays those blocks' weights
-(the packed form decodes to exactly the simulated weights) and continues with the next block on
+(swaps their PackedLinear layers back in) and continues with the next block on
 the saved activations: the final checkpoint is byte-identical to an uninterrupted run's.
 """
 
@@ -148,14 +148,14 @@ class ProgressStore:
         meta = {"layers": [asdict(r) for r in layers], "phases": phases,
                 "stored": {n: {"format": s.format, "shape": list(s.shape), "meta": s.meta, "fields": sorted(s.tensors)}
                            for n, s in stored.items()}}
-        tensors = {f"{n}.{field}": t.contiguous() for n, s in stored.items() for field, t in s.tensors.items()}
+        tensors = {f"{n}.{field}": t.detach().cpu().contiguous() for n, s in stored.items() for field, t in s.tensors.items()}
         fault_point("before-block", i)
         _save_atomic(tensors, self._block_file(i), {"block": json.dumps(meta)}, "block", i)
         fault_point("after-block", i)
         if hidden is None:
             write_json_atomic(self.folder / "done.json", {"after_block": i})
         else:
-            _save_atomic({str(b): h.contiguous() for b, h in enumerate(hidden)}, self.folder / "hidden.safetensors",
+            _save_atomic({str(b): h.detach().cpu().contiguous() for b, h in enumerate(hidden)}, self.folder / "hidden.safetensors",
                          {"after_block": str(i), "batches": str(len(hidden))}, "hidden", i)
         fault_point("after-hidden", i)
 

@@ -198,8 +198,29 @@ def _load_local_named(name: str, split: str, root: Path, tried: list[str]) -> Co
     return None
 
 
+HUB_HOST = "huggingface.co"
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub cannot be used: ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set
+    (``datasets`` then reads its local cache only), or its host name does not resolve (no network:
+    one DNS look-up, instead of a minute of retries from the hub client)."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False  # the user chose cache-only mode; datasets handles it without retries
+    import socket
+
+    try:
+        socket.getaddrinfo(HUB_HOST, 443)
+    except OSError:
+        return True
+    return False
+
+
 def _load_hf(name: str, split: str) -> Corpus:
     """Load a named split from Hugging Face ``datasets`` (network or its local cache)."""
+    if hub_offline():
+        raise ConnectionError(f"offline: {HUB_HOST} cannot be resolved (set HF_DATASETS_OFFLINE=1 to read the "
+                              "datasets cache)")
     import datasets  # heavy import, only when needed
 
     if name == "wikitext2":

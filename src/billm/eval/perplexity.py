@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from billm.errors import DataError, ModelError
+from billm.model.walker import max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +77,6 @@ def window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     shift_labels = windows[:, 1:].to(shift_logits.device)  # (batch, seqlen-1)
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none")  # (batch, seqlen-1)
     return nll.mean(dim=1)
-
-
-def max_positions(config) -> int | None:
-    """Return the model's maximum sequence length from its config, or None if it does not say."""
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _check_seqlen(model, seqlen: int) -> None:

@@ -1,5 +1,9 @@
 """Fast ``y = x W^T`` from packed weights, and the choice of path for each call.
 
+The bottom layer: bit packing (:mod:`.bitpack`), column-aligned planes (:mod:`.layout`) and the
+paths that multiply from them. It imports nothing else of billm but its errors; the stored
+formats (:mod:`billm.packing`) build their layouts with it.
+
 Paths:
 
 ``dequant``
@@ -12,7 +16,7 @@ Paths:
 
 ``auto`` (the default) takes ``triton`` for CUDA inputs when Triton is installed, ``lut`` for CPU
 inputs of at most :data:`LUT_MAX_TOKENS` tokens, else ``dequant``. Gradients always take
-``dequant``. The environment variable ``BILLM_KERNEL`` or :func:`set_kernel` force a path.
+``dequant``. The environment variable ``BILLM_KERNEL`` or :func:`billm.set_kernel` force a path.
 A path a layer's format cannot take (PB-LLM; GPTQ with act-order groups) falls back to ``dequant``.
 """
 
@@ -23,10 +27,10 @@ import os
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import BillmError
-from .layout import BiLLMPlanes, GridPlanes, build_layout
+from .layout import BiLLMPlanes, GridPlanes, Layout
 
 KERNELS = ("auto", "dequant", "lut", "triton")
 LUT_MAX_TOKENS = 64
@@ -76,18 +80,5 @@ def packed_matmul(x: Tensor, layout, path: str) -> Tensor:
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
-def set_kernel(model: nn.Module, name: str) -> int:
-    """Force a path on every :class:`~billm.packing.linear.PackedLinear` of ``model``; returns how many."""
-    from ..packing.linear import PackedLinear
-
-    requested_kernel(name)
-    n = 0
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            m.kernel = name
-            n += 1
-    return n
-
-
-__all__ = ["BiLLMPlanes", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "build_layout", "choose_path", "packed_matmul",
-           "requested_kernel", "set_kernel", "triton_available"]
+__all__ = ["BiLLMPlanes", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "Layout", "choose_path", "packed_matmul",
+           "requested_kernel", "triton_available"]

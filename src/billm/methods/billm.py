@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import BiLLMConfig, SalientMetric, SearchDomain
-from ..packing.formats import SCALE_DTYPES, StoredWeight, billm_pack, billm_values, pm1, round_to_stored
+from ..config import SCALE_DTYPES, BiLLMConfig, SalientMetric, SearchDomain
+from ..packing.formats import StoredWeight, billm_pack, billm_values, pm1, round_to_stored
 from .binarize import binarize_params
 from .gptq import gptq_block
 from .obc import OBCTimes, damped_hessian, obc_quantize, prepare_hessian
@@ -156,10 +156,10 @@ def stored_billm(codes: list[BlockCode], shape: tuple[int, int], cfg: BiLLMConfi
     tensors = billm_pack(cat("s1"), salient, cat("sparse"), cat("s2") if cfg.salient_order == 2 else None,
                          torch.cat([c.scales for c in codes]), torch.cat([c.means for c in codes]) if cfg.centred else None,
                          meta)
-    return StoredWeight("billm", tuple(shape), meta, {k: v.cpu() for k, v in tensors.items()})
+    return StoredWeight("billm", tuple(shape), meta, tensors)
 
 
-@register_method("billm")
+@register_method(BiLLMConfig)
 def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """BiLLM-quantize ``W`` (rows, cols) with Hessian ``H`` (cols, cols); simulated weights and stored form."""
     W = W.to(torch.float32).clone()
@@ -182,10 +182,7 @@ def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optiona
     if cfg.refit:
         refit_codes(W0, damped_hessian(H, prep.dead, prep.percdamp), codes, cfg)
         Q = torch.cat([c.values() for c in codes], dim=1)
-    cols = W.shape[1]
-    n_sal = sum(len(s) for s in salient)
-    bits = (cfg.salient_order * n_sal + (cols - n_sal)) / cols
-    return WeightResult(q=Q, weight_bits=bits, stored=stored_billm(codes, tuple(W.shape), cfg), info={
-        "salient_cols": n_sal, "salient_columns": salient, "break_points": breaks,
+    return WeightResult(q=Q, stored=stored_billm(codes, tuple(W.shape), cfg), info={
+        "salient_cols": sum(len(s) for s in salient), "salient_columns": salient, "break_points": breaks,
         "dead_cols": int(prep.dead.sum()), "percdamp_used": prep.percdamp,
     })

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..config import GPTQConfig
-from ..packing.formats import SCALE_DTYPES, grid_values
+from ..config import SCALE_DTYPES, GPTQConfig
+from ..packing.formats import grid_values
 from .obc import OBCTimes, obc_quantize, prepare_hessian
 from .registry import WeightResult, register_method
 from .rtn import grid_codes, minmax_params, stored_grid
@@ -124,7 +124,7 @@ class GridColumns:
         return grid_values(code, self.scales[-1], self.zeros[-1]).squeeze(1)
 
 
-@register_method("gptq")
+@register_method(GPTQConfig)
 def gptq_quantize_weight(W: Tensor, H: Tensor, cfg: GPTQConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """GPTQ at ``cfg.bits`` bits; the codes are kept for the checkpoint."""
     gs = -1 if cfg.groupsize >= W.shape[1] else cfg.groupsize
@@ -139,4 +139,4 @@ def gptq_quantize_weight(W: Tensor, H: Tensor, cfg: GPTQConfig, times: Optional[
         if gs != -1:
             g_idx = (inv // gs).to(torch.int32)  # original column -> group of its quantized position
     stored = stored_grid(codes, torch.cat(grid.scales, 1), torch.cat(grid.zeros, 1), cfg.bits, gs, cfg.scale_dtype, g_idx)
-    return WeightResult(q=run.q, weight_bits=float(cfg.bits), info={"percdamp_used": run.percdamp}, stored=stored)
+    return WeightResult(q=run.q, info={"percdamp_used": run.percdamp}, stored=stored)

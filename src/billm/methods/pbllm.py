@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import PBLLMConfig
-from ..packing.formats import SCALE_DTYPES, StoredWeight, pbllm_pack, pbllm_values, round_to_stored, smallest_positive
+from ..config import SCALE_DTYPES, PBLLMConfig
+from ..packing.formats import StoredWeight, pbllm_pack, pbllm_values, round_to_stored, smallest_positive
 from .billm import salience
 from .gptq import gptq_block
 from .rtn import grid_codes
@@ -41,7 +41,7 @@ def _masked_minmax(w: Tensor, m: Tensor, bits: int, scale_dtype: torch.dtype) ->
     return scale, torch.clamp(torch.round(-lo / scale), 0, 2**bits - 1)
 
 
-@register_method("pbllm")
+@register_method(PBLLMConfig)
 def pbllm_quantize_weight(W: Tensor, H: Tensor, cfg: PBLLMConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """PB-LLM-quantize ``W`` (rows, cols)."""
     W = W.to(torch.float32).clone()
@@ -75,7 +75,6 @@ def pbllm_quantize_weight(W: Tensor, H: Tensor, cfg: PBLLMConfig, times: Optiona
     meta = {"blocksize": cfg.blocksize, "salient_bits": cfg.salient_bits, "n_salient": n_salient,
             "scale_dtype": cfg.scale_dtype}
     tensors = pbllm_pack(mask, codes.to(torch.int32), signs, alpha, scale, zero, meta)
-    stored = StoredWeight("pbllm", (rows, cols), meta, {k: v.cpu() for k, v in tensors.items()})
-    f = n_salient / W.numel()
-    return WeightResult(q=Q, weight_bits=cfg.salient_bits * f + (1 - f), stored=stored,
+    stored = StoredWeight("pbllm", (rows, cols), meta, tensors)
+    return WeightResult(q=Q, stored=stored,
                         info={"salient_weights": n_salient, "percdamp_used": prep.percdamp})

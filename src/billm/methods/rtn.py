@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import RTNConfig
-from ..packing.formats import SCALE_DTYPES, StoredWeight, grid_index, grid_pack, grid_values, round_to_stored, smallest_positive
+from ..config import SCALE_DTYPES, RTNConfig
+from ..packing.formats import StoredWeight, grid_index, grid_pack, grid_values, round_to_stored, smallest_positive
 from .obc import OBCTimes
 from .registry import WeightResult, register_method
 
@@ -76,10 +76,10 @@ def stored_grid(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int, groupsi
     """The packed stored form of integer-grid codes (RTN, GPTQ)."""
     meta = {"bits": bits, "groupsize": groupsize, "g_idx": g_idx is not None, "scale_dtype": scale_dtype}
     tensors = grid_pack(codes.to(torch.int32), scales, zeros, g_idx, meta)
-    return StoredWeight("grid", tuple(codes.shape), meta, {k: v.cpu() for k, v in tensors.items()})
+    return StoredWeight("grid", tuple(codes.shape), meta, tensors)
 
 
-@register_method("rtn")
+@register_method(RTNConfig)
 def rtn_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: RTNConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """RTN needs no Hessian (``H`` may be None)."""
     W = W.to(torch.float32)
@@ -87,4 +87,4 @@ def rtn_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: RTNConfig, times: O
     codes, scales, zeros = rtn_codes(W, cfg.bits, gs, SCALE_DTYPES[cfg.scale_dtype])
     stored = stored_grid(codes, scales, zeros, cfg.bits, gs, cfg.scale_dtype)
     idx = grid_index(W.shape[1], gs, W.device)
-    return WeightResult(q=grid_values(codes, scales[:, idx], zeros[:, idx]), weight_bits=float(cfg.bits), stored=stored)
+    return WeightResult(q=grid_values(codes, scales[:, idx], zeros[:, idx]), stored=stored)

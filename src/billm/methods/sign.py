@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import SignConfig
-from ..packing.bitpack import pack_bits
-from ..packing.formats import SCALE_DTYPES, StoredWeight, sign_values
+from ..config import SCALE_DTYPES, SignConfig
+from ..kernels.bitpack import pack_bits
+from ..packing.formats import StoredWeight, sign_values
 from .binarize import binarize_once
 from .gptq import gptq_weight
 from .obc import OBCTimes
@@ -32,14 +32,14 @@ class SignColumns:
     def stored(self, cfg: SignConfig) -> StoredWeight:
         """The packed signs and per-row scale (and mean)."""
         sd = SCALE_DTYPES[cfg.scale_dtype]
-        tensors = {"signs": pack_bits(self.signs).cpu(), "scales": self.alpha.t().to(sd).cpu()}
+        tensors = {"signs": pack_bits(self.signs), "scales": self.alpha.t().to(sd)}
         if self.mu is not None:
-            tensors["means"] = self.mu.t().to(sd).cpu()
+            tensors["means"] = self.mu.t().to(sd)
         meta = {"centred": cfg.centred, "scale_dtype": cfg.scale_dtype}
         return StoredWeight("sign", tuple(self.signs.shape), meta, tensors)
 
 
-@register_method("sign")
+@register_method(SignConfig)
 def sign_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: SignConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """Per-row ``alpha * sign(w - mu) + mu`` (mu = 0 unless centred), with GPTQ-style compensation if ``cfg.obc``."""
     W = W.to(torch.float32)
@@ -48,7 +48,7 @@ def sign_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: SignConfig, times:
         cols = SignColumns(W, cfg.centred, sd)
         s = (W - cols.mu if cols.mu is not None else W) >= 0
         cols.signs = s
-        return WeightResult(q=sign_values(s, cols.alpha, cols.mu), weight_bits=1.0, stored=cols.stored(cfg))
+        return WeightResult(q=sign_values(s, cols.alpha, cols.mu), stored=cols.stored(cfg))
     run = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, lambda W0, U: SignColumns(W0, cfg.centred, sd), times=times)
-    return WeightResult(q=run.q, weight_bits=1.0, info={"percdamp_used": run.percdamp},
+    return WeightResult(q=run.q, info={"percdamp_used": run.percdamp},
                         stored=run.quantizer.stored(cfg))  # type: ignore[attr-defined]

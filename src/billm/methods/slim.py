@@ -27,8 +27,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..config import SliMConfig
-from ..packing.formats import SCALE_DTYPES, StoredWeight, grid_index, mixed_pack
+from ..config import SCALE_DTYPES, SliMConfig
+from ..packing.formats import StoredWeight, grid_index, mixed_pack
 from .gptq import Calibrate, GridColumns, gptq_weight
 from .obc import OBCTimes
 from .registry import WeightResult, register_method
@@ -206,10 +206,10 @@ def stored_mixed(codes: Tensor, scales: Tensor, zeros: Tensor, group_bits: list[
     """The packed stored form of mixed-precision grid codes (each group at its own width)."""
     meta = {"group_bits": list(group_bits), "groupsize": groupsize, "scale_dtype": scale_dtype}
     tensors = mixed_pack(codes, scales, zeros, meta)
-    return StoredWeight("mixed", tuple(codes.shape), meta, {k: v.cpu() for k, v in tensors.items()})
+    return StoredWeight("mixed", tuple(codes.shape), meta, tensors)
 
 
-@register_method("slim")
+@register_method(SliMConfig)
 def slim_quantize_weight(W: Tensor, H: Tensor, cfg: SliMConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """SliM-LLM at an average of ``cfg.bits``: SBA widths per group, SQC ranges, GPTQ compensation."""
     sd = SCALE_DTYPES[cfg.scale_dtype]
@@ -230,7 +230,6 @@ def slim_quantize_weight(W: Tensor, H: Tensor, cfg: SliMConfig, times: Optional[
     alloc = found["a"]
     stored = stored_mixed(grid.codes, torch.cat(grid.scales, 1), torch.cat(grid.zeros, 1), alloc.group_bits,
                           cfg.groupsize, cfg.scale_dtype)
-    weight_bits = sum(n * b for n, b in zip(sizes, alloc.group_bits)) / W.shape[1]
     info = {"percdamp_used": run.percdamp, "group_bits": alloc.group_bits, "sba_moved": alloc.moved,
             "sba_error_ratio": alloc.errors[alloc.moved] / alloc.errors[0] if alloc.errors and alloc.errors[0] > 0 else None}
-    return WeightResult(q=run.q, weight_bits=weight_bits, info=info, stored=stored)
+    return WeightResult(q=run.q, info=info, stored=stored)

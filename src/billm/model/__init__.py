@@ -1,6 +1,9 @@
 """Model plumbing: block/linear discovery, input capture, the sequential driver, loading."""
 
 from .loading import default_model_path, load_model
-from .walker import capture_inputs, find_blocks, find_linears, get_weight, iter_blocks, run_block, set_weight
+from .walker import (
+    capture_inputs, find_blocks, find_linears, get_weight, max_positions, replace_module, run_block, set_weight,
+)
 
-__all__ = ["default_model_path", "load_model", "capture_inputs", "find_blocks", "find_linears", "get_weight", "iter_blocks", "run_block", "set_weight"]
+__all__ = ["capture_inputs", "default_model_path", "find_blocks", "find_linears", "get_weight", "load_model",
+           "max_positions", "replace_module", "run_block", "set_weight"]

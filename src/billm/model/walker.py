@@ -13,7 +13,7 @@ import fnmatch
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -87,14 +87,15 @@ def select_linears(linears: dict[str, nn.Module], block_prefix: str, include: tu
 
 
 def get_weight(m: nn.Module) -> Tensor:
-    """The weight as (out_features, in_features), a view for nn.Linear (Conv1D is stored transposed)."""
-    return m.weight.data if isinstance(m, nn.Linear) else m.weight.data.t()
+    """The weight as (out_features, in_features): a view for nn.Linear (Conv1D is stored transposed), the
+    decoded weight for a packed layer."""
+    return m.weight.data.t() if bool(Conv1D) and isinstance(m, Conv1D) else m.weight.data
 
 
 def set_weight(m: nn.Module, w: Tensor) -> None:
     """Write (out_features, in_features) values back in the module's own layout and dtype."""
     target = m.weight.data
-    target.copy_((w if isinstance(m, nn.Linear) else w.t()).to(target.dtype))
+    target.copy_((w.t() if bool(Conv1D) and isinstance(m, Conv1D) else w).to(target.dtype))
 
 
 class _Captured(Exception):
@@ -304,8 +305,19 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: Device, offload: De
     return outs
 
 
-def iter_blocks(model: nn.Module) -> Iterator[tuple[int, str, nn.Module]]:
-    """(index, qualified name, block) for each decoder block."""
-    name, blocks = find_blocks(model)
-    for i, b in enumerate(blocks):
-        yield i, f"{name}.{i}", b
+def max_positions(config: Any) -> Optional[int]:
+    """The model's maximum sequence length from its config, or None if it does not say."""
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``name`` of ``root`` is; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old

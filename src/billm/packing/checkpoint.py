@@ -7,15 +7,19 @@ Layout of ``DIR``::
                            their usual names, and for each quantized linear its packed fields
                            ``<layer>.packed_<field>`` (and ``<layer>.bias``) instead of its weight
     billm_quant.json       the quantization map: format_version, method and full config, each
-                           quantized layer's format, shape and attributes, tied-weight aliases,
-                           and a SHA-256 of every tensor
-    billm_report.json      the quantization report (per-layer errors, timings, calibration)
+                           quantized layer's format, shape, attributes, weight and storage bits,
+                           tied-weight aliases, and a SHA-256 of every tensor
+    billm_report.json      the quantization report (per-layer errors, timings, calibration), if given
 
-The map is written last and the folder appears under its name in one rename, so a folder with a
-map is complete; :func:`load` refuses any other. ``config.json`` carries a
-``quantization_config`` with ``quant_method: billm``: plain ``transformers`` then warns that it
-skips an unknown quantization and lists the packed layers' weights as missing. Load the folder
-with :func:`billm.load` (or any ``billm`` command).
+Everything is read off the model: its :class:`PackedLinear` layers and the method's config that
+:func:`billm.quantize` recorded in ``model.config.quantization_config``. The map is written last
+and the folder appears under its name in one rename, so a folder with a map is complete;
+:func:`load` refuses any other. ``config.json`` carries that ``quantization_config`` (``quant_method:
+billm``); load the folder with :func:`billm.load` (or any ``billm`` command).
+
+Format versions: 1 recorded a formula's storage bits (``storage_bits_rule``); 2 records the
+storage bits measured from the packed bytes (``storage_bits``) and the method config in
+``config.json``. Both read the same way.
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..io import atomic_dir, check_output_dir, write_json_atomic
-from .formats import FORMATS, get_format, map_bytes
+from .formats import FORMATS, get_format, storage_bits
 from .linear import PREFIX, PackedLinear
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 QUANT_MAP = "billm_quant.json"
 WEIGHTS = "model.safetensors"
 REPORT = "billm_report.json"
@@ -89,19 +93,47 @@ def _state_without_ties(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[
     return out, tied
 
 
-def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra: Optional[dict[str, Any]] = None,
+def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
+    """The model's packed linears by qualified name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    """The billm ``quantization_config`` that :func:`billm.quantize` (or :func:`load`) left on the model.
+
+    Raises:
+        CheckpointError: the model was not quantized by billm.
+    """
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") != "billm" or "config" not in qc:
+        raise CheckpointError("the model carries no billm quantization config (quantize it with billm.quantize, or "
+                              "load it with billm.load)")
+    return qc
+
+
+def _layer_entry(layer: PackedLinear) -> dict[str, Any]:
+    st = layer.stored()
+    return {"format": st.format, "shape": list(st.shape), "meta": st.meta, "bias": layer.bias is not None,
+            "module": layer.source, "weight_bits": st.weight_bits, "storage_bits": st.storage_bits}
+
+
+def _weighted(layers: dict[str, dict[str, Any]], key: str) -> float:
+    n = sum(e["shape"][0] * e["shape"][1] for e in layers.values())
+    return sum(e[key] * e["shape"][0] * e["shape"][1] for e in layers.values()) / n
+
+
+def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None, extra: Optional[dict[str, Any]] = None,
          dtype: Optional[torch.dtype] = None, source_model: Optional[str] = None,
          calibration: Optional[dict[str, Any]] = None) -> Path:
-    """Write a bit-packed checkpoint of a model quantized by :func:`billm.quantize`.
+    """Write the bit-packed checkpoint of a model quantized by :func:`billm.quantize` (or loaded by :func:`load`).
 
     Args:
-        model: the quantized model (its quantized linears hold the simulated weights; they are
-            replaced by their packed form from ``report.stored`` in the file).
-        report: the :class:`~billm.QuantReport` of that run.
+        model: the quantized model; its :class:`PackedLinear` layers are written as they are.
         out: the output folder (replaced atomically; an existing non-billm folder is refused).
         tokenizer: saved alongside when given.
-        extra: more JSON written into ``billm_report.json`` (calibration, evaluation, ...).
-        dtype: dtype of the non-quantized tensors in the file (default: as they are in the model).
+        report: the run's :class:`~billm.QuantReport`, written to ``billm_report.json`` (optional).
+        extra: more JSON for ``billm_report.json`` (calibration, evaluation, ...).
+        dtype: dtype of the non-quantized floating tensors in the file (default: as in the model).
         source_model: what the model was loaded from (recorded in the map; default: its config's name).
         calibration: the calibration data's description (source, nsamples, seqlen, seed), recorded in the map.
 
@@ -112,47 +144,39 @@ def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra:
 
     import billm
 
-    if not report.stored:
-        raise CheckpointError("the report holds no packed weights (was the model quantized by billm.quantize?)")
+    packed = packed_layers(model)
+    if not packed:
+        raise CheckpointError("the model holds no packed layers (was it quantized by billm.quantize?)")
+    qc = quantization_config(model)
     out = check_output_dir(Path(out), is_billm_folder, "billm checkpoint")
-    sd = {k: v for k, v in model.state_dict().items()}
-    layers: dict[str, Any] = {}
-    per_layer = {r.name: r for r in report.layers}
-    packed: dict[str, Tensor] = {}
-    for name, stored in report.stored.items():
-        mod = _module(model, name)
-        sd.pop(f"{name}.weight", None)
-        bias = getattr(mod, "bias", None)
-        rep = per_layer.get(name)
-        layers[name] = {"format": stored.format, "shape": list(stored.shape), "meta": stored.meta,
-                        "bias": bias is not None, "module": type(mod).__name__,
-                        "weight_bits": rep.weight_bits if rep else None,
-                        "storage_bits_rule": rep.storage_bits if rep else None}
-        for field_name in sorted(stored.tensors):  # a fixed order: the map's bytes do not depend on how it was built
-            packed[f"{name}.{PREFIX}{field_name}"] = stored.tensors[field_name].detach().cpu().contiguous()
+    packed_names = {f"{n}.{PREFIX}{f}": (n, f) for n, m in packed.items() for f in m.stored().tensors}
+    sd = {k: v for k, v in model.state_dict().items() if k not in packed_names}
     tensors, tied = _state_without_ties(sd)
     for k, t in tensors.items():
         t = t.detach().cpu()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[k] = t.contiguous()
-    tensors.update(packed)
     model_dtype = str(dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))
+    layers = {n: _layer_entry(m) for n, m in packed.items()}
+    for n, m in packed.items():  # fields in a fixed order: the map's bytes do not depend on how the model was built
+        st = m.stored()
+        tensors.update({f"{n}.{PREFIX}{f}": st.tensors[f].detach().cpu().contiguous() for f in sorted(st.tensors)})
     qmap = {
         "format_version": FORMAT_VERSION,
         "billm_version": billm.__version__, "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__,
         "source_model": source_model or getattr(getattr(model, "config", None), "_name_or_path", None),
         "calibration": calibration,
-        "method": report.config["method"], "config": report.config,
+        "method": qc["method"], "config": qc["config"],
         "dtype": model_dtype.replace("torch.", ""),
-        "weight_bits": report.weight_bits, "storage_bits_rule": report.storage_bits,
+        "weight_bits": _weighted(layers, "weight_bits"), "storage_bits": _weighted(layers, "storage_bits"),
         "layers": layers, "tied": tied,
         "files": {WEIGHTS: {"sha256": {k: tensor_sha256(t) for k, t in tensors.items()}}},
     }
     with atomic_dir(out) as tmp:
         config = copy.deepcopy(model.config)
-        config.quantization_config = {"quant_method": "billm", "method": qmap["method"], "format_version": FORMAT_VERSION}
+        config.quantization_config = {**qc, "format_version": FORMAT_VERSION}
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -166,7 +190,8 @@ def save(model: nn.Module, report, out: Union[str, Path], tokenizer=None, extra:
         # the header (and the file's bytes) differ from run to run
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         qmap["files"][WEIGHTS]["bytes"] = (tmp / WEIGHTS).stat().st_size
-        write_json_atomic(tmp / REPORT, {**(extra or {}), "quantization": report.to_dict()})
+        if report is not None or extra:
+            write_json_atomic(tmp / REPORT, {**(extra or {}), **({"quantization": report.to_dict()} if report else {})})
         write_json_atomic(tmp / QUANT_MAP, qmap)  # last: its presence marks a complete folder
     log.info("saved %d packed layers to %s (%.1f MB)", len(layers), out, qmap["files"][WEIGHTS]["bytes"] / 1e6)
     return out
@@ -286,7 +311,7 @@ def _skeleton(path: Path, qmap: dict[str, Any], dtype: Optional[torch.dtype]) ->
         if have != shape:
             raise CheckpointError(f"{path / QUANT_MAP}: layer {name} is {shape} in the map but {have} in the model config")
         setattr(parent, child, PackedLinear(layer["format"], shape, layer["meta"], bias=layer["bias"],
-                                            dtype=w.dtype, device="meta"))
+                                            dtype=w.dtype, device="meta", source=layer.get("module", "Linear")))
     return model
 
 
@@ -363,6 +388,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype
         raise CheckpointError(f"{file}: no data for {still_meta[:5]}")
     model.to(device)
     model.eval()
+    model.config.quantization_config = {"quant_method": "billm", "method": qmap["method"],
+                                        "format_version": FORMAT_VERSION, "config": qmap["config"]}
     return model
 
 
@@ -383,9 +410,18 @@ class LayerBytes:
     name: str
     shape: tuple[int, int]
     format: str
+    meta: dict[str, Any]
     weight_bits: Optional[float]
-    storage_bits_rule: Optional[float]
-    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    tensor_bytes: dict[str, int] = field(default_factory=dict)  # packed tensors' bytes, by what they pay for
+
+    @property
+    def map_bytes(self) -> int:
+        """Side information the layer keeps in the JSON map."""
+        return get_format(self.format).map_bytes(self.meta)
+
+    @property
+    def bytes_by_kind(self) -> dict[str, int]:
+        return {**self.tensor_bytes, **({"in the map": self.map_bytes} if self.map_bytes else {})}
 
     @property
     def nbytes(self) -> int:
@@ -393,8 +429,8 @@ class LayerBytes:
 
     @property
     def storage_bits(self) -> float:
-        """Bits per weight measured from the file (packed fields only, bias excluded)."""
-        return self.nbytes * 8 / (self.shape[0] * self.shape[1])
+        """Bits per weight measured from the file (packed fields and map share, bias excluded)."""
+        return storage_bits(self.format, self.shape, self.meta, sum(self.tensor_bytes.values()))
 
 
 @dataclass
@@ -446,15 +482,13 @@ def inspect(path: Union[str, Path]) -> CheckpointInfo:
     for name, layer in qmap["layers"].items():
         shape = tuple(layer["shape"])
         fields = get_format(layer["format"]).fields(shape, layer["meta"])
-        lb = LayerBytes(name, shape, layer["format"], layer.get("weight_bits"), layer.get("storage_bits_rule"))
+        lb = LayerBytes(name, shape, layer["format"], layer["meta"], layer.get("weight_bits"))
         for fname, spec in fields.items():
             key = f"{name}.{PREFIX}{fname}"
             if key not in header:
                 raise CheckpointError(f"{file}: tensor {key!r} is missing")
-            lb.bytes_by_kind[spec.kind] = lb.bytes_by_kind.get(spec.kind, 0) + header[key].nbytes
+            lb.tensor_bytes[spec.kind] = lb.tensor_bytes.get(spec.kind, 0) + header[key].nbytes
             packed_names.add(key)
-        if map_bytes(layer["meta"]):
-            lb.bytes_by_kind["group widths (in the map)"] = map_bytes(layer["meta"])
         layers.append(lb)
     other = {k: e for k, e in header.items() if k not in packed_names}
     other_params = sum(int(torch.Size(e.shape).numel()) for e in other.values())

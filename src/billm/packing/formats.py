@@ -42,10 +42,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ..config import SCALE_DTYPES
 from ..errors import QuantizationError
-from .bitpack import pack_bits, pack_codes, packed_len, unpack_bits, unpack_codes
+from ..kernels.bitpack import pack_bits, pack_codes, packed_len, unpack_bits, unpack_codes
+from ..kernels.layout import BiLLMPlanes, Layout, aligned, grid_planes, grouped_planes
 
-SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
+Shape = tuple[int, int]
+Meta = dict[str, Any]
+Tensors = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,57 @@ class FieldSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     kind: str
+
+
+@dataclass(frozen=True)
+class Format:
+    """A stored form: what a checkpoint keeps for one quantized linear, and everything derived from it.
+
+    Attributes:
+        name: the key in checkpoints' maps.
+        fields: ``(shape, meta) -> {field: FieldSpec}``, the packed tensors a weight must have.
+        decode: ``(tensors, shape, meta) -> (rows, cols) float32`` weights. Quantizers build their
+            simulated weights through the same function, so a loaded layer equals the quantized one.
+        weight_bits: ``(shape, meta) -> float``, code/sign bits per weight as papers count them
+            (no scales, bitmaps or masks).
+        layout: ``(tensors, shape, meta) -> Layout or None``, the column-aligned planes the fast
+            paths read (:mod:`billm.kernels.layout`); None: every call decodes the whole weight.
+        map_bytes: ``meta -> int``, bytes of side information the layer keeps in the JSON map
+            rather than in tensors (counted in its storage bits).
+    """
+
+    name: str
+    fields: Callable[[Shape, Meta], dict[str, FieldSpec]]
+    decode: Callable[[Tensors, Shape, Meta], Tensor]
+    weight_bits: Callable[[Shape, Meta], float]
+    layout: Optional[Callable[[Tensors, Shape, Meta], Optional[Layout]]] = None
+    map_bytes: Callable[[Meta], int] = lambda meta: 0
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Make ``fmt`` known to the loader, ``inspect`` and :class:`~billm.packing.linear.PackedLinear`; returns it."""
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    """The registered format ``name``."""
+    if name not in FORMATS:
+        raise KeyError(f"unknown stored-weight format {name!r}; known: {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
+
+
+def storage_bits(fmt: str, shape: Shape, meta: Meta, tensor_bytes: int) -> float:
+    """Bits per weight of a stored layer: (bytes of its packed tensors + its share of the map) x 8 / weights.
+
+    The one definition of storage bits: the quantize report (from the module's buffers),
+    ``billm inspect`` (from the file's header) and ``billm compare`` all call it.
+    """
+    rows, cols = shape
+    return (tensor_bytes + get_format(fmt).map_bytes(meta)) * 8 / (rows * cols)
 
 
 @dataclass
@@ -69,9 +124,9 @@ class StoredWeight:
     """
 
     format: str
-    shape: tuple[int, int]
-    meta: dict[str, Any]
-    tensors: dict[str, Tensor] = field(repr=False)
+    shape: Shape
+    meta: Meta
+    tensors: Tensors = field(repr=False)
 
     def fields(self) -> dict[str, FieldSpec]:
         """The fields this weight must have (from shape and meta)."""
@@ -79,39 +134,31 @@ class StoredWeight:
 
     def values(self) -> Tensor:
         """The dequantized (rows, cols) float32 weight."""
-        return get_format(self.format).values(self.tensors, self.shape, self.meta)
+        return get_format(self.format).decode(self.tensors, self.shape, self.meta)
+
+    def layout(self) -> Optional[Layout]:
+        """The fast paths' column-aligned planes, or None where only decode-then-matmul applies."""
+        build = get_format(self.format).layout
+        return build(self.tensors, self.shape, self.meta) if build is not None else None
 
     @property
     def nbytes(self) -> int:
         """Bytes of all packed tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    @property
+    def weight_bits(self) -> float:
+        """Code/sign bits per weight as papers count them."""
+        return get_format(self.format).weight_bits(self.shape, self.meta)
+
+    @property
+    def storage_bits(self) -> float:
+        """Bits per weight of everything stored (:func:`storage_bits`)."""
+        return storage_bits(self.format, self.shape, self.meta, self.nbytes)
+
     def to(self, device: Any) -> "StoredWeight":
         """A copy with the tensors on ``device``."""
         return StoredWeight(self.format, self.shape, dict(self.meta), {k: v.to(device) for k, v in self.tensors.items()})
-
-
-@dataclass(frozen=True)
-class Format:
-    """A stored form: ``fields(shape, meta)`` declares the tensors, ``values(tensors, shape, meta)`` decodes."""
-
-    name: str
-    fields: Callable[[tuple[int, int], dict[str, Any]], dict[str, FieldSpec]]
-    values: Callable[[dict[str, Tensor], tuple[int, int], dict[str, Any]], Tensor]
-
-
-FORMATS: dict[str, Format] = {}
-
-
-def get_format(name: str) -> Format:
-    """The registered format ``name``."""
-    if name not in FORMATS:
-        raise KeyError(f"unknown stored-weight format {name!r}; known: {', '.join(sorted(FORMATS))}")
-    return FORMATS[name]
-
-
-def _register(name: str, fields, values) -> None:
-    FORMATS[name] = Format(name, fields, values)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -258,7 +305,33 @@ def billm_pack(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Optional[Tensor]
     return out
 
 
-_register("billm", _billm_fields, _billm_decode)
+def _billm_weight_bits(shape: Shape, meta: Meta) -> float:
+    cols, k = shape[1], meta["n_salient"]
+    return (meta["salient_order"] * k + (cols - k)) / cols
+
+
+def _billm_layout(t: Tensors, shape: Shape, meta: Meta) -> BiLLMPlanes:
+    bs = meta["blocksize"]
+    s1, sal, sparse, s2 = billm_unpack(t, shape, meta)
+    if s2 is None:
+        s2 = torch.zeros_like(s1)
+
+    def plane(x: Tensor) -> Tensor:  # (r, c) bool -> (r, nbytes), each block on a byte boundary
+        return grouped_planes(x.to(torch.int32), 1, bs)[0]
+
+    # scales in fp16 (fp8 and fp16 values are exact in it), fp32 only when stored so
+    sdt = torch.float32 if t["scales"].dtype == torch.float32 else torch.float16
+
+    def per_row(x: Tensor) -> Tensor:  # (nb, slots, r) -> (r, nb, 4); order 1 has no second salient slot
+        x = x.to(sdt).permute(2, 0, 1)
+        return torch.nn.functional.pad(x, (0, 4 - x.shape[2])).contiguous()
+
+    s1p = t["signs"] if aligned(shape[1], bs) else plane(s1)  # the stored plane itself when already aligned
+    return BiLLMPlanes(s1p, plane(sparse & ~sal.unsqueeze(0)), plane(s2 & sal.unsqueeze(0)), plane(sal.unsqueeze(0))[0],
+                       per_row(t["scales"]), per_row(t["means"]) if meta["centred"] else None, bs, shape[1])
+
+
+BILLM_FORMAT = register_format(Format("billm", _billm_fields, _billm_decode, _billm_weight_bits, _billm_layout))
 
 
 # ----------------------------------------------------------------------------- grid (RTN / GPTQ)
@@ -311,7 +384,18 @@ def grid_pack(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Optional[Tens
     return out
 
 
-_register("grid", _grid_fields, _grid_decode)
+def _grid_layout(t: Tensors, shape: Shape, meta: Meta) -> Optional[Layout]:
+    if meta.get("g_idx"):
+        return None  # act-order groups: columns of a group are scattered
+    c = shape[1]
+    gs = c if meta["groupsize"] == -1 else meta["groupsize"]
+    zeros = unpack_codes(t["zeros"], -(-c // gs)).float()  # (r, G)
+    scale = t["scales"].float()
+    return [grid_planes(unpack_codes(t["codes"], c), meta["bits"], scale, -scale * zeros, gs, stored_planes=t["codes"])]
+
+
+GRID_FORMAT = register_format(Format("grid", _grid_fields, _grid_decode, lambda shape, meta: float(meta["bits"]),
+                                     _grid_layout))
 
 
 # ----------------------------------------------------------------------------- mixed (SliM-LLM)
@@ -322,11 +406,6 @@ def mixed_columns(group_bits: list[int], cols: int, groupsize: int) -> dict[int,
     for g, b in enumerate(group_bits):
         out.setdefault(b, []).extend(range(g * groupsize, min((g + 1) * groupsize, cols)))
     return {b: torch.tensor(c, dtype=torch.long) for b, c in sorted(out.items())}
-
-
-def map_bytes(meta: dict[str, Any]) -> int:
-    """Bytes of side information a layer keeps in the JSON map rather than in tensors: one a group width."""
-    return len(meta.get("group_bits", ()))
 
 
 def _mixed_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
@@ -365,7 +444,27 @@ def mixed_pack(codes: Tensor, scales: Tensor, zeros: Tensor, meta: dict[str, Any
     return out
 
 
-_register("mixed", _mixed_fields, _mixed_decode)
+def _mixed_weight_bits(shape: Shape, meta: Meta) -> float:
+    gs, cols = meta["groupsize"], shape[1]
+    return sum(min(gs, cols - g * gs) * b for g, b in enumerate(meta["group_bits"])) / cols
+
+
+def _mixed_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
+    gb, gs = meta["group_bits"], meta["groupsize"]
+    zeros = unpack_codes(t["zeros"], len(gb)).float()  # (r, G)
+    scale = t["scales"].float()
+    out = []
+    # a width's columns are its groups in order; only the layer's last group, last in its list, may be short
+    for b, cols in mixed_columns(gb, shape[1], gs).items():
+        groups = torch.tensor([g for g, w in enumerate(gb) if w == b], dtype=torch.long, device=scale.device)
+        s, z = scale[:, groups], zeros[:, groups]
+        out.append(grid_planes(unpack_codes(t[f"codes{b}"], len(cols)), b, s, -s * z, gs, cols.to(scale.device),
+                               stored_planes=t[f"codes{b}"]))
+    return out
+
+
+MIXED_FORMAT = register_format(Format("mixed", _mixed_fields, _mixed_decode, _mixed_weight_bits, _mixed_layout,
+                                      map_bytes=lambda meta: len(meta["group_bits"])))
 
 
 # ----------------------------------------------------------------------------- sign
@@ -390,7 +489,14 @@ def _sign_decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, A
     return sign_values(unpack_bits(t["signs"], shape[1]), t["scales"].float().t(), mean)
 
 
-_register("sign", _sign_fields, _sign_decode)
+def _sign_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
+    s = unpack_bits(t["signs"], shape[1]).to(torch.int32)
+    alpha = t["scales"].float().t()  # (r, 1)
+    mean = t["means"].float().t() if meta["centred"] else torch.zeros_like(alpha)
+    return [grid_planes(s, 1, 2 * alpha, mean - alpha, shape[1], stored_planes=t["signs"].unsqueeze(0))]
+
+
+SIGN_FORMAT = register_format(Format("sign", _sign_fields, _sign_decode, lambda shape, meta: 1.0, _sign_layout))
 
 
 # ----------------------------------------------------------------------------- pbllm
@@ -436,4 +542,10 @@ def pbllm_pack(salient: Tensor, codes: Tensor, signs: Tensor, alpha: Tensor, sca
             "zeros": pack_codes(zeros.t().round().to(torch.int32).contiguous(), bits)}
 
 
-_register("pbllm", _pbllm_fields, _pbllm_decode)
+def _pbllm_weight_bits(shape: Shape, meta: Meta) -> float:
+    f = meta["n_salient"] / (shape[0] * shape[1])
+    return meta["salient_bits"] * f + (1 - f)
+
+
+# no layout: the salient bitmap is unstructured, so every call decodes the whole weight
+PBLLM_FORMAT = register_format(Format("pbllm", _pbllm_fields, _pbllm_decode, _pbllm_weight_bits))

@@ -1,4 +1,9 @@
-"""``PackedLinear``: a linear layer that keeps only its packed weight and decodes it per call."""
+"""``PackedLinear``: a linear layer that keeps only its packed weight and decodes it per call.
+
+The one representation of a quantized linear: :func:`billm.quantize` swaps each linear for one
+as soon as it is quantized (the next block's inputs flow through its decode path),
+:func:`billm.save` reads them off the model, and :func:`billm.load` builds them again.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import build_layout, choose_path, packed_matmul, requested_kernel
+from ..kernels import choose_path, packed_matmul, requested_kernel
 from .formats import StoredWeight, get_format
 
 PREFIX = "packed_"  # packed fields are buffers named packed_<field>: "<layer>.packed_signs" in a checkpoint
@@ -22,23 +27,24 @@ class PackedLinear(nn.Module):
     :mod:`billm.kernels`: a few tokens on CPU multiply straight from the bit planes (lookup
     tables), CUDA inputs go through the Triton kernels, and otherwise the full weight is decoded
     on the buffers' device for that call only. The fast paths read a column-aligned copy of the
-    planes (:func:`billm.kernels.build_layout`, about 3 bits a weight for BiLLM), built on first
+    planes (the format's ``layout``, about 3 bits a weight for BiLLM), built on first
     use and kept with the layer, outside the state dict.
 
     Args:
-        fmt: stored-weight format name (``billm``, ``grid``, ``sign``, ``pbllm``).
+        fmt: stored-weight format name (a key of :data:`billm.packing.formats.FORMATS`).
         shape: (out_features, in_features).
         meta: the format's scalar attributes.
         bias: whether the layer has a bias.
         dtype: dtype of the bias.
         device: where the (empty) buffers are created; ``meta`` for a skeleton to be filled with
             ``load_state_dict(..., assign=True)``.
+        source: class name of the module it replaced (``Linear``, ``Conv1D``), kept in the checkpoint's map.
     """
 
     def __init__(self, fmt: str, shape: tuple[int, int], meta: dict[str, Any], bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device: Any = "meta") -> None:
+                 dtype: torch.dtype = torch.float32, device: Any = "meta", source: str = "Linear") -> None:
         super().__init__()
-        self.format, self.meta = fmt, dict(meta)
+        self.format, self.meta, self.source = fmt, dict(meta), source
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
         for name, spec in get_format(fmt).fields(self.shape, self.meta).items():
             self.register_buffer(PREFIX + name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
@@ -48,16 +54,36 @@ class PackedLinear(nn.Module):
         self._layout_key: Any = None
 
     @classmethod
-    def from_stored(cls, stored: StoredWeight, bias: Optional[Tensor] = None) -> "PackedLinear":
-        """A ready layer from a stored weight (and an optional bias)."""
+    def from_stored(cls, stored: StoredWeight, bias: Optional[Tensor] = None, source: str = "Linear") -> "PackedLinear":
+        """A ready layer from a stored weight (and an optional bias), sharing the stored tensors."""
         ref = next(iter(stored.tensors.values()))
         layer = cls(stored.format, stored.shape, stored.meta, bias is not None,
-                    bias.dtype if bias is not None else torch.float32, device=ref.device)
+                    bias.dtype if bias is not None else torch.float32, device=ref.device, source=source)
+        fields = stored.fields()
+        if set(fields) != set(stored.tensors):
+            raise ValueError(f"format {stored.format!r} needs fields {sorted(fields)}, got {sorted(stored.tensors)}")
         for name, t in stored.tensors.items():
+            if tuple(t.shape) != tuple(fields[name].shape) or t.dtype != fields[name].dtype:
+                raise ValueError(f"format {stored.format!r}: field {name!r} is {tuple(t.shape)} {t.dtype}, the format "
+                                 f"declares {tuple(fields[name].shape)} {fields[name].dtype}")
             setattr(layer, PREFIX + name, t)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves the packed buffers; ``.to(dtype)`` / ``.half()`` never recasts them (only the bias).
+
+        A packed field's dtype is part of its format: rounding float32 scales to fp16 would silently
+        change the quantized weights.
+        """
+        packed = {n: b for n, b in self._buffers.items() if n.startswith(PREFIX) and b is not None}
+        out = super()._apply(fn, recurse)
+        for n, b in packed.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != b.dtype:
+                self._buffers[n] = b.to(device=new.device)
+        return out
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,7 +105,7 @@ class PackedLinear(nn.Module):
         ref = next(b for n, b in self.named_buffers(recurse=False) if n.startswith(PREFIX))
         key = (ref.device, ref.data_ptr())
         if self._layout_key != key:
-            self._layout = build_layout(self.stored())
+            self._layout = self.stored().layout()
             self._layout_key = key
         return self._layout
 
@@ -96,3 +122,19 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.bias is not None}"
+
+
+def set_kernel(model: nn.Module, name: Optional[str]) -> int:
+    """Force a path (:data:`billm.kernels.KERNELS`, or None for the default) on every PackedLinear of ``model``.
+
+    Returns:
+        How many layers it set.
+    """
+    if name is not None:
+        requested_kernel(name)  # a wrong name fails before any layer changes
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.kernel = name
+            n += 1
+    return n

@@ -1,4 +1,4 @@
-"""Beyond BiLLM: in-block GPTQ, refined scales, output-error refit — each never worse on what it minimises."""
+"""The options beyond BiLLM (methods/refine.py and the intra-block pass): refined scales, output-error refit, in-block GPTQ, the plus preset."""
 
 import pytest
 import torch
@@ -93,11 +93,11 @@ def test_specs_presets_and_cli_flags(tmp_path):
     assert parse_method("billm:intra+refine3+b256") == BiLLMConfig(intra_block=True, refine_rounds=3, blocksize=256)
     with pytest.raises(BillmError, match="unknown billm option"):
         parse_method("billm:turbo")
-    from billm.cli import _config_from_args, build_parser
+    from billm.cli import config_from_args, build_parser
 
     args = build_parser().parse_args(["quantize", "m", "--out", str(tmp_path), "--intra-block", "--refit",
                                       "--refine-rounds", "1"])
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.intra_block, cfg.refit, cfg.refine_rounds) == (True, True, 1)
     args = build_parser().parse_args(["quantize", "m", "--out", str(tmp_path), "--preset", "plus"])
-    assert _config_from_args(args) == BiLLMConfig.plus()
+    assert config_from_args(args) == BiLLMConfig.plus()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,27 +15,30 @@ import torch
 import billm
 from billm.cli import main
 
-from conftest import REPO, tiny_config
-from test_data import byte_tokenizer
-
+REPO = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ("model.safetensors", "billm_quant.json", "config.json", "tokenizer.json")
 
 
-def _tiny_folder(path, layers=4, seed=0):
+@pytest.fixture(scope="module")
+def make_tiny_folder(tiny_config, byte_tokenizer):
+    """``make_tiny_folder(path, layers=4, seed=0)``: a random tiny LLaMA and the byte tokenizer saved at ``path``."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config("llama")
-    cfg.vocab_size = 260
-    cfg.num_hidden_layers = layers
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    byte_tokenizer(model_max_length=256).save_pretrained(path)
-    return path
+    def _tiny_folder(path, layers=4, seed=0):
+        cfg = tiny_config("llama")
+        cfg.vocab_size = 260
+        cfg.num_hidden_layers = layers
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+        byte_tokenizer(model_max_length=256).save_pretrained(path)
+        return path
+
+    return _tiny_folder
 
 
 @pytest.fixture(scope="module")
-def tiny4(tmp_path_factory):
-    return _tiny_folder(tmp_path_factory.mktemp("tiny4"))
+def tiny4(tmp_path_factory, make_tiny_folder):
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny4"))
 
 
 def _argv(model, out, *extra):
@@ -135,8 +139,8 @@ def test_not_enough_disk_space_fails_before_quantizing(tiny4, tmp_path, monkeypa
     assert not (tmp_path / "q").exists() and not _progress(tmp_path / "q").exists()
 
 
-def test_output_holding_another_models_checkpoint_is_refused(tiny4, tmp_path, capsys):
-    other = _tiny_folder(tmp_path / "other", layers=2, seed=1)
+def test_output_holding_another_models_checkpoint_is_refused(tiny4, make_tiny_folder, tmp_path, capsys):
+    other = make_tiny_folder(tmp_path / "other", layers=2, seed=1)
     out = tmp_path / "q"
     assert main(_argv(other, out)) == 0
     before = (out / "model.safetensors").read_bytes()
@@ -147,7 +151,7 @@ def test_output_holding_another_models_checkpoint_is_refused(tiny4, tmp_path, ca
     assert json.loads((out / "billm_quant.json").read_text())["source_model"] == str(tiny4)
 
 
-def test_non_finite_activations_name_the_layer():
+def test_non_finite_activations_name_the_layer(tiny_config):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
