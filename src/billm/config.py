@@ -252,8 +252,8 @@ _PAPER = dict(salient_metric="hessian", search_domain="weight", min_salient_cols
 class BiLLMConfig(QuantConfig):
     """BiLLM: structured salient columns (residual binarization) + split non-salient weights.
 
-    Defaults = the paper's text, the better of the two published variants on SmolLM2
-    (``docs/results``). Presets: ``paper`` (the same), ``reference`` (the public reference code's
+    Defaults = the paper's text (compared with the reference code's choices in
+    ``docs/results/smollm2``). Presets: ``paper`` (the same), ``reference`` (the public reference code's
     choices, float32 scales included: DESIGN §5), ``plus`` (beyond BiLLM at the same storage:
     the paper's variant with ``intra_block`` and ``refit``).
     """
@@ -360,7 +360,8 @@ class SliMConfig(_GridConfig):
     bit from the ``k`` least to the ``k`` most salient, ``k`` chosen for the least ``sba_error`` of
     the rounding. SQC picks each group row's clipping for the least ``sum omega (w - q)^2``,
     ``omega = 1 + tau`` on locally salient weights (salience above mean + 3 std), 1 elsewhere.
-    Measured on SmolLM2 (``docs/results``): ``diag`` beats ``output`` as SBA's error.
+    ``sba_error``: ``diag`` (default) scores a choice by the loss GPTQ's compensation cannot remove;
+    ``output`` by the rounding's whole output error, which that compensation then changes.
     """
 
     method: ClassVar[str] = "slim"
