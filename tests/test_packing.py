@@ -340,3 +340,24 @@ def test_load_model_refuses_a_billm_folder_without_its_map(checkpoint):
     (checkpoint / QUANT_MAP).unlink()  # config.json still says quant_method billm: never load it as a plain model
     with pytest.raises(CheckpointError, match="not a complete billm checkpoint"):
         load_model(checkpoint)
+
+
+def test_format_version_1_folders_still_load_and_save_again(checkpoint, tmp_path):
+    # version 1 recorded a formula's storage bits and no method config in config.json
+    def to_v1(d):
+        d["format_version"] = 1
+        d["storage_bits_rule"] = d.pop("storage_bits")
+        for layer in d["layers"].values():
+            layer["storage_bits_rule"] = layer.pop("storage_bits")
+
+    _rewrite_map(checkpoint, to_v1)
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "billm", "method": "billm", "format_version": 1}
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    model = load(checkpoint)
+    info = inspect(checkpoint)
+    assert info.storage_bits > info.weight_bits > 1
+    again = save(model, tmp_path / "v2")  # the config comes back from the map
+    assert json.loads((again / QUANT_MAP).read_text())["format_version"] == 2
+    ids = torch.randint(3, 120, (1, 12))
+    assert torch.equal(_logits(load(again), ids), _logits(model, ids))
