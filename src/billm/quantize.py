@@ -28,7 +28,7 @@ from .model.walker import (
     BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, max_positions, replace_module, run_block,
     select_linears,
 )
-from .packing.checkpoint import FORMAT_VERSION
+from .packing.checkpoint import quantization_record
 from .packing.linear import PackedLinear
 
 if TYPE_CHECKING:
@@ -232,14 +232,14 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
         raise QuantizationError(f"{full}: {e}") from e
     bias = getattr(mod, "bias", None)
     packed = PackedLinear.from_stored(res.stored.to(W.device), bias, source=type(mod).__name__)
-    Q = packed.stored().values()  # (out, in): what every later forward computes with
+    st = packed.stored()
+    Q = st.values()  # (out, in): what every later forward computes with
     if res.q is not None and not torch.equal(res.q, Q):
         raise QuantizationError(f"{full}: the {method.name} stored form does not decode to the weights it simulated "
                                 f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
     took = time.perf_counter() - t0
     rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
     wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
-    st = packed.stored()
     log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits (%.3f stored), %.2fs",
              full, tuple(W.shape), rel, wrel, st.weight_bits, st.storage_bits, took)
     return packed, LayerReport(name=full, shape=tuple(W.shape), weight_bits=st.weight_bits,
@@ -305,8 +305,7 @@ def record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", b
 def mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     """Record the method's config on the model (``model.config.quantization_config``), where :func:`billm.save` reads it."""
     if getattr(model, "config", None) is not None:
-        model.config.quantization_config = {"quant_method": "billm", "method": config.method,
-                                            "format_version": FORMAT_VERSION, "config": config.to_dict()}
+        model.config.quantization_config = quantization_record(config.method, config.to_dict())
 
 
 def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,

@@ -2,8 +2,8 @@
 
 from .loading import default_model_path, load_model
 from .walker import (
-    capture_inputs, find_blocks, find_linears, get_weight, max_positions, replace_module, run_block, set_weight,
+    capture_inputs, find_blocks, find_linears, get_weight, max_positions, replace_module, run_block,
 )
 
 __all__ = ["capture_inputs", "default_model_path", "find_blocks", "find_linears", "get_weight", "load_model",
-           "max_positions", "replace_module", "run_block", "set_weight"]
+           "max_positions", "replace_module", "run_block"]

@@ -92,11 +92,6 @@ def get_weight(m: nn.Module) -> Tensor:
     return m.weight.data.t() if bool(Conv1D) and isinstance(m, Conv1D) else m.weight.data
 
 
-def set_weight(m: nn.Module, w: Tensor) -> None:
-    """Write (out_features, in_features) values back in the module's own layout and dtype."""
-    target = m.weight.data
-    target.copy_((w.t() if bool(Conv1D) and isinstance(m, Conv1D) else w).to(target.dtype))
-
 
 class _Captured(Exception):
     """Raised by the capture hook to stop the forward after the first block's inputs are seen."""

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..io import atomic_dir, check_output_dir, write_json_atomic
-from .formats import FORMATS, get_format, storage_bits
+from .formats import FORMATS, StoredWeight, get_format, storage_bits
 from .linear import PREFIX, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,6 @@ def tensor_sha256(t: Tensor) -> str:
 
 # ----------------------------------------------------------------------------- save
 
-def _module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError as e:
-        raise CheckpointError(f"the model has no module {name!r}") from e
-
-
 def _state_without_ties(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Drop tensors that alias an earlier one (tied embeddings); return (unique tensors, alias -> source)."""
     seen: dict[tuple, str] = {}
@@ -98,6 +91,11 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
+def quantization_record(method: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` billm keeps on a quantized model and in its ``config.json``."""
+    return {"quant_method": "billm", "method": method, "format_version": FORMAT_VERSION, "config": config}
+
+
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """The billm ``quantization_config`` that :func:`billm.quantize` (or :func:`load`) left on the model.
 
@@ -111,8 +109,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     return qc
 
 
-def _layer_entry(layer: PackedLinear) -> dict[str, Any]:
-    st = layer.stored()
+def _layer_entry(layer: PackedLinear, st: StoredWeight) -> dict[str, Any]:
     return {"format": st.format, "shape": list(st.shape), "meta": st.meta, "bias": layer.bias is not None,
             "module": layer.source, "weight_bits": st.weight_bits, "storage_bits": st.storage_bits}
 
@@ -149,7 +146,8 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
         raise CheckpointError("the model holds no packed layers (was it quantized by billm.quantize?)")
     qc = quantization_config(model)
     out = check_output_dir(Path(out), is_billm_folder, "billm checkpoint")
-    packed_names = {f"{n}.{PREFIX}{f}": (n, f) for n, m in packed.items() for f in m.stored().tensors}
+    stored = {n: m.stored() for n, m in packed.items()}
+    packed_names = {f"{n}.{PREFIX}{f}" for n, st in stored.items() for f in st.tensors}
     sd = {k: v for k, v in model.state_dict().items() if k not in packed_names}
     tensors, tied = _state_without_ties(sd)
     for k, t in tensors.items():
@@ -158,9 +156,8 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
             t = t.to(dtype)
         tensors[k] = t.contiguous()
     model_dtype = str(dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))
-    layers = {n: _layer_entry(m) for n, m in packed.items()}
-    for n, m in packed.items():  # fields in a fixed order: the map's bytes do not depend on how the model was built
-        st = m.stored()
+    layers = {n: _layer_entry(packed[n], st) for n, st in stored.items()}
+    for n, st in stored.items():  # fields in a fixed order: the map's bytes do not depend on how the model was built
         tensors.update({f"{n}.{PREFIX}{f}": st.tensors[f].detach().cpu().contiguous() for f in sorted(st.tensors)})
     qmap = {
         "format_version": FORMAT_VERSION,
@@ -176,7 +173,7 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
     }
     with atomic_dir(out) as tmp:
         config = copy.deepcopy(model.config)
-        config.quantization_config = {**qc, "format_version": FORMAT_VERSION}
+        config.quantization_config = quantization_record(qc["method"], qc["config"])
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -388,8 +385,7 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype
         raise CheckpointError(f"{file}: no data for {still_meta[:5]}")
     model.to(device)
     model.eval()
-    model.config.quantization_config = {"quant_method": "billm", "method": qmap["method"],
-                                        "format_version": FORMAT_VERSION, "config": qmap["config"]}
+    model.config.quantization_config = quantization_record(qmap["method"], qmap["config"])
     return model
 
 
