@@ -35,7 +35,9 @@ compare_section() {  # compare_section NAME TITLE METHODS
     printf '\nStorage bits: every packed byte (signs, bitmaps, masks, scales, the map'"'"'s share) x 8 / quantized weights.\n'
     printf 'Weight bits: sign/code bits as papers count them. `compare.json` has every figure; `pareto.png` the plot.\n'
   } > "$out/README.md"
-  stamp "$out/README.md" "billm compare smollm2 --methods $methods ${PROTOCOL[*]} --out $out"
+  local made="billm compare smollm2 --methods $methods ${PROTOCOL[*]} --out $out"
+  stamp "$out/README.md" "$made"
+  stamp "$out/compare.md" "$made"
 }
 
 for section in "${SECTIONS[@]}"; do
