@@ -246,7 +246,7 @@ def test_cli_eval_reports_accuracy(lm, shared_data, tmp_path, capsys):
 
 
 def test_harness_adapter_on_a_local_yaml_task(lm, tmp_path):
-    from billm.eval.harness import run_harness
+    from billm.eval.harness import harness_lm, run_harness
 
     model, tok = lm
     docs = [{"question": f"Item {i}: the answer is", "choices": ["red", "green", "a long blue one"], "gold": i % 3}
@@ -262,7 +262,7 @@ def test_harness_adapter_on_a_local_yaml_task(lm, tmp_path):
         "doc_to_choice: '{{choices}}'\n"
         "doc_to_target: '{{gold}}'\n"
         "metric_list:\n  - metric: acc\n")
-    res = run_harness(model, tok, ["billm_toy"], include_path=str(tmp_path), batch_size=4)
+    res = run_harness(harness_lm(model, tok, batch_size=4), ["billm_toy"], include_path=str(tmp_path))
     right = []
     for d in docs:
         ll = [direct_ll(model, tok, d["question"], " " + c) for c in d["choices"]]

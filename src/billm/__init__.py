@@ -25,6 +25,10 @@ from .packing.formats import FieldSpec, Format, StoredWeight, register_format, s
 from .packing.linear import PackedLinear, set_kernel
 from .quantize import LayerReport, QuantReport, quantize
 
+from .packing import hf as _hf
+
+_hf.register()  # AutoModelForCausalLM.from_pretrained(folder) loads billm checkpoints packed
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -232,11 +232,48 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_harness(lm, tasks: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from .eval.harness import run_harness
+
+    res = run_harness(lm, tasks, args.limit, args.include_path)
+    rows = [[t, m, v, r.get(f"{m}_stderr", float("nan"))] for t, r in res.items() for m, v in r.items()
+            if not m.endswith("_stderr")]
+    print(format_table(rows, ["task", "metric", "value", "stderr"]))
+    return res
+
+
+def _eval_loaded(args: argparse.Namespace, ppl_tasks: list[str], zs_tasks: list[str], dtype) -> dict[str, Any]:
+    """Perplexity and zero-shot tasks of a model billm loads (load_model: checkpoint, folder, hub name, .gguf)."""
+    from .eval.zeroshot import zeroshot
+    from .model.loading import load_model
+
+    out: dict[str, Any] = {}
+    model, tok = load_model(args.model, dtype=dtype)
+    _apply_kernel(model, args.kernel)
+    if ppl_tasks:
+        results = _evaluate(model, tok, ppl_tasks, args.seqlen, args.max_windows, args.data_dir, args.device,
+                            args.batch_size)
+        rows = [[t, r["ppl"], r["n_windows"], r["seqlen"], r["seconds"]] for t, r in results.items()]
+        print(format_table(rows, ["task", "perplexity", "windows", "seqlen", "sec"]))
+        out["perplexity"] = results
+    if zs_tasks and args.harness:
+        from .eval.harness import harness_lm
+
+        out["harness"] = _run_harness(harness_lm(model, tok, args.zeroshot_batch_size, args.device), zs_tasks, args)
+    elif zs_tasks:
+        res = zeroshot(model, tok, zs_tasks, args.limit, args.data_dir, args.zeroshot_batch_size, args.device)
+        rows = [[t, r.n, r.metrics["acc"], r.stderr["acc"], r.metrics.get("acc_norm", float("nan")),
+                 r.stderr.get("acc_norm", float("nan")), r.seconds] for t, r in res.items()]
+        print(format_table(rows, ["task", "items", "acc", "±", "acc_norm", "±", "sec"]))
+        out["zeroshot"] = {t: r.to_dict() for t, r in res.items()}
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .eval.zeroshot import TASKS as ZEROSHOT, zeroshot
-    from .model.loading import load_model
+    from .eval.zeroshot import TASKS as ZEROSHOT
+    from .packing.checkpoint import is_checkpoint
 
     _check_args(args)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -251,29 +288,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if t not in DATASETS and not Path(t).expanduser().exists():
                 raise BillmError(f"unknown task {t!r}: perplexity sets are {', '.join(DATASETS)} (or a path to a text "
                                  f"file); zero-shot tasks are {', '.join(ZEROSHOT)}; harness task names need --harness")
-    model, tok = load_model(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
-    _apply_kernel(model, args.kernel)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     out: dict[str, Any] = {"model": args.model}
-    if ppl_tasks:
-        results = _evaluate(model, tok, ppl_tasks, args.seqlen, args.max_windows, args.data_dir, args.device,
-                            args.batch_size)
-        rows = [[t, r["ppl"], r["n_windows"], r["seqlen"], r["seconds"]] for t, r in results.items()]
-        print(format_table(rows, ["task", "perplexity", "windows", "seqlen", "sec"]))
-        out["perplexity"] = results
-    if zs_tasks and args.harness:
-        from .eval.harness import run_harness
+    if zs_tasks and args.harness and is_checkpoint(Path(args.model or "").expanduser()):
+        # the harness user's route, --model hf --model_args pretrained=FOLDER: from_pretrained builds it packed
+        from .eval.harness import harness_lm_pretrained
 
-        res = run_harness(model, tok, zs_tasks, args.limit, args.include_path, args.zeroshot_batch_size, args.device)
-        rows = [[t, m, v, r.get(f"{m}_stderr", float("nan"))] for t, r in res.items() for m, v in r.items()
-                if not m.endswith("_stderr")]
-        print(format_table(rows, ["task", "metric", "value", "stderr"]))
-        out["harness"] = res
-    elif zs_tasks:
-        res = zeroshot(model, tok, zs_tasks, args.limit, args.data_dir, args.zeroshot_batch_size, args.device)
-        rows = [[t, r.n, r.metrics["acc"], r.stderr["acc"], r.metrics.get("acc_norm", float("nan")),
-                 r.stderr.get("acc_norm", float("nan")), r.seconds] for t, r in res.items()]
-        print(format_table(rows, ["task", "items", "acc", "±", "acc_norm", "±", "sec"]))
-        out["zeroshot"] = {t: r.to_dict() for t, r in res.items()}
+        lm = harness_lm_pretrained(str(Path(args.model).expanduser()), args.zeroshot_batch_size, args.device, dtype)
+        _apply_kernel(lm.model, args.kernel)
+        out["harness"] = _run_harness(lm, zs_tasks, args)
+    else:
+        out.update(_eval_loaded(args, ppl_tasks, zs_tasks, dtype))
     write_json_atomic(Path(args.json), out)
     print(f"written {args.json}")
     return 0

@@ -1,8 +1,10 @@
 """Hand a model (full precision or a packed billm checkpoint) to lm-evaluation-harness.
 
-:func:`harness_lm` wraps the model for the harness; billm's zero-shot tasks
-(:mod:`billm.eval.zeroshot`) and :func:`run_harness` (the harness's own task registry plus any
-``include_path`` folder of YAML tasks, for users who already live in the harness) both score through it.
+:func:`harness_lm` wraps a model object for the harness; billm's zero-shot tasks
+(:mod:`billm.eval.zeroshot`) score through it. :func:`harness_lm_pretrained` is the route a harness
+user takes, ``--model hf --model_args pretrained=FOLDER``: the harness loads the folder itself with
+``from_pretrained``, which after ``import billm`` builds the packed model. :func:`run_harness` (the
+harness's own task registry plus any ``include_path`` folder of YAML tasks) scores either.
 """
 
 from __future__ import annotations
@@ -52,9 +54,18 @@ def harness_lm(model: nn.Module, tokenizer, batch_size: int = 16, device: Any = 
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
 
 
-def run_harness(model: nn.Module, tokenizer, tasks: Sequence[str], limit: Optional[int] = None,
-                include_path: Optional[str] = None, batch_size: int = 16, device: Any = None) -> dict[str, dict[str, float]]:
-    """Evaluate ``model`` on harness ``tasks`` through ``lm_eval.simple_evaluate``.
+def harness_lm_pretrained(folder: str, batch_size: int = 16, device: Any = None, dtype: Optional[torch.dtype] = None):
+    """The harness's ``HFLM`` with ``pretrained=folder``: the harness loads the model (packed, for a billm folder)."""
+    require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(folder), batch_size=batch_size, device=str(device or "cpu"),
+                dtype=str(dtype).replace("torch.", "") if dtype is not None else "auto")
+
+
+def run_harness(lm, tasks: Sequence[str], limit: Optional[int] = None,
+                include_path: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """Evaluate ``lm`` (from :func:`harness_lm` or :func:`harness_lm_pretrained`) on harness ``tasks``.
 
     Returns:
         ``{task: {metric: value, metric + "_stderr": value}}`` (the harness's "none" filter).
@@ -62,7 +73,6 @@ def run_harness(model: nn.Module, tokenizer, tasks: Sequence[str], limit: Option
     Raises:
         BillmError: lm-eval is not installed, or the harness rejects a task name.
     """
-    lm = harness_lm(model, tokenizer, batch_size, device)
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -2,7 +2,10 @@
 
 Layout of ``DIR``::
 
-    config.json, generation_config.json, tokenizer files     as ``save_pretrained`` writes them
+    config.json            as ``save_pretrained`` writes it, guarded: its ``model_type`` names billm (the
+                           real one is under ``billm_model_type``) and its ``quantization_config`` lists
+                           each packed layer's structure (see :mod:`billm.packing.hf`)
+    generation_config.json, tokenizer files                  as ``save_pretrained`` writes them
     model.safetensors      every tensor of the model: non-quantized ones in the model's dtype under
                            their usual names, and for each quantized linear its packed fields
                            ``<layer>.packed_<field>`` (and ``<layer>.bias``) instead of its weight
@@ -14,12 +17,14 @@ Layout of ``DIR``::
 Everything is read off the model: its :class:`PackedLinear` layers and the method's config that
 :func:`billm.quantize` recorded in ``model.config.quantization_config``. The map is written last
 and the folder appears under its name in one rename, so a folder with a map is complete;
-:func:`load` refuses any other. ``config.json`` carries that ``quantization_config`` (``quant_method:
-billm``); load the folder with :func:`billm.load` (or any ``billm`` command).
+:func:`load` refuses any other. Load the folder with :func:`billm.load`, any ``billm`` command, or,
+after ``import billm``, ``transformers.AutoModelForCausalLM.from_pretrained`` (plain transformers
+refuses it with an error naming billm).
 
 Format versions: 1 recorded a formula's storage bits (``storage_bits_rule``); 2 records the
 storage bits measured from the packed bytes (``storage_bits``) and the method config in
-``config.json``. Both read the same way.
+``config.json``; 3 guards ``config.json`` and lists the layers there (for transformers). All read the
+same way with :func:`load`.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..io import atomic_dir, check_output_dir, write_json_atomic
 from .formats import FORMATS, StoredWeight, get_format, storage_bits
+from .hf import guard_config_file, register as register_with_transformers
 from .linear import PREFIX, PackedLinear
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 QUANT_MAP = "billm_quant.json"
 WEIGHTS = "model.safetensors"
 REPORT = "billm_report.json"
@@ -91,9 +97,14 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-def quantization_record(method: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The ``quantization_config`` billm keeps on a quantized model and in its ``config.json``."""
-    return {"quant_method": "billm", "method": method, "format_version": FORMAT_VERSION, "config": config}
+def quantization_record(method: str, config: dict[str, Any], layers: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``quantization_config`` billm keeps on a quantized model and in its ``config.json``.
+
+    In ``config.json`` it also lists each packed layer's structure (``layers``: what transformers
+    needs to build the empty :class:`PackedLinear` layers before the weights load).
+    """
+    record = {"quant_method": "billm", "method": method, "format_version": FORMAT_VERSION, "config": config}
+    return {**record, "layers": layers} if layers is not None else record
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
@@ -103,15 +114,22 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         CheckpointError: the model was not quantized by billm.
     """
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if hasattr(qc, "to_dict"):  # loaded by transformers: its quantization config object
+        qc = qc.to_dict()
     if not isinstance(qc, dict) or qc.get("quant_method") != "billm" or "config" not in qc:
         raise CheckpointError("the model carries no billm quantization config (quantize it with billm.quantize, or "
                               "load it with billm.load)")
     return qc
 
 
+def _structure(layer: PackedLinear) -> dict[str, Any]:
+    """What it takes to build the layer empty: format, shape, attributes, bias, the module it replaced."""
+    return {"format": layer.format, "shape": list(layer.shape), "meta": layer.meta, "bias": layer.bias is not None,
+            "module": layer.source}
+
+
 def _layer_entry(layer: PackedLinear, st: StoredWeight) -> dict[str, Any]:
-    return {"format": st.format, "shape": list(st.shape), "meta": st.meta, "bias": layer.bias is not None,
-            "module": layer.source, "weight_bits": st.weight_bits, "storage_bits": st.storage_bits}
+    return {**_structure(layer), "weight_bits": st.weight_bits, "storage_bits": st.storage_bits}
 
 
 def _weighted(layers: dict[str, dict[str, Any]], key: str) -> float:
@@ -173,8 +191,11 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
     }
     with atomic_dir(out) as tmp:
         config = copy.deepcopy(model.config)
-        config.quantization_config = quantization_record(qc["method"], qc["config"])
+        config.quantization_config = quantization_record(qc["method"], qc["config"],
+                                                         {n: _structure(m) for n, m in packed.items()})
+        config.dtype = model_dtype.replace("torch.", "")  # what from_pretrained(dtype="auto") should build
         config.save_pretrained(tmp)
+        guard_config_file(tmp / "config.json")  # plain transformers refuses the folder, naming billm
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             try:
@@ -204,7 +225,9 @@ def read_map(path: Union[str, Path]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not f.is_file():
         raise CheckpointError(f"{path}: not a complete billm checkpoint ({QUANT_MAP} is missing; an interrupted "
-                              f"save never leaves one); quantize again with `billm quantize ... --out {path}`")
+                              f"save never leaves one); quantize again with `billm quantize ... --out {path}`, or, "
+                              "for a folder written by save_pretrained, load it with transformers after `import billm` "
+                              "(AutoModelForCausalLM.from_pretrained)")
     try:
         qmap = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -282,11 +305,37 @@ def read_header(file: Union[str, Path]) -> dict[str, TensorEntry]:
 
 # ----------------------------------------------------------------------------- load
 
+def swap_in_packed(model: nn.Module, layers: dict[str, dict[str, Any]], where: str) -> None:
+    """Replace each listed linear of an empty (meta) model by an empty :class:`PackedLinear` of its format.
+
+    ``layers`` maps qualified names to ``format``, ``shape``, ``meta``, ``bias`` and ``module`` (the
+    class replaced); ``where`` names the file they came from, for errors. The bias takes the old weight's dtype.
+
+    Raises:
+        CheckpointError: a layer the model lacks, or of another shape.
+    """
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, child)
+        except AttributeError:
+            raise CheckpointError(f"{where}: layer {name} does not exist in a {type(model).__name__}") from None
+        shape = tuple(layer["shape"])
+        w = getattr(old, "weight", None)
+        have = None if w is None else (tuple(w.shape[::-1]) if type(old).__name__ == "Conv1D" else tuple(w.shape))
+        if have != shape:
+            raise CheckpointError(f"{where}: layer {name} is {shape} there but {have} in the model config")
+        setattr(parent, child, PackedLinear(layer["format"], shape, layer["meta"], bias=layer["bias"],
+                                            dtype=w.dtype, device="meta", source=layer.get("module", "Linear")))
+
+
 def _skeleton(path: Path, qmap: dict[str, Any], dtype: Optional[torch.dtype]) -> nn.Module:
     """The model built from config.json without allocating weights, quantized linears swapped for PackedLinear."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    register_with_transformers()  # config.json names the guard model type
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises OSError / ValueError for a bad config.json
@@ -295,20 +344,7 @@ def _skeleton(path: Path, qmap: dict[str, Any], dtype: Optional[torch.dtype]) ->
         del config.quantization_config
     with init_empty_weights(include_buffers=False):  # parameters on "meta"; computed buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(torch, qmap.get("dtype", "float32")))
-    for name, layer in qmap["layers"].items():
-        parent_name, _, child = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, child)
-        except AttributeError:
-            raise CheckpointError(f"{path / QUANT_MAP}: layer {name} does not exist in a {type(model).__name__}") from None
-        shape = tuple(layer["shape"])
-        w = getattr(old, "weight", None)
-        have = None if w is None else (tuple(w.shape[::-1]) if type(old).__name__ == "Conv1D" else tuple(w.shape))
-        if have != shape:
-            raise CheckpointError(f"{path / QUANT_MAP}: layer {name} is {shape} in the map but {have} in the model config")
-        setattr(parent, child, PackedLinear(layer["format"], shape, layer["meta"], bias=layer["bias"],
-                                            dtype=w.dtype, device="meta", source=layer.get("module", "Linear")))
+    swap_in_packed(model, qmap["layers"], where=str(path / QUANT_MAP))
     return model
 
 
