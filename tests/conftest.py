@@ -156,6 +156,16 @@ def pytest_configure(config):
         setattr(config, _SET_BY_US, True)
 
 
+def pytest_collection_modifyitems(config, items):
+    # Tests marked `cuda` need a GPU (benchmarks/gpu_check.sh runs them there); elsewhere they skip.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def pytest_unconfigure(config):
     if getattr(config, _SET_BY_US, False):
         os.environ.pop("TRITON_INTERPRET", None)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)  # bit j of a byte has value 2**j
+_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _bit_values(device: torch.device) -> Tensor:
+    """(8,) uint8 on ``device``: bit j of a byte has value 2**j (made once per device, not copied per call)."""
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = 1 << torch.arange(8, dtype=torch.uint8, device=device)
+    return _WEIGHTS[device]
 
 
 def packed_len(n: int) -> int:
@@ -27,7 +34,7 @@ def pack_bits(x: Tensor) -> Tensor:
     if pad:
         x = torch.nn.functional.pad(x.to(torch.uint8), (0, pad)).bool()
     groups = x.reshape(*x.shape[:-1], packed_len(n), 8).to(torch.uint8)  # (..., ceil(n/8), 8)
-    return (groups * _WEIGHTS.to(x.device)).sum(dim=-1, dtype=torch.uint8)
+    return (groups * _bit_values(x.device)).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_bits(p: Tensor, n: int) -> Tensor:
@@ -36,7 +43,7 @@ def unpack_bits(p: Tensor, n: int) -> Tensor:
         raise TypeError(f"unpack_bits needs a uint8 tensor, got {p.dtype}")
     if p.shape[-1] != packed_len(n):
         raise ValueError(f"{p.shape[-1]} bytes cannot hold exactly {n} bits (need {packed_len(n)})")
-    bits = (p.unsqueeze(-1) & _WEIGHTS.to(p.device)) != 0  # (..., ceil(n/8), 8)
+    bits = (p.unsqueeze(-1) & _bit_values(p.device)) != 0  # (..., ceil(n/8), 8)
     return bits.reshape(*p.shape[:-1], p.shape[-1] * 8)[..., :n]
 
 

@@ -21,7 +21,7 @@ def salient_search_loop(M: Tensor, col_score: Tensor, k_min: int, k_max: int, or
     ranking = torch.argsort(col_score, descending=True, stable=True)
     errors = []
     for k in salient_candidates(cols, k_min, k_max).tolist():
-        sal = torch.zeros(rows, cols, dtype=torch.bool)
+        sal = torch.zeros(rows, cols, dtype=torch.bool, device=M.device)
         sal[:, ranking[:k]] = True
         est = binarize(x, sal, order, centred) + binarize(x, ~sal, order, centred)
         errors.append(sq_error(x, est))

@@ -43,7 +43,7 @@ def _design(signs: Tensor, mask: Tensor, centred: bool) -> Tensor:
 def _best_signs(x: Tensor, a: Tensor, mean: Tensor) -> Tensor:
     """For each entry the sign combination (passes) closest to x: (order, rows, cols) bool."""
     order = a.shape[1]
-    combos = torch.cartesian_prod(*[torch.tensor([1.0, -1.0], dtype=x.dtype)] * order).reshape(-1, order)  # (2^o, o)
+    combos = torch.cartesian_prod(*[torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device)] * order).reshape(-1, order)  # (2^o, o)
     vals = (a[:, None, :] * combos[None]).sum(-1) + mean[:, None]  # (rows, 2^o)
     best = (x[:, :, None] - vals[:, None, :]).abs().argmin(dim=-1)  # (rows, cols)
     return (combos[best] > 0).permute(2, 0, 1)  # (order, rows, cols)

@@ -228,11 +228,11 @@ class SalientSearch:
         return m
 
 
-def salient_candidates(cols: int, k_min: int, k_max: int) -> Tensor:
-    """The k values to try for a block of ``cols`` columns (at least one column stays non-salient)."""
+def salient_candidates(cols: int, k_min: int, k_max: int, device: torch.device | str = "cpu") -> Tensor:
+    """The k values to try for a block of ``cols`` columns (at least one column stays non-salient), on ``device``."""
     hi = min(k_max, cols - 1)
     lo = min(k_min, hi) if hi >= 0 else 0
-    return torch.arange(max(lo, 0), max(hi, 0) + 1)
+    return torch.arange(max(lo, 0), max(hi, 0) + 1, device=device)
 
 
 def search_salient_columns(M: Tensor, col_score: Tensor, k_min: int, k_max: int,
@@ -250,7 +250,7 @@ def search_salient_columns(M: Tensor, col_score: Tensor, k_min: int, k_max: int,
         order, centred: binarization used to score both groups.
     """
     rows, cols = M.shape
-    ks = salient_candidates(cols, k_min, k_max).to(M.device)
+    ks = salient_candidates(cols, k_min, k_max, M.device)
     ranking = torch.argsort(col_score, descending=True, stable=True)  # (cols,)
     col_rank = torch.empty_like(ranking)
     col_rank[ranking] = torch.arange(cols, device=M.device)
@@ -283,12 +283,12 @@ def break_candidates(M: Tensor, salient: Tensor, grid: str = "quantile", n: int 
     Returns (n,) in M's dtype.
     """
     a = (M * (~salient).to(M.dtype)).abs()  # (rows, cols), salient columns are 0
-    q = torch.linspace(0.10, 0.90, n)  # float32, like the reference
-    if grid == "quantile":
+    if grid == "quantile":  # numpy.quantile runs on the host: the levels live there too
+        q = torch.linspace(0.10, 0.90, n, device="cpu")  # float32, like the reference
         p = np.quantile(a.detach().cpu().numpy().reshape(-1), q.numpy())
         return torch.as_tensor(p, dtype=M.dtype, device=M.device)
     if grid == "linear":
-        return q.to(device=M.device, dtype=M.dtype) * a.max()
+        return torch.linspace(0.10, 0.90, n, device=M.device).to(M.dtype) * a.max()
     raise ValueError(f"unknown break grid {grid!r}")
 
 
