@@ -4,6 +4,7 @@ Every path is checked against decode-then-matmul (the ``dequant`` reference) on 
 for every format that has a fast layout.
 """
 
+import contextlib
 import importlib
 import os
 import sys
@@ -15,7 +16,7 @@ import billm
 from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.errors import BillmError
 from billm import set_kernel
-from billm.kernels import LUT_MAX_TOKENS, choose_path, triton_available
+from billm.kernels import LUT_MAX_TOKENS, TRITON_MAX_TOKENS, choose_path, triton_available
 from billm.kernels.lut import byte_table, lut_matmul
 from billm.methods import get_method
 
@@ -148,6 +149,79 @@ def test_triton_half_precision_tiles(triton_matmul, stored):
     _close(triton_matmul(x.to(KDEV), st.to(KDEV).layout()).cpu(), ref, tol=2e-2)  # fp16 tiles, fp32 accumulation
 
 
+def _kernels(triton_matmul):
+    """The module the ``triton_matmul`` fixture loaded (interpreted on CPU)."""
+    return sys.modules[triton_matmul.__module__]
+
+
+def test_triton_bf16_tiles_keep_the_bf16_range(triton_matmul, stored):
+    # bf16 reaches 3.4e38; tiles cast to fp16 (max 65504) turned one large activation into inf
+    st, q = stored(BiLLMConfig(blocksize=32), (40, 96))
+    x = torch.randn(20, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x[3, 5] = 7e4
+    y = triton_matmul(x.to(KDEV), st.to(KDEV).layout()).cpu()
+    ref = x.float() @ q.t()  # the dequant path, in float32
+    assert torch.isfinite(y).all()
+    _close(y, ref, tol=2e-2, mag=_mag(x, q))  # bf16 tiles, fp32 accumulation
+
+
+@pytest.mark.parametrize("blocks", [(1, 8, 128), (1, 16, 64), (16, 16, 64), (16, 32, 128)], ids=_shape_id)
+@pytest.mark.parametrize("cfg", [BiLLMConfig.reference(blocksize=20), SliMConfig(bits=3, groupsize=24, blocksize=24)],
+                         ids=["billm-reference-b20", "slim-w3-g24"])
+def test_triton_small_row_blocks_equal_decode_then_matmul(triton_matmul, stored, cfg, blocks):
+    st, q = stored(cfg, (17, 131))
+    x = torch.randn(5, 131, generator=torch.Generator().manual_seed(1))
+    _close(triton_matmul(x.to(KDEV), st.to(KDEV).layout(), blocks=blocks).cpu(), x @ q.t(), mag=_mag(x, q))
+
+
+def test_triton_block_sizes_give_small_layers_enough_programs(triton_matmul):
+    k = _kernels(triton_matmul)
+    assert k.block_sizes(1, 576) == (1, 8, 128)  # 72 programs for a SmolLM2 decoding step, not 9
+    assert k.block_sizes(1, 4096) == (1, 32, 128)
+    assert k.block_sizes(1, 11008) == (1, 64, 128)
+    assert k.block_sizes(5, 192) == (16, 16, 64)  # tl.dot tiles stay >= 16
+    assert k.block_sizes(4096, 4096) == (16, 64, 64)
+
+
+def test_triton_grid_puts_tokens_on_axis_0(triton_matmul):
+    k = _kernels(triton_matmul)
+    T = 2_000_000  # 125000 token tiles: more than CUDA's 65535 on axes 1 and 2
+    assert k.launch_grid(T, 4096, k.block_sizes(T, 4096)) == (125_000, 64)
+    with pytest.raises(ValueError, match="row tiles"):
+        k.launch_grid(1, 70_000, (1, 1, 128))
+
+
+def test_triton_launches_under_the_inputs_cuda_device(triton_matmul):
+    k = _kernels(triton_matmul)
+    guard = k.launch_guard(torch.device("cuda", 1))  # built, not entered: no GPU needed
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(k.launch_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_triton_rejects_planes_on_another_device(triton_matmul, stored):
+    st, _ = stored(RTNConfig(bits=2), (8, 32))
+    with pytest.raises(ValueError, match="move the layer"):
+        triton_matmul(torch.randn(1, 32, device="meta"), st.layout())
+
+
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what ``choose_path`` reads, without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_auto_path_on_cuda_decodes_once_for_long_prompts():
+    few = torch.empty(1, TRITON_MAX_TOKENS, 8).as_subclass(_CudaLooking)
+    many = torch.empty(1, TRITON_MAX_TOKENS + 1, 8).as_subclass(_CudaLooking)
+    assert choose_path("auto", few, True) == ("triton" if triton_available() else "dequant")
+    assert choose_path("auto", many, True) == "dequant"  # one decode, then cuBLAS
+    assert choose_path("auto", many, False) == "dequant"
+    if triton_available():
+        assert choose_path("triton", many, True) == "triton"  # a forced path is taken at any length
+
+
 def test_aligned_layouts_share_the_stored_planes(stored):
     st, _ = stored(BiLLMConfig(blocksize=32), (9, 64))
     lay = st.layout()
@@ -213,3 +287,68 @@ def test_a_loaded_model_decodes_tokens_through_the_lookup_path(tiny_model, cfg, 
         _close(loaded(ids).logits, ref, tol=1e-4)
     for a, b in zip(out.logits, out_ref.logits):
         _close(a, b, tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+# Compiled Triton (no interpreter): benchmarks/gpu_check.sh runs these with the other `cuda` tests.
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tokens", [1, 5, TRITON_MAX_TOKENS, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cfg", [BiLLMConfig(blocksize=32), SliMConfig(bits=2, groupsize=16, blocksize=32)],
+                         ids=["billm-b32", "slim-w2-g16"])
+def test_compiled_triton_equals_decode_then_matmul_in_each_dtype(stored, cfg, dtype, tokens):
+    st, q = stored(cfg, (70, 200))
+    layer = billm.PackedLinear.from_stored(st).cuda()
+    layer.kernel = "triton"
+    x = torch.randn(tokens, 200, generator=torch.Generator().manual_seed(2)).to(dtype)
+    if dtype == torch.bfloat16:
+        x[0, 3] = 7e4  # beyond fp16's range
+    with torch.no_grad():
+        y = layer(x.cuda()).float().cpu()
+    assert torch.isfinite(y).all()
+    _close(y, x.float() @ q.t(), tol=2e-5 if dtype == torch.float32 else 2e-2, mag=_mag(x, q))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", [BiLLMConfig(blocksize=128), RTNConfig(bits=2, groupsize=128)], ids=["billm", "rtn-w2"])
+def test_compiled_triton_offsets_past_2_31_elements(stored, cfg):
+    cols, rows = 2048, 16
+    T = 65535 * 16 + 1000  # more token tiles than grid axis 1 holds; T * cols > 2^31
+    assert T * cols >= 2**31
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs about 5 GiB for the activations")
+    st, q = stored(cfg, (rows, cols))
+    from billm.kernels.triton_kernels import triton_matmul
+
+    x = torch.randn(T, cols, device="cuda", dtype=torch.float16)
+    y = triton_matmul(x, st.to("cuda").layout())  # (T, rows) float32
+    qc = q.cuda()
+    for sl in (slice(0, 64), slice(T // 2, T // 2 + 64), slice(T - 64, T)):
+        ref = x[sl].float() @ qc.t()
+        _close(y[sl], ref, tol=2e-2, mag=(x[sl].abs().float() @ qc.abs().t()).max())
+    del x, y
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+def test_compiled_triton_runs_on_a_second_gpu(stored):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    st, q = stored(BiLLMConfig(blocksize=32), (70, 200))
+    layer = billm.PackedLinear.from_stored(st).to("cuda:1")
+    layer.kernel = "triton"
+    x = torch.randn(5, 200)
+    with torch.cuda.device(0), torch.no_grad():
+        y = layer(x.to("cuda:1"))
+    assert y.device == torch.device("cuda", 1)
+    _close(y.cpu(), x @ q.t(), mag=_mag(x, q))
+
+
+@pytest.mark.cuda
+def test_auto_path_on_a_real_cuda_tensor():
+    few = torch.empty(1, 1, 8, device="cuda")
+    many = torch.empty(1, 2048, 8, device="cuda")
+    assert choose_path("auto", few, True) == ("triton" if triton_available() else "dequant")
+    assert choose_path("auto", many, True) == "dequant"

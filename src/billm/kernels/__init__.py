@@ -14,8 +14,9 @@ Paths:
     CUDA (or Triton's interpreter): the weight decoded tile by tile in registers
     (:mod:`.triton_kernels`), GEMV for one token, ``tl.dot`` tiles for prompts.
 
-``auto`` (the default) takes ``triton`` for CUDA inputs when Triton is installed, ``lut`` for CPU
-inputs of at most :data:`LUT_MAX_TOKENS` tokens, else ``dequant``. Gradients always take
+``auto`` (the default) takes ``triton`` for CUDA inputs of at most :data:`TRITON_MAX_TOKENS` tokens
+when Triton is installed, ``lut`` for CPU inputs of at most :data:`LUT_MAX_TOKENS` tokens, else
+``dequant`` (a long prompt decodes the weight once and runs cuBLAS / the CPU's dense matmul). Gradients always take
 ``dequant``. The environment variable ``BILLM_KERNEL`` or :func:`billm.set_kernel` force a path.
 A path a layer's format cannot take (PB-LLM; GPTQ with act-order groups) falls back to ``dequant``.
 """
@@ -36,6 +37,10 @@ KERNELS = ("auto", "dequant", "lut", "triton")
 LUT_MAX_TOKENS = 64
 """Largest token count the CPU lookup path takes under ``auto``; above it decode-then-matmul is faster
 (``benchmarks/bench_kernels.py`` measures the crossover)."""
+TRITON_MAX_TOKENS = 16
+"""Largest token count CUDA inputs send to the Triton kernels under ``auto``; above it one decode and a
+cuBLAS ``F.linear`` win. A conservative guess, not yet measured: ``benchmarks/gpu_check.sh`` times both
+sides of it on a GPU."""
 
 
 def triton_available() -> bool:
@@ -60,8 +65,13 @@ def choose_path(requested: str, x: Tensor, has_layout: bool) -> str:
             raise BillmError("kernel 'triton' requested but Triton is not installed (pip install triton)")
         return requested
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.is_cuda:
-        return "triton" if triton_available() else "dequant"
+    return auto_path(x.is_cuda, tokens)
+
+
+def auto_path(cuda: bool, tokens: int) -> str:
+    """The path ``auto`` takes for ``tokens`` tokens on CUDA (``cuda``) or CPU: a fast path for few tokens, else ``dequant``."""
+    if cuda:
+        return "triton" if tokens <= TRITON_MAX_TOKENS and triton_available() else "dequant"
     return "lut" if tokens <= LUT_MAX_TOKENS else "dequant"
 
 
@@ -80,5 +90,5 @@ def packed_matmul(x: Tensor, layout, path: str) -> Tensor:
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
-__all__ = ["BiLLMPlanes", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "Layout", "choose_path", "packed_matmul",
-           "requested_kernel", "triton_available"]
+__all__ = ["BiLLMPlanes", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "Layout", "TRITON_MAX_TOKENS", "auto_path",
+           "choose_path", "packed_matmul", "requested_kernel", "triton_available"]
