@@ -25,6 +25,12 @@ REPORT_NAME = "billm_report.json"
 SAVE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=SAVE_DTYPES,
+                   help="the model's dtype while quantizing (auto: as saved, e.g. bf16 stays bf16; float32 for a "
+                        ".gguf file); the quantization math is float32 either way")
+
+
 # ----------------------------------------------------------------------------- helpers
 
 KERNEL_CHOICES = ("auto", "dequant", "lut", "triton")
@@ -178,11 +184,20 @@ def _check_existing_output(out: Path, model_name: str, force: bool) -> None:
                          "choose another --out, or pass --force to replace it")
 
 
+def _model_dtype(args: argparse.Namespace):
+    """``--dtype``: auto is the dtype the model is saved in (float32 for a .gguf file such as the embedded default)."""
+    import torch
+
+    from .model.loading import checkpoint_dtype
+
+    return checkpoint_dtype(args.model) if args.dtype == "auto" else getattr(torch, args.dtype)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import billm
     from .data import get_calibration_batches
     from .io import check_disk_space, check_output_dir
-    from .model.loading import load_model
+    from .model.loading import load_model, load_model_lazily
     from .model.walker import find_blocks, find_linears, get_weight, select_linears
     from .packing.checkpoint import is_billm_folder
     from .packing.checkpoint import tensor_sha256
@@ -194,7 +209,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = check_output_dir(Path(args.out), is_billm_folder, "billm checkpoint")  # before an hour of work
     _check_existing_output(out, args.model, args.force)
-    model, tok = load_model(args.model)
+    dtype = _model_dtype(args)
+    lazy = None if args.eager_load else load_model_lazily(args.model, dtype)  # block by block from safetensors
+    model, tok, weights = lazy if lazy is not None else (*load_model(args.model, dtype=dtype), None)
     blocks_name, blocks = find_blocks(model)
     quantized = [get_weight(m) for i, b in enumerate(blocks)
                  for m in select_linears(find_linears(b), f"{blocks_name}.{i}", cfg.include, cfg.exclude).values()]
@@ -206,9 +223,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     fingerprint = {"model": args.model, "model_config": model.config.to_dict(), "config": cfg.to_dict(),
                    "calibration": {**calibration, "sha256": tensor_sha256(calib)}, "batch_size": args.batch_size,
-                   "billm": billm.__version__, "torch": torch.__version__}
+                   "dtype": str(dtype), "billm": billm.__version__, "torch": torch.__version__}
     store = ProgressStore(progress_dir(out), fingerprint, restart=args.restart)
-    report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store)
+    report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store,
+                            weights=weights)
     result = {"model": args.model, "calibration": calibration, "seconds": time.perf_counter() - t0}
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
     billm.save(model, out, tok, report=report, extra=result, dtype=save_dtype, source_model=args.model,
@@ -368,7 +386,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         parse_method(s)  # a typo fails now, not after an hour
     tasks = args.tasks.split(",")
     out = Path(args.out)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=_model_dtype(args))
     calib = get_calibration_batches(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                     data_dir=args.data_dir)
     eval_seqlen = args.eval_seqlen or args.seqlen
@@ -500,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace an output folder holding a checkpoint of another model")
     q.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES,
                    help="dtype of the non-quantized tensors in the checkpoint (auto: the model's)")
+    _add_dtype(q)
+    q.add_argument("--eager-load", action="store_true",
+                   help="load the whole model up front (default for safetensors folders and hub models: an empty "
+                        "model whose blocks are read one at a time, so memory holds about one block)")
     _add_data(q)
     q.set_defaults(fn=cmd_quantize)
 
@@ -545,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-seqlen", type=int, default=None)
     c.add_argument("--max-windows", type=int, default=None)
     c.add_argument("--out", default="compare", help="output folder")
+    _add_dtype(c)
     _add_data(c)
     c.set_defaults(fn=cmd_compare)
 

@@ -24,6 +24,7 @@ from .config import QuantConfig
 from .errors import BillmError, DataError, ModelError, QuantizationError
 from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
 from .methods.registry import Method, method_of
+from .model.lazy import LazyWeights, fill_outside_blocks, is_lazy
 from .model.walker import (
     BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, max_positions, replace_module, run_block,
     select_linears,
@@ -153,9 +154,10 @@ class _Run:
     method: Method
     blocks_name: str
     blocks: nn.ModuleList
-    targets: list[dict[str, nn.Module]]  # per block, the linears to quantize by in-block name
+    targets: list[dict[str, nn.Module]]  # per block, the linears to quantize by in-block name (emptied once done)
     device: torch.device
     offload: torch.device
+    weights: Optional[LazyWeights] = None  # where an empty model's tensors come from, block by block
     inputs: Optional[BlockInputs] = None
     layers: list[LayerReport] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
@@ -177,13 +179,27 @@ def plan(model: nn.Module, config: QuantConfig, seqlen: int, device: Optional[De
     if not any(targets):
         raise ModelError(f"no linear layers to quantize in {type(model).__name__} "
                          f"(include={list(config.include)}, exclude={list(config.exclude)})")
-    for i, lin in enumerate(targets):  # fail before any work, naming the layer
+    for i, lin in enumerate(targets):  # fail before any work, naming the layer (an empty model's: when read)
         for name, mod in lin.items():
-            if not torch.isfinite(get_weight(mod)).all():
-                raise QuantizationError(f"{blocks_name}.{i}.{name}: the weight has NaN/Inf entries; refusing to quantize it")
+            _check_finite(get_weight(mod), f"{blocks_name}.{i}.{name}")
     home = next(model.parameters()).device
+    home = torch.device("cpu") if home.type == "meta" else home
     return _Run(model, config, method, blocks_name, blocks, targets, torch.device(device) if device is not None else home,
                 home)
+
+
+def _check_finite(w: Tensor, name: str) -> None:
+    if not w.is_meta and not torch.isfinite(w).all():
+        raise QuantizationError(f"{name}: the weight has NaN/Inf entries; refusing to quantize it")
+
+
+def fill_block(run: _Run, i: int) -> None:
+    """An empty model's block ``i``: read its tensors (in the model's dtype) and check its linears' weights."""
+    if run.weights is None:
+        return
+    run.weights.materialize(run.blocks[i], f"{run.blocks_name}.{i}")
+    for name, mod in run.targets[i].items():
+        _check_finite(get_weight(mod), run.name(i, name))
 
 
 def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
@@ -224,7 +240,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     Raises:
         QuantizationError: the method failed, or its stored form does not decode to its simulated weights.
     """
-    W = get_weight(mod).to(torch.float32)  # (out, in)
+    W = get_weight(mod).to(torch.float32)  # (out, in): the math is float32 whatever the model's dtype
     t0 = time.perf_counter()
     try:
         res = method(W.clone(), H, config, times)
@@ -259,6 +275,7 @@ def quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> li
         run.phases["compensation"] += times.compensate
         run.phases["hessian"] += rep.seconds - times.quantize - times.compensate
         done.append(rep)
+    run.targets[i] = {}  # the float linears are gone from the model: nothing keeps them alive
     return done
 
 
@@ -282,8 +299,15 @@ def replay(run: _Run, store: "ProgressStore") -> int:
         return 0
     for name, st in state.stored.items():
         old = run.model.get_submodule(name)
-        replace_module(run.model, name, PackedLinear.from_stored(st.to(get_weight(old).device), getattr(old, "bias", None),
+        w = get_weight(old)
+        bias = getattr(old, "bias", None)
+        if bias is not None and bias.is_meta:  # an empty model: the bias from the source, the packed weight from the store
+            bias = run.weights.read(f"{name}.bias").to(bias.dtype)
+        replace_module(run.model, name, PackedLinear.from_stored(st.to(run.offload if w.is_meta else w.device), bias,
                                                                  source=type(old).__name__))
+    for i in range(state.next_block):
+        run.targets[i] = {}
+        fill_block(run, i)  # what the store does not hold (norms) of an empty model's finished blocks
     run.layers = [LayerReport(**{**d, "shape": tuple(d["shape"])}) for d in state.layers]
     for k, v in state.phases.items():
         run.phases[k] += v
@@ -310,7 +334,7 @@ def mark_quantized(model: nn.Module, config: QuantConfig) -> None:
 
 def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
              device: Optional[Device] = None, batch_size: int = 8, progress: bool = True,
-             store: Optional["ProgressStore"] = None) -> QuantReport:
+             store: Optional["ProgressStore"] = None, weights: Optional[LazyWeights] = None) -> QuantReport:
     """Quantize the linears of every decoder block of ``model`` in place: each becomes a :class:`PackedLinear`.
 
     Args:
@@ -323,6 +347,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         progress: show a tqdm bar over blocks.
         store: a :class:`~billm.resume.ProgressStore`: every finished block is recorded there,
             and a run that finds earlier progress continues after its last finished block.
+        weights: for an empty model (parameters on ``meta``, from :func:`billm.model.load_skeleton`),
+            where its tensors are read: the embeddings for the capture, then one block at a time,
+            in the model's dtype. A model dispatched by accelerate (``device_map``, disk or CPU
+            offload) needs nothing: its offloaded tensors are read through accelerate's maps.
 
     Returns:
         A :class:`QuantReport` with one :class:`LayerReport` per quantized linear (metrics only:
@@ -333,7 +361,15 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             Blocks finished before the failure stay quantized in place; reload the model to retry.
     """
     batches = _as_batches(calibration, batch_size)
+    weights = weights or LazyWeights.from_accelerate(model)  # None unless accelerate dispatched it
+    if weights is None and is_lazy(model):
+        raise ModelError("the model has parameters on the meta device and no source for them: pass "
+                         "weights=billm.model.LazyWeights.from_folder(folder) (see billm.model.load_skeleton)")
     run = plan(model, config, batches[0].shape[1], device)
+    run.weights = weights
+    if weights is not None:
+        fill_outside_blocks(model, run.blocks_name, weights)
+        fill_block(run, 0)  # the capture's probe runs block 0
     was_training = model.training
     model.eval()
     current: Optional[nn.Module] = None
@@ -346,6 +382,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                    initial=start, total=len(run.blocks))
         for i in bar:
             before = dict(run.phases)
+            fill_block(run, i)
             current = run.blocks[i].to(run.device)
             t0 = time.perf_counter()
             accs = accumulate_hessians(run, i)

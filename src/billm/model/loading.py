@@ -185,6 +185,72 @@ def _load_checkpoint(path: Path, dtype: torch.dtype | None):
     return model, tokenizer
 
 
+def checkpoint_dtype(name_or_path: str | os.PathLike | None) -> torch.dtype:
+    """The dtype a model is saved in: its config's ``dtype`` (``torch_dtype``); float32 for a ``.gguf`` file
+    (transformers dequantizes it to float32), a billm checkpoint's saved dtype, or a config that does not say.
+
+    Raises:
+        ModelError: the config cannot be read.
+    """
+    from .lazy import config_dtype
+
+    name = default_model_path() if name_or_path is None or str(name_or_path).strip().lower() in DEFAULT_MODEL_NAMES \
+        else os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if _find_gguf(path) is not None:
+        return torch.float32
+    from transformers import AutoConfig
+
+    try:
+        return config_dtype(AutoConfig.from_pretrained(name))
+    except Exception as exc:
+        raise ModelError(f"could not read the config of '{name}': {type(exc).__name__}: {exc}; {_EXPECTED}") from exc
+
+
+def load_model_lazily(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """``(empty model, tokenizer, LazyWeights)`` of a folder or hub model with safetensors weights, or None.
+
+    None when the model cannot be read block by block (a ``.gguf`` file, a billm checkpoint,
+    ``.bin`` weights): load it whole with :func:`load_model`. The model is built on ``meta`` in
+    ``dtype`` (default: the checkpoint's own) and :func:`billm.quantize` reads its tensors as it goes.
+    """
+    from transformers import AutoTokenizer
+
+    from .lazy import INDEX, SINGLE, load_skeleton
+
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if name.strip().lower() in DEFAULT_MODEL_NAMES or _find_gguf(path) is not None:
+        return None
+    if path.is_dir():
+        if (path / "billm_quant.json").is_file() or _marked_billm(path):
+            return None
+        folder = path
+    elif _looks_like_path(name):
+        return None
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as exc:
+            raise ModelError(f"could not load model '{name}': {type(exc).__name__}: {exc}; {_EXPECTED}") from exc
+    if not ((folder / SINGLE).is_file() or (folder / INDEX).is_file()):
+        return None
+    start = time.perf_counter()
+    try:
+        model, weights = load_skeleton(folder, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except BillmError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"could not load model '{name}': {type(exc).__name__}: {exc}; {_EXPECTED}") from exc
+    model.config.use_cache = False
+    logger.info("built %s empty from %s in %s; its tensors are read block by block (%.1f s)",
+                type(model).__name__, folder, model.dtype, time.perf_counter() - start)
+    return model, tokenizer, weights
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
