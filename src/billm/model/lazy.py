@@ -58,15 +58,14 @@ class LazyWeights:
                 weight_map = {k: SINGLE for k in f.keys()}
         else:
             raise ModelError(f"{folder}: no {SINGLE} or {INDEX}; block-by-block loading reads safetensors weights only")
-        handles: dict[str, object] = {}
 
         def reader(key: str, file: str) -> Callable[[], Tensor]:
             def read() -> Tensor:
-                if file not in handles:
-                    if not (folder / file).is_file():
-                        raise ModelError(f"{folder / INDEX} names {file}, which is missing")
-                    handles[file] = safe_open(folder / file, "pt")  # memory-mapped: reads only what is asked
-                return handles[file].get_tensor(key)
+                if not (folder / file).is_file():
+                    raise ModelError(f"{folder / INDEX} names {file}, which is missing")
+                # opened per read: a mapping kept open would count every page read so far in the resident memory
+                with safe_open(folder / file, "pt") as f:
+                    return f.get_tensor(key)
             return read
 
         return cls({k: reader(k, f) for k, f in weight_map.items()}, str(folder))

@@ -371,9 +371,6 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype
             missing or of the wrong shape/dtype, or a checksum mismatch; the message names the
             file and the tensor.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path).expanduser()
     qmap = read_map(path)
     file = path / WEIGHTS
@@ -395,21 +392,7 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype
     extra = sorted(set(header) - set(expected))
     if extra:
         raise CheckpointError(f"{file}: unexpected tensor(s) {extra[:5]} (not in this model)")
-    try:
-        sd = load_file(str(file), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: cannot be read ({e})") from e
-    if verify:
-        sums = qmap["files"].get(WEIGHTS, {}).get("sha256", {})
-        for name, t in sd.items():
-            want = sums.get(name)
-            if want is None:
-                raise CheckpointError(f"{path / QUANT_MAP}: no checksum for tensor {name!r}")
-            if tensor_sha256(t) != want:
-                raise CheckpointError(f"{file}: tensor {name!r} is corrupt (SHA-256 differs from the quantization map)")
-    for name, t in sd.items():
-        if dtype is not None and t.is_floating_point() and f".{PREFIX}" not in name:
-            sd[name] = t.to(dtype)
+    sd = _read_tensors(file, qmap["files"].get(WEIGHTS, {}).get("sha256", {}) if verify else None, device, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
@@ -423,6 +406,31 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype
     model.eval()
     model.config.quantization_config = quantization_record(qmap["method"], qmap["config"])
     return model
+
+
+def _read_tensors(file: Path, sums: Optional[dict[str, str]], device: Union[str, torch.device],
+                  dtype: Optional[torch.dtype]) -> dict[str, Tensor]:
+    """Every tensor of ``file``, read one at a time, checked against ``sums`` (SHA-256; None: unchecked),
+    cast to ``dtype`` (non-packed floating ones) and moved to ``device`` before the next is read."""
+    from safetensors import SafetensorError, safe_open
+
+    sd: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if sums is not None:
+                    if name not in sums:
+                        raise CheckpointError(f"{file.parent / QUANT_MAP}: no checksum for tensor {name!r}")
+                    if tensor_sha256(t) != sums[name]:
+                        raise CheckpointError(f"{file}: tensor {name!r} is corrupt (SHA-256 differs from the "
+                                              "quantization map)")
+                if dtype is not None and t.is_floating_point() and f".{PREFIX}" not in name:
+                    t = t.to(dtype)
+                sd[name] = t.to(device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({e})") from e
+    return sd
 
 
 def _tie(model: nn.Module, alias: str, source: str) -> None:
