@@ -226,7 +226,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                    "dtype": str(dtype), "billm": billm.__version__, "torch": torch.__version__}
     store = ProgressStore(progress_dir(out), fingerprint, restart=args.restart)
     report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store,
-                            weights=weights)
+                            weights=weights, activations_on_device=args.activations_on_device)
     result = {"model": args.model, "calibration": calibration, "seconds": time.perf_counter() - t0}
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
     billm.save(model, out, tok, report=report, extra=result, dtype=save_dtype, source_model=args.model,
@@ -519,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES,
                    help="dtype of the non-quantized tensors in the checkpoint (auto: the model's)")
     _add_dtype(q)
+    q.add_argument("--activations-on-device", action="store_true",
+                   help="keep the calibration activations on --device when they fit (default: on the CPU, moved to "
+                        "the device a batch at a time)")
     q.add_argument("--eager-load", action="store_true",
                    help="load the whole model up front (default for safetensors folders and hub models: an empty "
                         "model whose blocks are read one at a time, so memory holds about one block)")

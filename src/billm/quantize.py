@@ -135,7 +135,7 @@ def shared_input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs,
              for n, m in linears.items()]
     try:
         first = BlockInputs(hidden=inputs.hidden[:1], kwargs=inputs.kwargs[:1], layer_kwargs=inputs.layer_kwargs[:1])
-        run_block(block, first, device, device, index)
+        run_block(block, first, device, device, index, keep=False)
     finally:
         for h in hooks:
             h.remove()
@@ -158,6 +158,7 @@ class _Run:
     device: torch.device
     offload: torch.device
     weights: Optional[LazyWeights] = None  # where an empty model's tensors come from, block by block
+    activations: Optional[torch.device] = None  # where the calibration activations wait (default: offload)
     inputs: Optional[BlockInputs] = None
     layers: list[LayerReport] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
@@ -220,7 +221,7 @@ def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
         accs.update({n: acc for n in group})
         handles.append(linears[group[0]].register_forward_hook(lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
     try:
-        run_block(block, run.inputs, run.device, run.offload, i)
+        run_block(block, run.inputs, run.device, run.activations, i, keep=False)  # run for the hooks only
     except QuantizationError as e:
         raise QuantizationError(f"block {run.blocks_name}.{i}: {e}") from e
     finally:
@@ -286,7 +287,7 @@ def propagate(run: _Run, i: int) -> None:
     for m in packed:
         m.kernel = "dequant"  # exactly the simulated weights, whatever the token count
     try:
-        run.inputs.hidden = run_block(run.blocks[i], run.inputs, run.device, run.offload, i)
+        run_block(run.blocks[i], run.inputs, run.device, run.activations, i, in_place=True)  # one copy alive
     finally:
         for m, k in zip(packed, kernels):
             m.kernel = k
@@ -312,7 +313,7 @@ def replay(run: _Run, store: "ProgressStore") -> int:
     for k, v in state.phases.items():
         run.phases[k] += v
     if state.hidden is not None:
-        run.inputs.hidden = state.hidden
+        run.inputs.hidden = [h.to(run.activations) for h in state.hidden]
     log.info("resumed: blocks 0..%d were finished by an earlier run", state.next_block - 1)
     return state.next_block
 
@@ -334,7 +335,8 @@ def mark_quantized(model: nn.Module, config: QuantConfig) -> None:
 
 def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
              device: Optional[Device] = None, batch_size: int = 8, progress: bool = True,
-             store: Optional["ProgressStore"] = None, weights: Optional[LazyWeights] = None) -> QuantReport:
+             store: Optional["ProgressStore"] = None, weights: Optional[LazyWeights] = None,
+             activations_on_device: bool = False) -> QuantReport:
     """Quantize the linears of every decoder block of ``model`` in place: each becomes a :class:`PackedLinear`.
 
     Args:
@@ -351,6 +353,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             where its tensors are read: the embeddings for the capture, then one block at a time,
             in the model's dtype. A model dispatched by accelerate (``device_map``, disk or CPU
             offload) needs nothing: its offloaded tensors are read through accelerate's maps.
+        activations_on_device: keep the calibration activations on ``device`` (when they fit)
+            instead of the model's home device (the CPU, where they move a batch at a time).
 
     Returns:
         A :class:`QuantReport` with one :class:`LayerReport` per quantized linear (metrics only:
@@ -367,6 +371,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                          "weights=billm.model.LazyWeights.from_folder(folder) (see billm.model.load_skeleton)")
     run = plan(model, config, batches[0].shape[1], device)
     run.weights = weights
+    run.activations = run.device if activations_on_device else run.offload
     if weights is not None:
         fill_outside_blocks(model, run.blocks_name, weights)
         fill_block(run, 0)  # the capture's probe runs block 0
@@ -375,7 +380,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     current: Optional[nn.Module] = None
     try:
         t0 = time.perf_counter()
-        run.inputs = capture_inputs(model, batches, device=run.device, offload=run.offload)
+        run.inputs = capture_inputs(model, batches, device=run.device, offload=run.activations)
         run.phases["capture"] += time.perf_counter() - t0
         start = replay(run, store) if store is not None else 0
         bar = tqdm(range(start, len(run.blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block",

@@ -260,7 +260,7 @@ def capture_inputs(model: nn.Module, batches: list[Tensor], device: Optional[Dev
                     for k, v in rest.items()}
         else:
             rest = _to(rest, offload)
-        hidden.append(h.detach().to(offload))
+        hidden.append(to_host(h.detach(), offload))
         kwargs.append(rest)
         raise _Captured
 
@@ -288,15 +288,34 @@ def capture_inputs(model: nn.Module, batches: list[Tensor], device: Optional[Dev
     return BlockInputs(hidden=hidden, kwargs=kwargs, layer_kwargs=[per_shape[tuple(ids.shape)] for ids in batches])
 
 
+def to_host(t: Tensor, device: Device) -> Tensor:
+    """``t`` on ``device``; a CUDA tensor bound for the CPU lands in pinned memory (its way back is asynchronous)."""
+    device = torch.device(device)
+    if device.type == "cpu" and t.is_cuda:
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return pinned.copy_(t)
+    return t.to(device)
+
+
 def run_block(block: nn.Module, inputs: BlockInputs, device: Device, offload: Device = "cpu",
-              index: int = 0) -> list[Tensor]:
-    """Run ``block`` (already on ``device``, block number ``index``) on every captured batch; outputs on ``offload``."""
-    outs = []
+              index: int = 0, in_place: bool = False, keep: bool = True) -> list[Tensor]:
+    """Run ``block`` (already on ``device``, block number ``index``) on every captured batch; outputs on ``offload``.
+
+    With ``in_place`` each batch's output replaces its input in ``inputs.hidden`` as soon as it is
+    computed, so only one copy of the activations (and one batch) is alive at a time. Without
+    ``keep`` the outputs are dropped (a pass run for its hooks).
+    """
+    outs = inputs.hidden if in_place else []
     with torch.inference_mode():
         for b, h in enumerate(inputs.hidden):
-            out = block(h.to(device), **_to(inputs.for_block(b, index), device))
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            outs.append(out.to(offload))
+            out = block(h.to(device, non_blocking=h.is_pinned()), **_to(inputs.for_block(b, index), device))
+            if not keep:
+                continue
+            out = to_host(out[0] if isinstance(out, (tuple, list)) else out, offload)
+            if in_place:
+                outs[b] = out
+            else:
+                outs.append(out)
     return outs
 
 
