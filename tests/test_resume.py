@@ -87,6 +87,20 @@ def test_sigkill_then_resume_gives_byte_identical_files(tiny4, baseline, tmp_pat
     assert not _progress(out).exists()  # progress is removed once the checkpoint is safe
 
 
+def test_activations_saved_every_n_blocks_resume_to_the_same_bytes(tiny4, baseline, tmp_path):
+    out = tmp_path / "q"
+    r = _run(_argv(tiny4, out, "--checkpoint-every", "2"), fault="before-block:3")
+    assert r.returncode == -signal.SIGKILL
+    from safetensors import safe_open
+
+    with safe_open(str(_progress(out) / "hidden.safetensors"), "pt") as f:
+        assert f.metadata()["after_block"] == "1"  # saved after blocks 1, 3, ...: block 2 is redone
+    assert (_progress(out) / "block-0002.safetensors").is_file()
+    r = _run(_argv(tiny4, out, "--checkpoint-every", "2"))
+    assert r.returncode == 0, r.stderr
+    assert _files(out) == baseline
+
+
 def test_kill_at_random_moments(tiny4, baseline, tmp_path):
     rng = random.Random(1234)
     out = tmp_path / "q"

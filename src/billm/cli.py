@@ -224,7 +224,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fingerprint = {"model": args.model, "model_config": model.config.to_dict(), "config": cfg.to_dict(),
                    "calibration": {**calibration, "sha256": tensor_sha256(calib)}, "batch_size": args.batch_size,
                    "dtype": str(dtype), "billm": billm.__version__, "torch": torch.__version__}
-    store = ProgressStore(progress_dir(out), fingerprint, restart=args.restart)
+    store = ProgressStore(progress_dir(out), fingerprint, restart=args.restart, every=args.checkpoint_every)
     report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store,
                             weights=weights, activations_on_device=args.activations_on_device)
     result = {"model": args.model, "calibration": calibration, "seconds": time.perf_counter() - t0}
@@ -516,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--restart", action="store_true",
                    help="ignore the progress an interrupted run left (by default the same command resumes it)")
     q.add_argument("--force", action="store_true", help="replace an output folder holding a checkpoint of another model")
+    q.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="save the calibration activations for resuming after every N-th block only (they weigh "
+                        "nsamples x seqlen x hidden x 2 bytes: 4 GB a save at 70B); a resumed run redoes up to N-1 blocks")
     q.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES,
                    help="dtype of the non-quantized tensors in the checkpoint (auto: the model's)")
     _add_dtype(q)

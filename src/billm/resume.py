@@ -4,8 +4,10 @@ A :class:`ProgressStore` lives in a folder beside the output (``.<out>.billm-pro
 
     run.json                 the run's fingerprint (model, config, calibration digest, versions)
     block-0003.safetensors   block 3's packed weights; its layer reports in the header metadata
-    hidden.safetensors       the calibration activations after the last finished block
-                             (``after_block`` in its metadata): the next block's inputs
+    hidden.safetensors       the calibration activations after the last block they were saved for
+                             (``after_block`` in its metadata): the next block's inputs; saved every
+                             ``every`` blocks (``--checkpoint-every``), since for a large model they
+                             weigh gigabytes; a resumed run redoes the blocks after them
 
 Every file is written to a temporary name, fsynced and renamed, in the order block file, then
 activations, so after a kill at any moment the activations name the last block whose outputs
@@ -81,10 +83,13 @@ class ProgressStore:
         folder: the progress folder.
         fingerprint: JSON-able identity of the run; progress of a different run is refused.
         restart: discard any previous progress first.
+        every: save the activations after every ``every``-th block only (the packed blocks: always).
     """
 
-    def __init__(self, folder: Path, fingerprint: dict[str, Any], restart: bool = False) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], restart: bool = False, every: int = 1) -> None:
+        if every < 1:
+            raise BillmError(f"--checkpoint-every must be at least 1, got {every}")
+        self.folder, self.every = Path(folder), every
         self.fingerprint = json.loads(json.dumps(fingerprint))  # normalised as it will read back
         if restart and self.folder.exists():
             shutil.rmtree(self.folder)
@@ -154,6 +159,8 @@ class ProgressStore:
         fault_point("after-block", i)
         if hidden is None:
             write_json_atomic(self.folder / "done.json", {"after_block": i})
+        elif (i + 1) % self.every:
+            return  # activations saved every `every` blocks: a resumed run redoes the blocks since
         else:
             _save_atomic({str(b): h.detach().cpu().contiguous() for b, h in enumerate(hidden)}, self.folder / "hidden.safetensors",
                          {"after_block": str(i), "batches": str(len(hidden))}, "hidden", i)
