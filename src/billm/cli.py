@@ -149,12 +149,19 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BillmError("--seqlen must be >= 2")
     dev = getattr(args, "device", None)
     if dev is not None:
+        from .quantize import parse_devices
+
         try:
-            d = torch.device(dev)
-        except RuntimeError as e:
-            raise BillmError(f"--device {dev!r} is not a torch device: {e}") from None
-        if d.type == "cuda" and not torch.cuda.is_available():
-            raise BillmError(f"--device {dev}: CUDA is not available on this machine")
+            devices = parse_devices(dev)
+        except BillmError as e:
+            raise BillmError(f"--device {dev!r}: {e}") from None
+        if len(devices) != 1 and getattr(args, "fn", None) not in (cmd_quantize, cmd_compare):
+            raise BillmError(f"--device {dev!r}: one device here (only quantize and compare spread over several)")
+        for d in devices:
+            if d.type == "cuda" and not torch.cuda.is_available():
+                raise BillmError(f"--device {dev}: CUDA is not available on this machine")
+            if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+                raise BillmError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _estimate_output_bytes(model, cfg, quantized: list, nsamples: int, seqlen: int) -> int:
@@ -182,6 +189,14 @@ def _check_existing_output(out: Path, model_name: str, force: bool) -> None:
     if old is not None and old != model_name:
         raise BillmError(f"{out} already holds a checkpoint of a different model ({old!r}, not {model_name!r}); "
                          "choose another --out, or pass --force to replace it")
+
+
+def _first_device(args: argparse.Namespace):
+    """The first of ``--device``'s devices (evaluation runs on one), or None."""
+    from .quantize import parse_devices
+
+    devices = parse_devices(args.device)
+    return devices[0] if devices else None
 
 
 def _model_dtype(args: argparse.Namespace):
@@ -234,7 +249,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     store.clear()
     if args.eval:
         result["eval"] = _evaluate(model, tok, args.eval.split(","), args.eval_seqlen or args.seqlen,
-                                   args.max_windows, args.data_dir, args.device, args.eval_batch_size)
+                                   args.max_windows, args.data_dir, _first_device(args), args.eval_batch_size)
         write_json_atomic(out / REPORT_NAME, {**result, "quantization": report.to_dict()})
     rows = [[r.name, f"{r.shape[0]}x{r.shape[1]}", r.weight_bits, r.hessian_rel_err, r.seconds]
             for r in report.layers]
@@ -492,7 +507,9 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="where each block is quantized, e.g. cuda (default: model's)")
+    p.add_argument("--device", default=None,
+                   help="where each block is quantized, e.g. cuda, or several at once: cuda:0,cuda:1 (calibration "
+                        "batches and the block's linears are spread over them; default: the model's device)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
 
 

@@ -52,9 +52,10 @@ def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_
     Storage bits come from the packed layers' bytes (:func:`billm.storage_bits`), as in ``billm inspect``.
     """
     from .eval import perplexity
-    from .quantize import quantize
+    from .quantize import parse_devices, quantize
 
     configs = [(s, parse_method(s)) for s in specs]  # fail on a bad spec before any work
+    eval_device = (parse_devices(device) or [None])[0]  # quantizing may spread over several; evaluating runs on one
     rows = []
     for spec, cfg in configs:
         work = model if cfg is None else copy.deepcopy(model)
@@ -66,7 +67,7 @@ def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_
             wb, sb = rep.weight_bits, rep.storage_bits
         row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=time.perf_counter() - t0)
         for task, ids in eval_ids.items():
-            row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=device).ppl
+            row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
         log.info("%s: %s", spec, row)
         rows.append(row)
         del work

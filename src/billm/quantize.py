@@ -11,10 +11,12 @@ replays the finished blocks from its progress store (:func:`replay`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +28,8 @@ from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
 from .methods.registry import Method, method_of
 from .model.lazy import LazyWeights, fill_outside_blocks, is_lazy
 from .model.walker import (
-    BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, max_positions, replace_module, run_block,
-    select_linears,
+    BlockInputs, Device, capture_inputs, find_blocks, find_linears, get_weight, max_positions, replace_module, run_batch,
+    run_block, select_linears, to_host,
 )
 from .packing.checkpoint import quantization_record
 from .packing.linear import PackedLinear
@@ -155,8 +157,9 @@ class _Run:
     blocks_name: str
     blocks: nn.ModuleList
     targets: list[dict[str, nn.Module]]  # per block, the linears to quantize by in-block name (emptied once done)
-    device: torch.device
+    device: torch.device  # the first of ``devices``: where the block, its Hessians and the packed layers live
     offload: torch.device
+    devices: list[torch.device] = field(default_factory=list)  # every device working on a block
     weights: Optional[LazyWeights] = None  # where an empty model's tensors come from, block by block
     activations: Optional[torch.device] = None  # where the calibration activations wait (default: offload)
     inputs: Optional[BlockInputs] = None
@@ -185,8 +188,23 @@ def plan(model: nn.Module, config: QuantConfig, seqlen: int, device: Optional[De
             _check_finite(get_weight(mod), f"{blocks_name}.{i}.{name}")
     home = next(model.parameters()).device
     home = torch.device("cpu") if home.type == "meta" else home
-    return _Run(model, config, method, blocks_name, blocks, targets, torch.device(device) if device is not None else home,
-                home)
+    devices = parse_devices(device) or [home]
+    return _Run(model, config, method, blocks_name, blocks, targets, devices[0], home, devices)
+
+
+def parse_devices(device: Union[None, Device, Sequence[Device]]) -> list[torch.device]:
+    """``"cuda:0,cuda:1"`` (or a list) as devices; ``[]`` for None.
+
+    Raises:
+        BillmError: an unknown device name.
+    """
+    if device is None:
+        return []
+    items = str(device).split(",") if isinstance(device, (str, torch.device)) else list(device)
+    try:
+        return [torch.device(d.strip() if isinstance(d, str) else d) for d in items if str(d).strip()]
+    except RuntimeError as e:
+        raise BillmError(f"bad device list {device!r}: {e}") from None
 
 
 def _check_finite(w: Tensor, name: str) -> None:
@@ -203,27 +221,58 @@ def fill_block(run: _Run, i: int) -> None:
         _check_finite(get_weight(mod), run.name(i, name))
 
 
+def replicas(run: _Run, i: int) -> list[nn.Module]:
+    """Block ``i`` (on the first device) and a copy of it on every further device."""
+    block = run.blocks[i]
+    return [block] + [copy.deepcopy(block).to(d) for d in run.devices[1:]]
+
+
+def over_batches(run: _Run, reps: list[nn.Module], each: Callable[[int, int], Any]) -> Iterator[tuple[int, Any]]:
+    """``each(replica_index, batch)`` for every calibration batch, round robin over the replicas; (batch, result)
+    in batch order, so whatever is accumulated from the results is accumulated in the same order on any device list."""
+    nb, n = len(run.inputs.hidden), len(reps)
+    if n == 1:
+        yield from ((b, each(0, b)) for b in range(nb))
+        return
+    with ThreadPoolExecutor(n) as pool:
+        for r0 in range(0, nb, n):
+            futures = [pool.submit(each, k, r0 + k) for k in range(min(n, nb - r0))]
+            yield from ((r0 + k, f.result()) for k, f in enumerate(futures))
+
+
 def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
     """Step 1: one pass of the calibration inputs through the (full-precision) block ``i``; a Hessian per linear.
 
-    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator.
+    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator. With several devices
+    each runs a replica of the block on its share of the batches; every input is added to the
+    Hessian on the first device, in batch order (the same sums as on one device).
     """
     block, linears = run.blocks[i], run.targets[i]
     if not run.config.uses_hessian:
         return {}
     if run.groups is None or {n for g in run.groups for n in g} != set(linears):  # blocks repeat one structure
         run.groups = shared_input_groups(block, linears, run.inputs, run.device, i)
-    accs: dict[str, HessianAccumulator] = {}
-    handles = []
-    for group in run.groups:
-        acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], run.device,
-                                 name=" / ".join(run.name(i, n) for n in group))
-        accs.update({n: acc for n in group})
-        handles.append(linears[group[0]].register_forward_hook(lambda _m, inp, _out, a=acc: a.add_batch(inp[0].detach())))
+    accs = {n: HessianAccumulator(get_weight(linears[g[0]]).shape[1], run.device, name=" / ".join(run.name(i, m) for m in g))
+            for g in run.groups for n in g[:1]}
+    accs.update({n: accs[g[0]] for g in run.groups for n in g})
+    reps = replicas(run, i)
+    seen: list[dict[str, Tensor]] = [{} for _ in reps]  # per replica: the group leaders' inputs of its batch
+    prefix = f"{run.blocks_name}.{i}."
+    handles = [rep.get_submodule(g[0]).register_forward_hook(
+        lambda _m, inp, _out, k=k, n=g[0]: seen[k].__setitem__(n, inp[0].detach())) for k, rep in enumerate(reps)
+        for g in run.groups]
+
+    def each(k: int, b: int) -> dict[str, Tensor]:
+        run_batch(reps[k], run.inputs, b, run.devices[k], i)
+        out, seen[k] = seen[k], {}
+        return out
+
     try:
-        run_block(block, run.inputs, run.device, run.activations, i, keep=False)  # run for the hooks only
+        for _b, xs in over_batches(run, reps, each):
+            for n, x in xs.items():
+                accs[n].add_batch(x)
     except QuantizationError as e:
-        raise QuantizationError(f"block {run.blocks_name}.{i}: {e}") from e
+        raise QuantizationError(f"block {prefix[:-1]}: {e}") from e
     finally:
         for h in handles:
             h.remove()
@@ -235,25 +284,26 @@ def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
 
 
 def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, method: Method, full: str,
-                    times: OBCTimes) -> tuple[PackedLinear, LayerReport]:
-    """Step 2: quantize one linear; returns its PackedLinear (on the weight's device) and its metrics.
+                    times: OBCTimes, device: Optional[torch.device] = None) -> tuple[PackedLinear, LayerReport]:
+    """Step 2: quantize one linear on ``device`` (default: its weight's); returns its PackedLinear (on the
+    weight's device) and its metrics.
 
     Raises:
         QuantizationError: the method failed, or its stored form does not decode to its simulated weights.
     """
-    W = get_weight(mod).to(torch.float32)  # (out, in): the math is float32 whatever the model's dtype
+    home = get_weight(mod).device
+    W = get_weight(mod).to(device=device or home, dtype=torch.float32)  # (out, in): float32 whatever the model's dtype
     t0 = time.perf_counter()
     try:
         res = method(W.clone(), H, config, times)
     except BillmError as e:
         raise QuantizationError(f"{full}: {e}") from e
-    bias = getattr(mod, "bias", None)
-    packed = PackedLinear.from_stored(res.stored.to(W.device), bias, source=type(mod).__name__)
-    st = packed.stored()
+    st = res.stored.to(W.device)
     Q = st.values()  # (out, in): what every later forward computes with
     if res.q is not None and not torch.equal(res.q, Q):
         raise QuantizationError(f"{full}: the {method.name} stored form does not decode to the weights it simulated "
                                 f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
+    packed = PackedLinear.from_stored(st.to(home), getattr(mod, "bias", None), source=type(mod).__name__)
     took = time.perf_counter() - t0
     rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
     wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
@@ -265,12 +315,26 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
 
 
 def quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> list[LayerReport]:
-    """Step 2 for every selected linear of block ``i``: each is replaced by its PackedLinear in place."""
-    done = []
-    for name, mod in run.targets[i].items():
+    """Step 2 for every selected linear of block ``i``: each is replaced by its PackedLinear in place.
+
+    With several devices the linears are spread over them (the j-th on device j mod n) and quantized at once.
+    """
+    items = list(run.targets[i].items())
+
+    def one(j: int) -> tuple[PackedLinear, LayerReport, OBCTimes]:
+        name, mod = items[j]
+        dev = run.devices[j % len(run.devices)]
+        H = accs[name].H.to(dev) if run.config.uses_hessian else None
         times = OBCTimes()
-        H = accs[name].H if run.config.uses_hessian else None
-        packed, rep = quantize_linear(mod, H, run.config, run.method, run.name(i, name), times)
+        return (*quantize_linear(mod, H, run.config, run.method, run.name(i, name), times, dev), times)
+
+    if len(run.devices) == 1:
+        results = [one(j) for j in range(len(items))]
+    else:
+        with ThreadPoolExecutor(len(run.devices)) as pool:
+            results = list(pool.map(one, range(len(items))))
+    done = []
+    for (name, _), (packed, rep, times) in zip(items, results):
         replace_module(run.blocks[i], name, packed)
         run.phases["search"] += times.quantize
         run.phases["compensation"] += times.compensate
@@ -281,13 +345,19 @@ def quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> li
 
 
 def propagate(run: _Run, i: int) -> None:
-    """Step 3: the packed block ``i`` on the calibration inputs, through its decode path; its outputs feed block i+1."""
+    """Step 3: the packed block ``i`` on the calibration inputs, through its decode path; its outputs feed block i+1.
+
+    Each batch's output replaces its input as soon as it is known (one copy of the activations alive).
+    """
     packed = [m for m in run.blocks[i].modules() if isinstance(m, PackedLinear)]
     kernels = [m.kernel for m in packed]
     for m in packed:
         m.kernel = "dequant"  # exactly the simulated weights, whatever the token count
     try:
-        run_block(run.blocks[i], run.inputs, run.device, run.activations, i, in_place=True)  # one copy alive
+        reps = replicas(run, i)
+        each = lambda k, b: to_host(run_batch(reps[k], run.inputs, b, run.devices[k], i), run.activations)  # noqa: E731
+        for b, out in over_batches(run, reps, each):
+            run.inputs.hidden[b] = out
     finally:
         for m, k in zip(packed, kernels):
             m.kernel = k

@@ -297,6 +297,14 @@ def to_host(t: Tensor, device: Device) -> Tensor:
     return t.to(device)
 
 
+def run_batch(block: nn.Module, inputs: BlockInputs, b: int, device: Device, index: int = 0) -> Tensor:
+    """Block ``index`` (already on ``device``) on calibration batch ``b``; its output hidden states, on ``device``."""
+    h = inputs.hidden[b]
+    with torch.inference_mode():
+        out = block(h.to(device, non_blocking=h.is_pinned()), **_to(inputs.for_block(b, index), device))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def run_block(block: nn.Module, inputs: BlockInputs, device: Device, offload: Device = "cpu",
               index: int = 0, in_place: bool = False, keep: bool = True) -> list[Tensor]:
     """Run ``block`` (already on ``device``, block number ``index``) on every captured batch; outputs on ``offload``.
@@ -306,16 +314,15 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: Device, offload: De
     ``keep`` the outputs are dropped (a pass run for its hooks).
     """
     outs = inputs.hidden if in_place else []
-    with torch.inference_mode():
-        for b, h in enumerate(inputs.hidden):
-            out = block(h.to(device, non_blocking=h.is_pinned()), **_to(inputs.for_block(b, index), device))
-            if not keep:
-                continue
-            out = to_host(out[0] if isinstance(out, (tuple, list)) else out, offload)
-            if in_place:
-                outs[b] = out
-            else:
-                outs.append(out)
+    for b in range(len(inputs.hidden)):
+        out = run_batch(block, inputs, b, device, index)
+        if not keep:
+            continue
+        out = to_host(out, offload)
+        if in_place:
+            outs[b] = out
+        else:
+            outs.append(out)
     return outs
 
 
