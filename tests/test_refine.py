@@ -65,6 +65,49 @@ def test_refit_in_row_chunks_equals_one_chunk():
     torch.testing.assert_close(a, b)
 
 
+def test_refit_chunks_follow_the_free_memory(monkeypatch):
+    import billm.methods.refine as refine
+
+    W, H = _problem(rows=10, cols=64)
+    patterns = torch.stack([pm1(torch.rand(10, 64) > 0.5)])
+    block_of = torch.arange(64) // 32
+    chunks = []
+    real_solve = refine._solve
+    monkeypatch.setattr(refine, "_solve", lambda G, rhs: chunks.append(G.shape[0]) or real_solve(G, rhs))
+    monkeypatch.setattr(refine, "free_bytes", lambda device: 4 * 8 * 2 * 64 * 4)  # a quarter: 4 rows' B H
+    a = refit_scales(W, H, patterns, block_of, 2)
+    assert chunks == [4, 4, 2]
+    chunks.clear()
+    monkeypatch.setattr(refine, "free_bytes", lambda device: 1 << 40)
+    torch.testing.assert_close(refit_scales(W, H, patterns, block_of, 2), a)
+    assert chunks == [10]  # plenty of memory: one chunk, the Hessian read once
+
+
+def test_intra_block_pass_never_waits_on_the_device(monkeypatch):
+    from torch.overrides import TorchFunctionMode
+
+    import billm.methods.billm as bm
+
+    class Syncs(TorchFunctionMode):  # a host read of a device value: bool(), .item(), int(), ...
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in {"__bool__", "item", "tolist", "__int__", "__float__", "__index__"}:
+                Syncs.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    real = bm.intra_block_columns
+
+    def counted(*a, **k):
+        with Syncs():
+            return real(*a, **k)
+
+    monkeypatch.setattr(bm, "intra_block_columns", counted)
+    W, H = _problem(rows=16, cols=64)
+    get_method("billm")(W, H, BiLLMConfig(blocksize=32, intra_block=True), None)
+    assert Syncs.calls == 0  # at 28672 columns, one sync a column would stall a GPU 28672 times a layer
+
+
 @pytest.mark.parametrize("kw", [dict(intra_block=True), dict(refit=True), dict(refine_rounds=2),
                                 dict(intra_block=True, refit=True, refine_rounds=2),
                                 dict(centred=True, refit=True, refine_rounds=1)])

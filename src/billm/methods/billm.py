@@ -101,18 +101,13 @@ def intra_block_columns(Wb: Tensor, Ub: Tensor, code: BlockCode, start: int) -> 
     mn = code.means[0] if code.means is not None else torch.zeros_like(sc)
     b = Wb.shape[1]
 
-    def quant(col: int, w: Tensor) -> Tensor:
+    def quant(col: int, w: Tensor) -> Tensor:  # no host sync: both branches computed, the column's flag selects
         j = col - start
-        if bool(code.salient[j]):
-            s1 = (w - mn[2]) >= 0
-            s2 = (w - (sc[2] * pm1(s1) + mn[2]) - mn[3]) >= 0
-        else:
-            sp = code.sparse[:, j]
-            s1 = (w - torch.where(sp, mn[1], mn[0])) >= 0
-            s2 = torch.zeros_like(s1)
+        sal = code.salient[j]  # 0-d bool, stays on the device
+        s1 = torch.where(sal, (w - mn[2]) >= 0, (w - torch.where(code.sparse[:, j], mn[1], mn[0])) >= 0)
         code.s1[:, j] = s1
-        if code.s2 is not None:
-            code.s2[:, j] = s2 & code.salient[j]
+        if code.s2 is not None:  # second sign plane (salient order 2): only on salient columns
+            code.s2[:, j] = ((w - (sc[2] * pm1(s1) + mn[2]) - mn[3]) >= 0) & sal
         s2c = code.s2[:, j:j + 1] if code.s2 is not None else None
         return billm_values(code.s1[:, j:j + 1], code.salient[j:j + 1], code.sparse[:, j:j + 1], s2c, code.scales,
                             code.means, b)[:, 0]
