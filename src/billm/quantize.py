@@ -207,6 +207,25 @@ def parse_devices(device: Union[None, Device, Sequence[Device]]) -> list[torch.d
         raise BillmError(f"bad device list {device!r}: {e}") from None
 
 
+def return_freed_memory() -> None:
+    """Hand the memory freed by a finished block back to the operating system (glibc keeps freed heap pages
+    otherwise: a block-by-block run's resident memory would grow by every block's float temporaries)."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
 def _check_finite(w: Tensor, name: str) -> None:
     if not w.is_meta and not torch.isfinite(w).all():
         raise QuantizationError(f"{name}: the weight has NaN/Inf entries; refusing to quantize it")
@@ -468,6 +487,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             if i + 1 < len(run.blocks):
                 propagate(run, i)
             current.to(run.offload)
+            return_freed_memory()
             run.phases["propagation"] += time.perf_counter() - t0
             run.layers.extend(done)
             if store is not None:
