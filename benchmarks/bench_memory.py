@@ -1,0 +1,150 @@
+"""Peak memory of ``billm quantize`` against the model's size: block by block (default) against the eager path.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py [--layers 24 --hidden 1536 --intermediate 6144] [--method rtn] [--out DIR]
+
+Builds a synthetic LLaMA-architecture model of about 2 GB in fp16 (random weights, written one
+block at a time as several safetensors shards, with a byte-level tokenizer), then quantizes it
+with the CLI three times, each in its own process, and reads that process's peak resident memory
+(``getrusage(RUSAGE_SELF).ru_maxrss``):
+
+* ``lazy``: the default, an empty model whose blocks are read one at a time, in the model's fp16;
+* ``eager fp16``: ``--eager-load``, the whole model in memory in fp16;
+* ``eager fp32``: ``--eager-load --dtype float32``, what every run did before (the whole model in float32).
+
+A process that imports torch and transformers and does nothing else is measured too (the floor
+every run pays). The figures go to ``DIR/memory.json`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+rc = 0
+if sys.argv[1] != "--idle":
+    from billm.cli import main
+    rc = main(sys.argv[2:])
+else:
+    import torch, transformers, billm  # noqa: F401  (the imports every run pays for)
+print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rc": rc,
+                  "seconds": time.perf_counter() - t0}))
+"""
+
+
+def byte_tokenizer(folder: Path) -> None:
+    """A byte-level tokenizer (one token per UTF-8 byte; ``<s>`` is 256), saved in ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<s>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", model_max_length=4096).save_pretrained(folder)
+
+
+def _shard_key(name: str) -> str:
+    """One shard per decoder block, one per tensor outside the blocks (state-dict order keeps each contiguous)."""
+    parts = name.split(".")
+    return f"block {parts[2]}" if name.startswith("model.layers.") else name
+
+
+def synthetic_llama(folder: Path, layers: int, hidden: int, intermediate: int, vocab: int, seed: int = 0) -> int:
+    """Write a random fp16 LLaMA to ``folder``, one shard at a time (never the whole model in memory); its bytes."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=vocab,
+                      max_position_embeddings=4096, tie_word_embeddings=False, dtype="float16")
+    with init_empty_weights():
+        shapes = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(_shard_key(name), []).append(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups.values()):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {n: (torch.ones(shapes[n]) if n.endswith("norm.weight") else
+                     torch.randn(shapes[n], generator=g) * shapes[n][-1] ** -0.5).to(torch.float16) for n in names}
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in names})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    cfg.save_pretrained(folder)
+    byte_tokenizer(folder)
+    return total
+
+
+def run_child(argv: list[str]) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"run failed: {' '.join(argv)}\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--intermediate", type=int, default=6144)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--method", default="rtn", help="billm quantize --method (rtn: the weights' path without a "
+                                                     "method's own workspace, and minutes rather than hours on 2 cores)")
+    ap.add_argument("--nsamples", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--runs", default="lazy,eager-fp16,eager-fp32")
+    ap.add_argument("--work", default=None, help="folder for the model and checkpoints (default: a temp folder)")
+    ap.add_argument("--out", default="docs/results/memory")
+    args = ap.parse_args()
+
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="billm-mem-"))
+    model_dir = work / "model"
+    t0 = time.perf_counter()
+    if not (model_dir / "config.json").is_file():
+        synthetic_llama(model_dir, args.layers, args.hidden, args.intermediate, args.vocab)
+    fp16_bytes = json.loads((model_dir / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    print(f"synthetic LLaMA: {args.layers} blocks, hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"vocab {args.vocab}: {fp16_bytes / 2**30:.2f} GiB in fp16 ({time.perf_counter() - t0:.0f} s to write)")
+    activations = args.nsamples * args.seqlen * args.hidden * 2  # one copy of the block inputs, fp16
+    base = ["quantize", str(model_dir), "--method", args.method, "--calib", "pydoc", "--nsamples", str(args.nsamples),
+            "--seqlen", str(args.seqlen), "--quiet", "--force"]
+    flags = {"lazy": [], "eager-fp16": ["--eager-load"], "eager-fp32": ["--eager-load", "--dtype", "float32"]}
+    results = {"idle imports": run_child(["--idle"])}
+    for name in args.runs.split(","):
+        results[name] = run_child(["--run", *base, "--out", str(work / f"q-{name}"), *flags[name]])
+    rows = []
+    for name, r in results.items():
+        r["ratio_to_fp16_model"] = r["peak_rss_bytes"] / fp16_bytes
+        rows.append(f"| {name} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['ratio_to_fp16_model']:.2f} | {r['seconds']:.0f} |")
+    sys.stdout.flush()
+    print("| run | peak RSS GiB | x fp16 model | seconds |\n|---|---:|---:|---:|\n" + "\n".join(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+                     "vocab": args.vocab, "fp16_bytes": fp16_bytes},
+           "method": args.method, "nsamples": args.nsamples, "seqlen": args.seqlen,
+           "activation_bytes": activations, "runs": results, "threads": os.cpu_count()}
+    (out / "memory.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"written {out / 'memory.json'}")
+
+
+if __name__ == "__main__":
+    main()
