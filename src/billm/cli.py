@@ -34,7 +34,7 @@ def _add_dtype(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 KERNEL_CHOICES = ("auto", "dequant", "lut", "triton")
-KERNEL_HELP = ("how packed linears multiply (default $BILLM_KERNEL or auto: Triton on CUDA, lookup tables for a few "
+KERNEL_HELP = ("how packed linears multiply (default $BILLM_KERNEL or auto: Triton for up to 16 tokens on CUDA, lookup tables for a few "
                "tokens on CPU, else decode then matmul)")
 
 
