@@ -12,6 +12,7 @@ replays the finished blocks from its progress store (:func:`replay`).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -210,20 +211,21 @@ def parse_devices(device: Union[None, Device, Sequence[Device]]) -> list[torch.d
 def return_freed_memory() -> None:
     """Hand the memory freed by a finished block back to the operating system (glibc keeps freed heap pages
     otherwise: a block-by-block run's resident memory would grow by every block's float temporaries)."""
-    global _TRIM
-    if _TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_TRIM: Any = None
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _check_finite(w: Tensor, name: str) -> None:
@@ -271,12 +273,13 @@ def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
         return {}
     if run.groups is None or {n for g in run.groups for n in g} != set(linears):  # blocks repeat one structure
         run.groups = shared_input_groups(block, linears, run.inputs, run.device, i)
-    accs = {n: HessianAccumulator(get_weight(linears[g[0]]).shape[1], run.device, name=" / ".join(run.name(i, m) for m in g))
-            for g in run.groups for n in g[:1]}
-    accs.update({n: accs[g[0]] for g in run.groups for n in g})
+    accs: dict[str, HessianAccumulator] = {}
+    for group in run.groups:
+        acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], run.device,
+                                 name=" / ".join(run.name(i, n) for n in group))
+        accs.update({n: acc for n in group})
     reps = replicas(run, i)
     seen: list[dict[str, Tensor]] = [{} for _ in reps]  # per replica: the group leaders' inputs of its batch
-    prefix = f"{run.blocks_name}.{i}."
     handles = [rep.get_submodule(g[0]).register_forward_hook(
         lambda _m, inp, _out, k=k, n=g[0]: seen[k].__setitem__(n, inp[0].detach())) for k, rep in enumerate(reps)
         for g in run.groups]
@@ -291,7 +294,7 @@ def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
             for n, x in xs.items():
                 accs[n].add_batch(x)
     except QuantizationError as e:
-        raise QuantizationError(f"block {prefix[:-1]}: {e}") from e
+        raise QuantizationError(f"block {run.blocks_name}.{i}: {e}") from e
     finally:
         for h in handles:
             h.remove()

@@ -15,7 +15,6 @@ weights maps, and its hooks are removed so billm moves blocks itself.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -23,8 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
-
-log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -93,9 +90,8 @@ class LazyWeights:
                 if t.is_meta:
                     loaders[f"{name}.{pname}" if name else pname] = (lambda w=wmap, k=pname: w[k])
         remove_hook_from_module(model, recurse=True)
-        for attr in ("hf_device_map",):
-            if hasattr(model, attr):
-                delattr(model, attr)
+        if hasattr(model, "hf_device_map"):
+            del model.hf_device_map
         return cls(loaders, "accelerate's offload")
 
     def read(self, name: str) -> Tensor:
@@ -108,19 +104,15 @@ class LazyWeights:
             raise ModelError(f"{self.source}: no tensor {name!r} (needed to fill the empty model)")
         return self.loaders[name]()
 
-    def materialize(self, module: nn.Module, prefix: str = "", dtype: Optional[torch.dtype] = None,
-                    skip: Callable[[str], bool] = lambda name: False, strict: bool = True) -> int:
-        """Read every ``meta`` parameter and buffer of ``module`` (named ``prefix`` in the model) onto the CPU.
+    def materialize(self, module: nn.Module, prefix: str = "", skip: Callable[[str], bool] = lambda name: False,
+                    strict: bool = True) -> None:
+        """Read every ``meta`` parameter and buffer of ``module`` (named ``prefix`` in the model) onto the CPU,
+        in the empty tensor's dtype.
 
         Args:
-            dtype: cast floating tensors to it (default: the empty tensor's dtype).
             skip: qualified submodule names to leave empty.
             strict: a tensor missing from the source is an error (else it stays on ``meta``).
-
-        Returns:
-            The bytes read.
         """
-        n = 0
         for sub_name, sub in module.named_modules():
             full = ".".join(x for x in (prefix, sub_name) if x)
             if skip(full):
@@ -131,18 +123,11 @@ class LazyWeights:
                 name = f"{full}.{key}" if full else key
                 if old is None or not old.is_meta or (not strict and name not in self.loaders):
                     continue
-                t = self._cast(self.read(name), dtype, old)
+                t = self.read(name)
+                if tuple(t.shape) != tuple(old.shape):
+                    raise ModelError(f"{self.source}: {name} is {tuple(t.shape)}, the model expects {tuple(old.shape)}")
+                t = (t.to(old.dtype) if t.is_floating_point() else t).contiguous()
                 slot[key] = nn.Parameter(t, requires_grad=False) if slot is sub._parameters else t
-                n += t.numel() * t.element_size()
-        return n
-
-    @staticmethod
-    def _cast(t: Tensor, dtype: Optional[torch.dtype], like: Tensor) -> Tensor:
-        if tuple(t.shape) != tuple(like.shape):
-            raise ModelError(f"a tensor of shape {tuple(t.shape)} where the model expects {tuple(like.shape)}")
-        if t.is_floating_point():
-            t = t.to(dtype or like.dtype)
-        return t.contiguous()
 
 
 def is_lazy(model: nn.Module) -> bool:

@@ -185,6 +185,13 @@ def _load_checkpoint(path: Path, dtype: torch.dtype | None):
     return model, tokenizer
 
 
+def _resolve(name_or_path: str | os.PathLike | None) -> str:
+    """The model's name or path, the embedded default's ``.gguf`` file for None or ``"smollm2"``."""
+    if name_or_path is None or str(name_or_path).strip().lower() in DEFAULT_MODEL_NAMES:
+        return default_model_path()
+    return os.fspath(name_or_path)
+
+
 def checkpoint_dtype(name_or_path: str | os.PathLike | None) -> torch.dtype:
     """The dtype a model is saved in: its config's ``dtype`` (``torch_dtype``); float32 for a ``.gguf`` file
     (transformers dequantizes it to float32), a billm checkpoint's saved dtype, or a config that does not say.
@@ -194,10 +201,8 @@ def checkpoint_dtype(name_or_path: str | os.PathLike | None) -> torch.dtype:
     """
     from .lazy import config_dtype
 
-    name = default_model_path() if name_or_path is None or str(name_or_path).strip().lower() in DEFAULT_MODEL_NAMES \
-        else os.fspath(name_or_path)
-    path = Path(name).expanduser()
-    if _find_gguf(path) is not None:
+    name = _resolve(name_or_path)
+    if _find_gguf(Path(name).expanduser()) is not None:
         return torch.float32
     from transformers import AutoConfig
 
@@ -218,9 +223,9 @@ def load_model_lazily(name_or_path: str | os.PathLike, dtype: torch.dtype | None
 
     from .lazy import INDEX, SINGLE, load_skeleton
 
-    name = os.fspath(name_or_path)
+    name = _resolve(name_or_path)
     path = Path(name).expanduser()
-    if name.strip().lower() in DEFAULT_MODEL_NAMES or _find_gguf(path) is not None:
+    if _find_gguf(path) is not None:  # the embedded default too
         return None
     if path.is_dir():
         if (path / "billm_quant.json").is_file() or _marked_billm(path):
@@ -273,10 +278,7 @@ def load_model(
     Raises:
         ModelError: the model could not be loaded (with the reason).
     """
-    if name_or_path is None or str(name_or_path).strip().lower() in DEFAULT_MODEL_NAMES:
-        name = default_model_path()
-    else:
-        name = os.fspath(name_or_path)
+    name = _resolve(name_or_path)
     dtype_default = dtype is None
     dtype = dtype or torch.float32
     path = Path(name).expanduser()

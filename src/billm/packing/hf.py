@@ -12,8 +12,8 @@
   ``quant_method`` alone would only log a warning and load random weights). With billm imported
   the guard reads back as the real family's config.
 
-Both are undone on save by :func:`guard_config_file` (called by :func:`billm.save` and by the
-``save_pretrained`` of a model this quantizer loaded).
+The guard is written into ``config.json`` by :func:`guard_config_file`, called by :func:`billm.save`
+and by the ``save_pretrained`` of a model this quantizer loaded.
 """
 
 from __future__ import annotations
