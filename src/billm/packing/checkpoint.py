@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..io import atomic_dir, check_output_dir, write_json_atomic
-from .formats import FORMATS, StoredWeight, get_format, storage_bits
+from .formats import FORMATS, StoredWeight, get_format, layer_fields, storage_bits
 from .hf import guard_config_file, register as register_with_transformers
 from .linear import PREFIX, PackedLinear
 
@@ -245,7 +245,7 @@ def read_map(path: Union[str, Path]) -> dict[str, Any]:
         if layer.get("format") not in FORMATS:
             raise CheckpointError(f"{f}: layer {name} has unknown format {layer.get('format')!r}")
         try:
-            get_format(layer["format"]).fields(tuple(layer["shape"]), layer["meta"])
+            layer_fields(layer["format"], tuple(layer["shape"]), layer["meta"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{f}: layer {name} has invalid attributes ({type(e).__name__}: {e})") from None
     return qmap
@@ -521,7 +521,7 @@ def inspect(path: Union[str, Path]) -> CheckpointInfo:
     packed_names: set[str] = set()
     for name, layer in qmap["layers"].items():
         shape = tuple(layer["shape"])
-        fields = get_format(layer["format"]).fields(shape, layer["meta"])
+        fields = layer_fields(layer["format"], shape, layer["meta"])
         lb = LayerBytes(name, shape, layer["format"], layer["meta"], layer.get("weight_bits"))
         for fname, spec in fields.items():
             key = f"{name}.{PREFIX}{fname}"

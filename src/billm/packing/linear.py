@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import choose_path, packed_matmul, requested_kernel
-from .formats import StoredWeight, get_format
+from .formats import ROTATION_FIELD, StoredWeight, layer_fields
+from .rotation import Rotation
 
 PREFIX = "packed_"  # packed fields are buffers named packed_<field>: "<layer>.packed_signs" in a checkpoint
 
@@ -28,7 +29,9 @@ class PackedLinear(nn.Module):
     tables), CUDA inputs go through the Triton kernels, and otherwise the full weight is decoded
     on the buffers' device for that call only. The fast paths read a column-aligned copy of the
     planes (the format's ``layout``, about 3 bits a weight for BiLLM), built on first
-    use and kept with the layer, outside the state dict.
+    use and kept with the layer, outside the state dict. A weight quantized with an input rotation
+    (incoherence processing, :mod:`.rotation`) keeps its sign vector as one more packed buffer, and
+    every call first rotates its input: ``y = (x R) Ŵᵀ``.
 
     Args:
         fmt: stored-weight format name (a key of :data:`billm.packing.formats.FORMATS`).
@@ -46,12 +49,14 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.format, self.meta, self.source = fmt, dict(meta), source
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
-        for name, spec in get_format(fmt).fields(self.shape, self.meta).items():
+        for name, spec in layer_fields(fmt, self.shape, self.meta).items():
             self.register_buffer(PREFIX + name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.kernel: Optional[str] = None  # None: $BILLM_KERNEL or "auto" (see billm.kernels)
         self._layout: Any = None
         self._layout_key: Any = None
+        self._rotation: Optional[Rotation] = None
+        self._rotation_key: Any = None
 
     @classmethod
     def from_stored(cls, stored: StoredWeight, bias: Optional[Tensor] = None, source: str = "Linear") -> "PackedLinear":
@@ -97,8 +102,22 @@ class PackedLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The decoded (out, in) weight, float32 (computed on every access; for inspection)."""
-        return self.stored().values()
+        """The decoded (out, in) weight in the input's own basis, float32 (``Ŵ Rᵀ`` for a rotated layer;
+        computed on every access; for inspection)."""
+        w = self.stored().values()
+        rot = self.rotation()
+        return w if rot is None else rot.unrotate(w)
+
+    def rotation(self) -> Optional[Rotation]:
+        """The input rotation the layer applies (None: none), rebuilt if its buffer moved."""
+        buf = getattr(self, PREFIX + ROTATION_FIELD, None)
+        if buf is None:
+            return None
+        key = (buf.device, buf.data_ptr())
+        if self._rotation_key != key:
+            self._rotation = Rotation.of(self.stored())
+            self._rotation_key = key
+        return self._rotation
 
     def layout(self) -> Any:
         """The fast paths' column-aligned planes (None for a format without one), rebuilt if the buffers moved."""
@@ -110,6 +129,9 @@ class PackedLinear(nn.Module):
         return self._layout
 
     def forward(self, x: Tensor) -> Tensor:
+        rot = self.rotation()
+        if rot is not None:
+            x = rot.input(x)  # x R: the stored weight is W R quantized
         requested = requested_kernel(self.kernel)
         layout = self.layout() if requested != "dequant" else None
         path = choose_path(requested, x, layout is not None)
