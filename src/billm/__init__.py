@@ -13,8 +13,8 @@ stored format (:func:`register_format`); see ``docs/methods.md``.
 
 from . import kernels
 from .config import (
-    SCALE_DTYPES, BiLLMConfig, BreakGrid, GPTQConfig, PBLLMConfig, QuantConfig, RTNConfig, SalientMetric, SearchDomain,
-    SignConfig, SliMConfig, option,
+    SCALE_DTYPES, ArbConfig, BiLLMConfig, BreakGrid, GPTQConfig, PBLLMConfig, QuantConfig, RTNConfig, SalientMetric,
+    SearchDomain, SignConfig, SliMConfig, option,
 )
 from .errors import BillmError, CheckpointError, DataError, ModelError, QuantizationError
 from .methods import (
@@ -32,10 +32,10 @@ _hf.register()  # AutoModelForCausalLM.from_pretrained(folder) loads billm check
 __version__ = "0.1.0"
 
 __all__ = [
-    "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "FieldSpec", "Format", "GPTQConfig",
-    "LayerReport", "ModelError", "PBLLMConfig", "PackedLinear", "QuantConfig", "QuantReport", "QuantizationError",
-    "RTNConfig", "SCALE_DTYPES", "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig", "StoredWeight",
-    "WeightResult", "available_methods", "config_from_dict", "config_from_spec", "get_method", "inspect_checkpoint",
-    "kernels", "load", "method_of", "option", "quantize", "register_format", "register_method", "save", "set_kernel",
-    "storage_bits",
+    "ArbConfig", "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "FieldSpec", "Format",
+    "GPTQConfig", "LayerReport", "ModelError", "PBLLMConfig", "PackedLinear", "QuantConfig", "QuantReport",
+    "QuantizationError", "RTNConfig", "SCALE_DTYPES", "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig",
+    "StoredWeight", "WeightResult", "available_methods", "config_from_dict", "config_from_spec", "get_method",
+    "inspect_checkpoint", "kernels", "load", "method_of", "option", "quantize", "register_format", "register_method",
+    "save", "set_kernel", "storage_bits",
 ]

@@ -418,7 +418,54 @@ class PBLLMConfig(QuantConfig):
         _check(2 <= self.salient_bits <= 8, f"salient_bits must be in 2..8, got {self.salient_bits}")
 
 
+_ARB_VARIANTS = ("rc", "x", "plain")
+
+
+@dataclass(frozen=True)
+class ArbConfig(QuantConfig):
+    """ARB-LLM: BiLLM's partition (salient columns + a bitmap splitting the rest) binarized by alternating refinement.
+
+    Every group is binarized and then refined in ``iters`` alternating rounds: ``plain`` (ARB)
+    updates a per-row mean, a per-row scale and the signs in turn; ``x`` (ARB-X) then refits mean
+    and scales for the least output error under the block's Hessian; ``rc`` (ARB-RC) drops the mean
+    and alternates a per-row and a per-column scale. Salient columns keep two sign planes (order 2).
+    Presets: ``rc`` (the default), ``x``, ``plain``, and ``reference`` (the public code's choices:
+    searches scored on the salience matrix, float32 scales; docs/methods.md).
+    """
+
+    method: ClassVar[str] = "arb"
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "rc": dict(variant="rc"),
+        "x": dict(variant="x"),
+        "plain": dict(variant="plain"),
+        "reference": dict(variant="rc", search_domain="salience", scale_dtype="float32"),
+    }
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**QuantConfig.abbrev, "t": "iters"}
+    storage_estimate: ClassVar[float] = 3.5
+
+    variant: str = option("rc", "rc: row and column scales, no mean (ARB-RC); x: mean and row scale refit under the "
+                                "Hessian (ARB-X); plain: mean, row scale and signs alternated (ARB)",
+                          choices=_ARB_VARIANTS)
+    iters: int = option(15, "alternating refinement rounds per group (T)")
+    x_iters: int = option(15, "ARB-X: rounds of the Hessian-weighted mean and scale update after the alternation")
+    salient_metric: SalientMetric = option(SalientMetric.HESSIAN, "salience of a weight: hessian (w^2 / U_jj^2) "
+                                                                  "or magnitude (|w|)")
+    search_domain: SearchDomain = option(SearchDomain.WEIGHT, "what the two searches score: the weights or the "
+                                                              "salience matrix (public code)")
+    min_salient_cols: int = option(1, "fewest salient columns tried per block")
+    max_salient_cols: int = option(49, "most salient columns tried per block")
+    n_break_candidates: int = option(81, "break points tried: quantiles of |w| from the 10th to the 90th percentile")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.min_salient_cols <= self.max_salient_cols,
+               f"need 0 <= min_salient_cols <= max_salient_cols, got {self.min_salient_cols}, {self.max_salient_cols}")
+        _check(0 <= self.iters <= 100, f"iters must be in 0..100, got {self.iters}")
+        _check(0 <= self.x_iters <= 100, f"x_iters must be in 0..100, got {self.x_iters}")
+        _check(self.n_break_candidates >= 1, "n_break_candidates must be >= 1")
+
+
 __all__ = [
-    "BiLLMConfig", "BreakGrid", "GPTQConfig", "PBLLMConfig", "QuantConfig", "RTNConfig", "SBAError", "SCALE_DTYPES",
-    "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig", "option",
+    "ArbConfig", "BiLLMConfig", "BreakGrid", "GPTQConfig", "PBLLMConfig", "QuantConfig", "RTNConfig", "SBAError",
+    "SCALE_DTYPES", "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig", "option",
 ]

@@ -1,6 +1,7 @@
 """Quantization methods: pure tensor math, no model knowledge; each module registers its method."""
 
-from . import billm as _billm  # noqa: F401  (each module registers its method)
+from . import arb as _arb  # noqa: F401  (each module registers its method)
+from . import billm as _billm  # noqa: F401
 from . import gptq as _gptq  # noqa: F401
 from . import pbllm as _pbllm  # noqa: F401
 from . import rtn as _rtn  # noqa: F401

@@ -102,22 +102,6 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
-ROTATION_FIELD = "rotation_signs"
-"""The packed field a layer with an input rotation keeps beside its format's (:mod:`.rotation`)."""
-
-
-def layer_fields(fmt: str, shape: Shape, meta: Meta) -> dict[str, FieldSpec]:
-    """The packed tensors a stored layer must have: its format's fields, plus the (cols,) sign vector of
-    its input rotation, bit-packed, when ``meta['rotate']`` names one (generic over formats)."""
-    f = dict(get_format(fmt).fields(shape, meta))
-    if meta.get("rotate") is not None:
-        b = meta.get("rotate_block")
-        if meta["rotate"] != "hadamard" or not isinstance(b, int) or b < 1 or b & (b - 1) or shape[1] % b:
-            raise ValueError(f"unknown rotation {meta['rotate']!r} with block {b!r} for {shape[1]} columns")
-        f[ROTATION_FIELD] = FieldSpec((packed_len(shape[1]),), torch.uint8, "rotation signs")
-    return f
-
-
 def storage_bits(fmt: str, shape: Shape, meta: Meta, tensor_bytes: int) -> float:
     """Bits per weight of a stored layer: (bytes of its packed tensors + its share of the map) x 8 / weights.
 
@@ -145,8 +129,8 @@ class StoredWeight:
     tensors: Tensors = field(repr=False)
 
     def fields(self) -> dict[str, FieldSpec]:
-        """The fields this weight must have (from shape and meta; with a rotation's signs: :func:`layer_fields`)."""
-        return layer_fields(self.format, self.shape, self.meta)
+        """The fields this weight must have (from shape and meta)."""
+        return get_format(self.format).fields(self.shape, self.meta)
 
     def values(self) -> Tensor:
         """The dequantized (rows, cols) float32 weight."""
@@ -565,3 +549,101 @@ def _pbllm_weight_bits(shape: Shape, meta: Meta) -> float:
 
 # no layout: the salient bitmap is unstructured, so every call decodes the whole weight
 PBLLM_FORMAT = register_format(Format("pbllm", _pbllm_fields, _pbllm_decode, _pbllm_weight_bits))
+
+
+# ----------------------------------------------------------------------------- arb (ARB-LLM)
+#
+# ``signs`` (r, c) first sign plane; ``signs2`` (r, k) second plane of the k salient columns;
+# ``group`` (r, c-k) bitmap of the non-salient entries (1 = sparse group); ``salient_mask`` (c,);
+# ``scales`` (nb, 4, r) row scales per block, slots as :data:`ARB_SLOTS`. Then either (ARB-RC,
+# ``meta['rc']``) ``col_scales`` (2, c): on a non-salient column the concentrated and sparse
+# groups' column scales, on a salient column those of its two passes; or (ARB, ARB-X) ``means``
+# (nb, 3, r): one mean per block, row and group (concentrated, sparse, salient).
+
+ARB_SLOTS = ("concentrated", "sparse", "salient1", "salient2")
+
+
+def arb_values(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Tensor, scales: Tensor, means: Optional[Tensor],
+               col_scales: Optional[Tensor], blocksize: int) -> Tensor:
+    """Decode ARB-LLM from unpacked bits.
+
+    Args:
+        s1, s2: (r, c) bool sign planes (``s2`` used on salient columns only).
+        salient: (c,) bool salient-column flags.
+        sparse: (r, c) bool, True for the sparse group (ignored on salient columns).
+        scales: (nb, 4, r) float32 row scales, slots as :data:`ARB_SLOTS`.
+        means: (nb, 3, r) float32 means (concentrated, sparse, salient) or None (ARB-RC).
+        col_scales: (2, c) float32 column scales (ARB-RC) or None.
+        blocksize: columns per block.
+
+    Returns:
+        (r, c) float32: ``a * s1`` with the entry's group row scale ``a`` (times its column scale), plus
+        the second pass on salient columns, plus the group's mean when there are means.
+    """
+    blk = _block_index(s1.shape[1], blocksize, s1.device)
+    sal = salient.unsqueeze(0)  # (1, c)
+
+    def slot(t: Tensor, i: int) -> Tensor:
+        return _per_column(t[:, i, :].t(), blk)  # (r, c)
+
+    a1 = torch.where(sal, slot(scales, 2), torch.where(sparse, slot(scales, 1), slot(scales, 0)))
+    a2 = torch.where(sal, slot(scales, 3), 0.0)
+    if col_scales is not None:
+        a1 = a1 * torch.where(sparse & ~sal, col_scales[1:2], col_scales[0:1])
+        a2 = a2 * col_scales[1:2]
+    q = a1 * pm1(s1) + a2 * pm1(s2)
+    if means is not None:
+        q = q + torch.where(sal, slot(means, 2), torch.where(sparse, slot(means, 1), slot(means, 0)))
+    return q
+
+
+def _arb_fields(shape: Shape, meta: Meta) -> dict[str, FieldSpec]:
+    r, c = shape
+    k, nb, sd = meta["n_salient"], _n_blocks(c, meta["blocksize"]), scale_dtype(meta)
+    f = {"signs": FieldSpec((r, packed_len(c)), torch.uint8, "signs"),
+         "signs2": FieldSpec((r, packed_len(k)), torch.uint8, "salient 2nd signs"),
+         "group": FieldSpec((r, packed_len(c - k)), torch.uint8, "group bitmap"),
+         "salient_mask": FieldSpec((packed_len(c),), torch.uint8, "salient-column mask"),
+         "scales": FieldSpec((nb, 4, r), sd, "scales")}
+    if meta["rc"]:
+        f["col_scales"] = FieldSpec((2, c), sd, "column scales")
+    else:
+        f["means"] = FieldSpec((nb, 3, r), sd, "means")
+    return f
+
+
+def arb_pack(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Tensor, scales: Tensor, means: Optional[Tensor],
+             col_scales: Optional[Tensor], meta: Meta) -> Tensors:
+    """Packed ARB-LLM fields from full (r, c) bool planes and float32 scales (and means or column scales)."""
+    sd = scale_dtype(meta)
+    out = {"signs": pack_bits(s1), "signs2": pack_bits(s2[:, salient].contiguous()),
+           "group": pack_bits(sparse[:, ~salient].contiguous()), "salient_mask": pack_bits(salient),
+           "scales": scales.to(sd)}
+    if col_scales is not None:
+        out["col_scales"] = col_scales.to(sd)
+    if means is not None:
+        out["means"] = means.to(sd)
+    return out
+
+
+def _arb_decode(t: Tensors, shape: Shape, meta: Meta) -> Tensor:
+    r, c = shape
+    k = meta["n_salient"]
+    s1, sal = unpack_bits(t["signs"], c), unpack_bits(t["salient_mask"], c)
+    if int(sal.sum()) != k:
+        raise ValueError(f"the salient-column mask has {int(sal.sum())} columns set, the map says {k}")
+    sparse = torch.zeros(r, c, dtype=torch.bool, device=s1.device)
+    sparse[:, ~sal] = unpack_bits(t["group"], c - k)
+    s2 = torch.zeros(r, c, dtype=torch.bool, device=s1.device)
+    s2[:, sal] = unpack_bits(t["signs2"], k)
+    means = None if meta["rc"] else t["means"].float()
+    cols = t["col_scales"].float() if meta["rc"] else None
+    return arb_values(s1, sal, sparse, s2, t["scales"].float(), means, cols, meta["blocksize"])
+
+
+def _arb_weight_bits(shape: Shape, meta: Meta) -> float:
+    return (shape[1] + meta["n_salient"]) / shape[1]  # one sign plane, a second on the salient columns
+
+
+# no layout: column scales (RC) and one mean per group have no fast path yet; every call decodes
+ARB_FORMAT = register_format(Format("arb", _arb_fields, _arb_decode, _arb_weight_bits))
