@@ -102,6 +102,22 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
+ROTATION_FIELD = "rotation_signs"
+"""The packed field a layer with an input rotation keeps beside its format's (:mod:`.rotation`)."""
+
+
+def layer_fields(fmt: str, shape: Shape, meta: Meta) -> dict[str, FieldSpec]:
+    """The packed tensors a stored layer must have: its format's fields, plus the (cols,) sign vector of
+    its input rotation, bit-packed, when ``meta['rotate']`` names one (generic over formats)."""
+    f = dict(get_format(fmt).fields(shape, meta))
+    if meta.get("rotate") is not None:
+        b = meta.get("rotate_block")
+        if meta["rotate"] != "hadamard" or not isinstance(b, int) or b < 1 or b & (b - 1) or shape[1] % b:
+            raise ValueError(f"unknown rotation {meta['rotate']!r} with block {b!r} for {shape[1]} columns")
+        f[ROTATION_FIELD] = FieldSpec((packed_len(shape[1]),), torch.uint8, "rotation signs")
+    return f
+
+
 def storage_bits(fmt: str, shape: Shape, meta: Meta, tensor_bytes: int) -> float:
     """Bits per weight of a stored layer: (bytes of its packed tensors + its share of the map) x 8 / weights.
 
@@ -129,8 +145,8 @@ class StoredWeight:
     tensors: Tensors = field(repr=False)
 
     def fields(self) -> dict[str, FieldSpec]:
-        """The fields this weight must have (from shape and meta)."""
-        return get_format(self.format).fields(self.shape, self.meta)
+        """The fields this weight must have (from shape and meta; with a rotation's signs: :func:`layer_fields`)."""
+        return layer_fields(self.format, self.shape, self.meta)
 
     def values(self) -> Tensor:
         """The dequantized (rows, cols) float32 weight."""
