@@ -26,9 +26,15 @@ SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": tor
 """The dtypes scales and means may be stored (and rounded) in, by their config name."""
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
-    """A config field with its help text (and, for a string field, its allowed values)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices)})
+def option(default: Any, help: str, choices: tuple[str, ...] = (), record_default: bool = True) -> Any:
+    """A config field with its help text (and, for a string field, its allowed values).
+
+    ``record_default=False``: :meth:`QuantConfig.to_dict` leaves the field out while it holds its
+    default, so the records (and checkpoints) of configs that do not use an option added later stay
+    byte-identical to those written before it existed.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices),
+                                                        "record_default": record_default})
 
 
 class SalientMetric(str, enum.Enum):
@@ -111,6 +117,10 @@ class QuantConfig:
     exclude: tuple[str, ...] = option((), "fnmatch patterns of linears to keep in full precision")
     scale_dtype: str = option("float16", "dtype the scales and means are stored (and rounded) in; float8_e4m3fn: "
                                          "8 bits, range 2^-9..448", choices=tuple(SCALE_DTYPES))
+    rotate: str = option("none", "incoherence processing: hadamard quantizes W R under R^T H R, R = random signs x "
+                                 "block Hadamard of the input width, and the layer rotates its input at run time",
+                         choices=("none", "hadamard"), record_default=False)
+    rotate_seed: int = option(0, "seed of the rotation's random signs", record_default=False)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # JSON lists -> tuples, values -> enums; then the declared choices
@@ -121,12 +131,15 @@ class QuantConfig:
         _check(self.blocksize >= 1, f"blocksize must be >= 1, got {self.blocksize}")
         _check(0.0 <= self.percdamp < 10.0, f"percdamp must be in [0, 10), got {self.percdamp}")
         _check(len(self.include) > 0, "include needs at least one pattern")
+        _check(self.rotate_seed >= 0, f"rotate_seed must be >= 0, got {self.rotate_seed}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``method`` and ``version``."""
         out: dict[str, Any] = {"method": self.method, "version": self.version}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if not f.metadata.get("record_default", True) and v == f.default:
+                continue
             out[f.name] = v.value if isinstance(v, enum.Enum) else (list(v) if isinstance(v, tuple) else v)
         return out
 

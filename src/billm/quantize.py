@@ -34,6 +34,7 @@ from .model.walker import (
 )
 from .packing.checkpoint import quantization_record
 from .packing.linear import PackedLinear
+from .packing.rotation import Rotation
 
 if TYPE_CHECKING:
     from .resume import ProgressStore
@@ -316,11 +317,14 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     home = get_weight(mod).device
     W = get_weight(mod).to(device=device or home, dtype=torch.float32)  # (out, in): float32 whatever the model's dtype
     t0 = time.perf_counter()
+    rot = Rotation.make(config.rotate, W.shape[1], config.rotate_seed, W.device)  # None unless config.rotate
+    if rot is not None:  # incoherence processing: the method (and the errors below) see W R and R^T H R
+        W, H = rot.weight(W), rot.hessian(H)
     try:
         res = method(W.clone(), H, config, times)
     except BillmError as e:
         raise QuantizationError(f"{full}: {e}") from e
-    st = res.stored.to(W.device)
+    st = (res.stored if rot is None else rot.attach(res.stored)).to(W.device)
     Q = st.values()  # (out, in): what every later forward computes with
     if res.q is not None and not torch.equal(res.q, Q):
         raise QuantizationError(f"{full}: the {method.name} stored form does not decode to the weights it simulated "
