@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import billm
-from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm.config import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.errors import CheckpointError
 from billm.methods import get_method
 from billm.packing.formats import get_format
@@ -35,10 +35,13 @@ CONFIGS = [
     BiLLMConfig.plus(blocksize=32),
     SliMConfig(bits=2, groupsize=16, blocksize=32),
     SliMConfig(bits=3, groupsize=8, blocksize=16, sqc=False),
+    ArbConfig(blocksize=32),
+    ArbConfig(variant="x", blocksize=32),
 ]
 CONFIG_IDS = ["billm-b32", "billm-reference-b48", "billm-b32-salient1-centred", "rtn-w2", "rtn-w3-g24",
               "gptq-w4-g32", "gptq-w3-g16-act-order", "sign", "sign-no-obc-centred", "pbllm",
-              "pbllm-salient4-f0.2", "billm-b32-fp8-scales", "billm-plus-b32", "slim-w2-g16", "slim-w3-g8-no-sqc"]
+              "pbllm-salient4-f0.2", "billm-b32-fp8-scales", "billm-plus-b32", "slim-w2-g16", "slim-w3-g8-no-sqc",
+              "arb-rc-b32", "arb-x-b32"]
 assert len(CONFIG_IDS) == len(CONFIGS)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import billm
-from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm.config import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.packing.checkpoint import QUANT_MAP
 from billm.packing.hf import GUARD_MODEL_TYPE, REAL_TYPE_KEY
 
@@ -27,6 +27,7 @@ FORMAT_CONFIGS = {
     "mixed-slim": SliMConfig(bits=2, groupsize=16, blocksize=32),
     "sign": SignConfig(),
     "pbllm": PBLLMConfig(blocksize=32),
+    "arb": ArbConfig(blocksize=32),
 }
 
 
