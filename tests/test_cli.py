@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import billm
 from billm.cli import main
 
 
@@ -144,6 +145,34 @@ def test_compare_writes_table_json_and_plot(tiny_folder, tmp_path):
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
+
+
+def test_pareto_measures_storage_from_the_files_and_marks_the_front(tiny_folder, tmp_path):
+    out, kept = tmp_path / "pareto", tmp_path / "ckpts"
+    rc = main(["pareto", str(tiny_folder), "--methods", "fp,rtn:w2,gptq:w3g32,billm", "--tasks", "pydoc",
+               "--calib", "pydoc", "--nsamples", "2", "--seqlen", "32", "--eval-seqlen", "64", "--max-windows", "2",
+               "--out", str(out), "--keep-checkpoints", str(kept)])
+    assert rc == 0
+    rows = {r["spec"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert not rows["fp"]["from_file"] and all(rows[s]["from_file"] for s in ("rtn:w2", "gptq:w3g32", "billm"))
+    for spec, folder in (("rtn:w2", "rtn-w2"), ("billm", "billm")):
+        assert rows[spec]["storage_bits"] == pytest.approx(billm.inspect_checkpoint(kept / folder).storage_bits, abs=0)
+    md = (out / "compare.md").read_text()
+    bits = [float(line.split("|")[3]) for line in md.splitlines()[2:]]
+    assert bits == sorted(bits) and md.count("| yes |") >= 1
+    front = [line.split("|")[1].strip() for line in md.splitlines()[2:] if "| yes |" in line]
+    by_bits = sorted(rows.values(), key=lambda r: r["storage_bits"])
+    best = [r["spec"] for i, r in enumerate(by_bits) if all(r["ppl"]["pydoc"] < o["ppl"]["pydoc"] for o in by_bits[:i])]
+    assert front == best  # the rows beating every row of fewer bits
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pareto_front_keeps_exactly_the_undominated_rows():
+    from billm.compare import Row, pareto_front
+
+    rows = [Row(s, 1, b, 0, {"t": p}) for s, b, p in [("a", 1.0, 90), ("b", 2.0, 50), ("c", 2.5, 60), ("d", 3.0, 50),
+                                                       ("e", 1.5, 90)]]
+    assert [r.spec for r in pareto_front(rows, "t")] == ["a", "b"]
 
 def test_compare_rejects_a_bad_spec_before_loading(tmp_path, capsys):
     rc = main(["compare", str(tmp_path / "not-loaded"), "--methods", "fp,gptq:w9x"])

@@ -12,6 +12,7 @@ import enum
 import json
 import logging
 import sys
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -337,6 +338,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# billm pareto's default set: the baselines at their usual settings, BiLLM as published, ARB-LLM, billm's own
+PARETO_SPECS = "fp,rtn:w2g128,gptq:w2g128,gptq:w3g128,slim:w2,slim:w3,pbllm,billm:reference,billm,billm:plus,arb"
 DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
 
 
@@ -391,11 +394,12 @@ def argv_used(args: argparse.Namespace) -> list[str]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .compare import compare, parse_method, pareto_plot, to_markdown
+    from .compare import compare, parse_method, pareto_markdown, pareto_plot, to_markdown
     from .data import get_calibration_batches, get_eval_tokens
     from .model.loading import load_model
 
     _check_args(args)
+    pareto = getattr(args, "fn", None) is cmd_pareto
     specs = [s for s in args.methods.split(",") if s]
     for s in specs:
         parse_method(s)  # a typo fails now, not after an hour
@@ -406,7 +410,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                     data_dir=args.data_dir)
     eval_seqlen = args.eval_seqlen or args.seqlen
     eval_ids = {t: get_eval_tokens(t, tok, eval_seqlen, data_dir=args.data_dir) for t in tasks}
-    rows = compare(model, tok, specs, calib, eval_ids, eval_seqlen, args.max_windows, args.device, args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="billm-pareto-") as tmp:
+        keep = getattr(args, "keep_checkpoints", None)
+        ckpts = (Path(keep) if keep else Path(tmp)) if pareto else None
+        rows = compare(model, tok, specs, calib, eval_ids, eval_seqlen, args.max_windows, args.device, args.batch_size,
+                       checkpoints=ckpts)
     out.mkdir(parents=True, exist_ok=True)
     command = "billm " + " ".join(argv_used(args))
     write_json_atomic(out / "compare.json", {
@@ -414,12 +422,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "max_windows": args.max_windows,
         "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
         "rows": [asdict(r) for r in rows]})
-    md = to_markdown(rows, tasks)
+    md = pareto_markdown(rows, tasks[0]) if pareto else to_markdown(rows, tasks)
     (out / "compare.md").write_text(md)
-    pareto_plot(rows, tasks[0], out / "pareto.png", f"{args.model}: {tasks[0]} perplexity vs storage bits")
+    pareto_plot(rows, tasks[0], out / "pareto.png", f"{args.model}: {tasks[0]} perplexity vs storage bits",
+                mark_front=pareto)
     print(md)
     print(f"written {out / 'compare.json'}, compare.md, pareto.png")
     return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    return cmd_compare(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -593,6 +606,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype(c)
     _add_data(c)
     c.set_defaults(fn=cmd_compare)
+
+    pa = sub.add_parser("pareto", help="perplexity against true storage bits: every method's checkpoint written, "
+                                       "loaded back and measured; the front marked")
+    pa.add_argument("model")
+    pa.add_argument("--methods", default=PARETO_SPECS,
+                    help="comma-separated specs, as for compare (default: the baselines, BiLLM, ARB-LLM and billm's "
+                         "own settings)")
+    pa.add_argument("--tasks", default="wikitext2", help="the first is the one plotted and whose front is marked")
+    _add_calibration(pa)
+    pa.add_argument("--eval-seqlen", type=int, default=None)
+    pa.add_argument("--max-windows", type=int, default=None)
+    pa.add_argument("--out", default="pareto", help="output folder (compare.json, compare.md, pareto.png)")
+    pa.add_argument("--keep-checkpoints", default=None, metavar="DIR",
+                    help="keep every method's checkpoint in DIR (default: a temporary folder, removed)")
+    _add_dtype(pa)
+    _add_data(pa)
+    pa.set_defaults(fn=cmd_pareto)
 
     i = sub.add_parser("inspect", help="where a checkpoint's bytes go: per-layer storage bits measured from the file")
     i.add_argument("path", help="a billm checkpoint folder (or a billm_report.json)")

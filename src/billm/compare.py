@@ -2,7 +2,9 @@
 
 ``billm compare MODEL --methods fp,rtn:w2,gptq:w2g128,pbllm,sign,billm`` writes ``compare.json``,
 ``compare.md`` (a row per method: weight bits, storage bits, perplexity per dataset, seconds) and
-``pareto.png`` (perplexity, log scale, against storage bits).
+``pareto.png`` (perplexity, log scale, against storage bits). ``billm pareto`` does the same with
+every method's checkpoint written, loaded back (its logits checked equal) and evaluated, its
+storage bits measured from the file, and the Pareto front marked.
 """
 
 from __future__ import annotations
@@ -36,20 +38,52 @@ def parse_method(spec: str) -> Optional[QuantConfig]:
 
 @dataclass
 class Row:
-    """One method's figures."""
+    """One method's figures (``from_file``: storage bits measured from its saved checkpoint, and the
+    perplexities those of the checkpoint loaded back)."""
 
     spec: str
     weight_bits: float
     storage_bits: float
     seconds: float
     ppl: dict[str, float] = field(default_factory=dict)
+    from_file: bool = False
+
+
+def _slug(spec: str) -> str:
+    """A folder name for a spec (``billm:plus+b256`` -> ``billm-plus+b256``)."""
+    return "".join(c if c.isalnum() or c in "+-._=" else "-" for c in spec)
+
+
+def through_file(model, tokenizer, folder: Path, probe: torch.Tensor):
+    """Save the quantized ``model`` to ``folder``, load it back and check its logits on ``probe`` are equal.
+
+    Returns (the loaded model, its storage bits measured from the file, its weight bits).
+
+    Raises:
+        QuantizationError: the loaded checkpoint computes other logits than the model it was saved from.
+    """
+    from .errors import QuantizationError
+    from .packing.checkpoint import inspect, load, save
+
+    save(model, folder, tokenizer)
+    loaded = load(folder)
+    with torch.inference_mode():
+        a, b = model(probe).logits, loaded(probe).logits
+    if not torch.equal(a, b):
+        raise QuantizationError(f"{folder}: the saved checkpoint's logits differ from the quantized model's "
+                                f"(max |diff| {float((a - b).abs().max()):.3g})")
+    info = inspect(folder)
+    return loaded, info.storage_bits, info.weight_bits
 
 
 def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
-            seqlen: int, max_windows: Optional[int], device=None, batch_size: int = 8) -> list[Row]:
+            seqlen: int, max_windows: Optional[int], device=None, batch_size: int = 8,
+            checkpoints: Optional[Path] = None) -> list[Row]:
     """Quantize a fresh copy of ``model`` with each method and evaluate it; ``model`` itself is left as it was.
 
     Storage bits come from the packed layers' bytes (:func:`billm.storage_bits`), as in ``billm inspect``.
+    With ``checkpoints`` each quantized model is saved in a folder there, loaded back (logits checked
+    equal, see :func:`through_file`) and the loaded one evaluated; its storage bits are the file's.
     """
     from .eval import perplexity
     from .quantize import parse_devices, quantize
@@ -65,7 +99,11 @@ def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_
         else:
             rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size)
             wb, sb = rep.weight_bits, rep.storage_bits
-        row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if cfg is not None and checkpoints is not None:
+            work, sb, wb = through_file(work, tokenizer, Path(checkpoints) / _slug(spec), calibration[:1, :64])
+        row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds,
+                  from_file=cfg is not None and checkpoints is not None)
         for task, ids in eval_ids.items():
             row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
         log.info("%s: %s", spec, row)
@@ -85,23 +123,58 @@ def to_markdown(rows: list[Row], tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(rows: list[Row], task: str, path: Path, title: str) -> None:
-    """Perplexity (log) against storage bits, one labelled point per method, written as PNG."""
+def pareto_front(rows: list[Row], task: str) -> list[Row]:
+    """The rows no other row beats on both storage bits and ``task`` perplexity (each at most, one strictly
+    less), by increasing storage bits."""
+    def beaten(r: Row) -> bool:
+        return any(o.storage_bits <= r.storage_bits and o.ppl[task] <= r.ppl[task]
+                   and (o.storage_bits, o.ppl[task]) != (r.storage_bits, r.ppl[task]) for o in rows)
+    return sorted((r for r in rows if not beaten(r)), key=lambda r: r.storage_bits)
+
+
+def pareto_markdown(rows: list[Row], task: str) -> str:
+    """The comparison table with a front column, rows by increasing storage bits."""
+    front = {id(r) for r in pareto_front(rows, task)}
+    lines = ["| method | weight bits | storage bits | " + f"{task} ppl | front | seconds |",
+             "|---|---:|---:|---:|:---:|---:|"]
+    for r in sorted(rows, key=lambda r: r.storage_bits):
+        lines.append(f"| {r.spec} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {r.ppl[task]:.2f} | "
+                     f"{'yes' if id(r) in front else ''} | {r.seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(rows: list[Row], task: str, path: Path, title: str, mark_front: bool = False) -> None:
+    """Perplexity (log) against storage bits, one labelled point per method, written as PNG.
+
+    With ``mark_front`` the Pareto front is drawn as a step line; a full-precision row (16 bits)
+    is drawn as a horizontal reference line rather than a point, so the low-bit range stays readable.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5) if mark_front else (7, 4.5))
+    points = [r for r in rows if not (mark_front and r.storage_bits >= 16)]
     for r in rows:
-        ax.scatter(r.storage_bits, r.ppl[task], s=60, label=f"{r.spec} ({r.storage_bits:.2f} b, {r.ppl[task]:.1f})")
+        if r not in points:
+            ax.axhline(r.ppl[task], color="gray", linestyle=":", label=f"{r.spec} ({r.ppl[task]:.1f})")
+    front = {id(r) for r in pareto_front(points, task)} if mark_front else set()
+    for r in points:
+        ax.scatter(r.storage_bits, r.ppl[task], s=70 if id(r) in front else 40,
+                   edgecolors="black" if id(r) in front else "none",
+                   label=f"{r.spec} ({r.storage_bits:.2f} b, {r.ppl[task]:.1f})")
+    if mark_front:
+        f = pareto_front(points, task)
+        ax.step([r.storage_bits for r in f], [r.ppl[task] for r in f], where="post", color="black", linewidth=1,
+                alpha=0.6, label="Pareto front")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("storage bits per quantized weight (scales, bitmaps included; log2)")
     ax.set_ylabel(f"{task} perplexity (log)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7 if mark_front else 8, loc="best")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
