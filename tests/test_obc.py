@@ -17,10 +17,14 @@ def test_accumulator_is_running_mean_of_2_xxT():
     assert acc.nsamples == 6
 
 
-def test_accumulator_rejects_nan():
-    acc = HessianAccumulator(4)
-    with pytest.raises(QuantizationError):
-        acc.add_batch(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30], ids=["nan", "inf", "overflow"])
+def test_accumulator_refuses_non_finite_inputs_when_read(bad):
+    acc = HessianAccumulator(4, name="blocks.0.q")
+    acc.add_batch(torch.randn(3, 4))
+    acc.add_batch(torch.tensor([[1.0, bad, 0.0, 0.0]]))
+    acc.add_batch(torch.randn(3, 4))
+    with pytest.raises(QuantizationError, match="non-finite values.*blocks.0.q"):
+        acc.H
 
 
 def _spd(n, seed=0):
@@ -101,7 +105,7 @@ def test_callback_may_return_its_own_error():
 
 
 @pytest.mark.parametrize("cols,tile", [(600, 256), (300, 128), (64, 256)])
-def test_tiled_symmetric_accumulation_equals_full_product(cols, tile):
+def test_accumulation_equals_full_product_and_is_exactly_symmetric(cols, tile):
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(2, 7, cols, generator=g) for _ in range(3)]
     acc = HessianAccumulator(cols, tile=tile)

@@ -12,6 +12,7 @@ from billm.config import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNCon
 from billm.errors import CheckpointError
 from billm.methods import get_method
 from billm.packing.formats import get_format
+from billm.packing.linear import decode_once
 from billm.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
 from billm.packing.checkpoint import QUANT_MAP, WEIGHTS, inspect, load, read_header, save, tensor_sha256
 
@@ -122,6 +123,23 @@ def test_packed_linear_matches_nn_linear_with_decoded_weights():
     assert torch.equal(layer.weight, res.q)
     assert layer(x.double()).dtype == torch.float64  # decoded in the input's dtype
 
+
+
+def test_decode_once_gives_the_same_outputs_and_then_lets_the_copy_go():
+    W, H = random_problem(12, 40)
+    layer = billm.PackedLinear.from_stored(get_method("billm")(W.clone(), H.clone(), BiLLMConfig(blocksize=16)).stored,
+                                           torch.randn(12))
+    layer.kernel = "dequant"
+    xs = [torch.randn(2, 5, 40) for _ in range(3)]
+    plain = [layer(x) for x in xs]
+    with decode_once([layer]):
+        assert layer._decoded is not None
+        kept = layer._decoded.clone()
+        layer._decoded.add_(1.0)  # the copy is what the calls use: changing it changes them
+        assert not torch.equal(layer(xs[0]), plain[0])
+        layer._decoded.copy_(kept)
+        assert all(torch.equal(layer(x), y) for x, y in zip(xs, plain))
+    assert layer._decoded is None and torch.equal(layer(xs[1]), plain[1])
 
 # ----------------------------------------------------------------------------- checkpoint round trip
 

@@ -33,7 +33,7 @@ from .model.walker import (
     run_block, select_linears, to_host,
 )
 from .packing.checkpoint import quantization_record
-from .packing.linear import PackedLinear
+from .packing.linear import PackedLinear, decode_once
 from .packing.rotation import Rotation
 
 if TYPE_CHECKING:
@@ -374,6 +374,7 @@ def propagate(run: _Run, i: int) -> None:
     """Step 3: the packed block ``i`` on the calibration inputs, through its decode path; its outputs feed block i+1.
 
     Each batch's output replaces its input as soon as it is known (one copy of the activations alive).
+    Each layer's weight is decoded once for all the batches.
     """
     packed = [m for m in run.blocks[i].modules() if isinstance(m, PackedLinear)]
     kernels = [m.kernel for m in packed]
@@ -382,8 +383,9 @@ def propagate(run: _Run, i: int) -> None:
     try:
         reps = replicas(run, i)
         each = lambda k, b: to_host(run_batch(reps[k], run.inputs, b, run.devices[k], i), run.activations)  # noqa: E731
-        for b, out in over_batches(run, reps, each):
-            run.inputs.hidden[b] = out
+        with decode_once(m for rep in reps for m in rep.modules() if isinstance(m, PackedLinear)):
+            for b, out in over_batches(run, reps, each):
+                run.inputs.hidden[b] = out
     finally:
         for m, k in zip(packed, kernels):
             m.kernel = k

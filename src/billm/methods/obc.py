@@ -26,13 +26,15 @@ log = logging.getLogger(__name__)
 class HessianAccumulator:
     """Running-mean accumulator of ``2/N * sum x x^T`` for one linear's inputs.
 
-    H is symmetric, so only the tiles on and above the diagonal are accumulated (about 60 % of the
-    flops of a full ``x^T x`` for wide inputs); :attr:`H` mirrors them once when read.
+    Each batch is one matrix product over all its tokens (one large GEMM is faster than tiles of
+    the upper triangle, although those do fewer flops). :attr:`H` makes it exactly symmetric (the
+    upper triangle mirrored) and checks it once when read: any NaN/Inf input, or an input so large
+    its square overflows, leaves a non-finite diagonal entry, so no per-batch scan is needed.
 
     Args:
         cols: input features of the linear.
         device: where H lives (the block's device).
-        tile: tile width of the symmetric update.
+        tile: tile width of the mirroring (bounds its temporaries).
         name: the layer(s) it serves, for error messages.
     """
 
@@ -41,13 +43,25 @@ class HessianAccumulator:
         self._H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
         self.nsamples = 0
         self._bounds = [(i, min(i + tile, cols)) for i in range(0, cols, tile)]
+        self._ready = False
 
     @property
     def H(self) -> Tensor:
-        """The full symmetric (cols, cols) Hessian."""
-        for a, (i0, i1) in enumerate(self._bounds):
-            for j0, j1 in self._bounds[a + 1:]:
-                self._H[j0:j1, i0:i1] = self._H[i0:i1, j0:j1].t()
+        """The full symmetric (cols, cols) Hessian.
+
+        Raises:
+            QuantizationError: the inputs had NaN/Inf entries (or overflowed when squared).
+        """
+        if not self._ready:
+            if not torch.isfinite(torch.diagonal(self._H)).all():
+                raise QuantizationError(f"non-finite values (NaN/Inf) in the calibration inputs of {self.name}: an "
+                                        "earlier layer overflows (try a float32 model, or exclude the layer)")
+            for a, (i0, i1) in enumerate(self._bounds):
+                d = self._H[i0:i1, i0:i1]  # (tile, tile) diagonal tile
+                d.copy_(torch.triu(d) + torch.triu(d, 1).t())
+                for j0, j1 in self._bounds[a + 1:]:
+                    self._H[j0:j1, i0:i1] = self._H[i0:i1, j0:j1].t()
+            self._ready = True
         return self._H
 
     def add_batch(self, x: Tensor) -> None:
@@ -56,18 +70,10 @@ class HessianAccumulator:
             x = x.unsqueeze(0)
         batch = x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=torch.float32)  # (tokens, cols)
-        if not torch.isfinite(x).all():
-            raise QuantizationError(f"non-finite values (NaN/Inf) in the calibration inputs of {self.name}: an "
-                                    "earlier layer overflows (try a float32 model, or exclude the layer)")
         total = self.nsamples + batch
-        x = x * (2.0 / total) ** 0.5
-        keep = self.nsamples / total
-        for a, (i0, i1) in enumerate(self._bounds):
-            xi_t = x[:, i0:i1].t()  # (tile, tokens)
-            for j0, j1 in self._bounds[a:]:
-                blk = self._H[i0:i1, j0:j1]  # (tile, tile) view
-                blk.mul_(keep).addmm_(xi_t, x[:, j0:j1])
+        self._H.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2.0 / total)
         self.nsamples = total
+        self._ready = False
 
 
 @dataclass

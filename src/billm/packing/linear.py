@@ -7,7 +7,8 @@ as soon as it is quantized (the next block's inputs flow through its decode path
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ class PackedLinear(nn.Module):
         self._layout_key: Any = None
         self._rotation: Optional[Rotation] = None
         self._rotation_key: Any = None
+        self._decoded: Optional[Tensor] = None  # set only inside decode_once()
 
     @classmethod
     def from_stored(cls, stored: StoredWeight, bias: Optional[Tensor] = None, source: str = "Linear") -> "PackedLinear":
@@ -137,13 +139,30 @@ class PackedLinear(nn.Module):
         path = choose_path(requested, x, layout is not None)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         if path == "dequant":
-            w = self.stored().values().to(x.dtype)  # (out, in), decoded for this call only
-            return F.linear(x, w, b)
+            w = self._decoded if self._decoded is not None else self.stored().values()  # (out, in) float32
+            return F.linear(x, w.to(x.dtype), b)
         y = packed_matmul(x, layout, path)
         return y + b if b is not None else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.bias is not None}"
+
+
+@contextmanager
+def decode_once(layers: Iterable[PackedLinear]) -> Iterator[None]:
+    """Within: each layer's decode path reuses one decoded copy of its weight instead of decoding per call.
+
+    For many forward calls in a row on the same layers (the calibration batches of a propagation
+    pass); the outputs are the very same as without it. The copies are dropped on exit.
+    """
+    layers = list(layers)
+    try:
+        for m in layers:
+            m._decoded = m.stored().values()
+        yield
+    finally:
+        for m in layers:
+            m._decoded = None
 
 
 def set_kernel(model: nn.Module, name: Optional[str]) -> int:
