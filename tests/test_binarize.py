@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from billm.config import BiLLMConfig
 from billm.methods.binarize import binarize, binarize_params, sign_pm1, sq_error
 
 
@@ -65,3 +66,20 @@ def test_params_reconstruct(order):
     assert signs.shape == (order, 10, 25) and alphas.shape == (order, 10)
     rec = sum(alphas[k][:, None] * (2 * signs[k].double() - 1) + mus[k][:, None] for k in range(order)) * m
     torch.testing.assert_close(rec, binarize(x, m, order))
+
+
+def test_column_split_stores_one_group_bit_per_column_and_keeps_groups_whole(random_problem):
+    from billm.methods import get_method
+    from billm.packing.formats import billm_unpack
+
+    W, H = random_problem(24, 96, outlier_cols=(5, 40))
+    per_weight = get_method("billm")(W.clone(), H.clone(), BiLLMConfig(blocksize=32))
+    per_column = get_method("billm")(W.clone(), H.clone(), BiLLMConfig(blocksize=32, split="column"))
+    st = per_column.stored
+    assert torch.equal(st.values(), per_column.q)
+    k = st.meta["n_salient"]
+    assert st.meta["split"] == "column" and tuple(st.tensors["group"].shape) == ((96 - k + 7) // 8,)
+    assert "split" not in per_weight.stored.meta  # the default is not written: earlier maps stay byte-identical
+    _, sal, sparse, _ = billm_unpack(st.tensors, st.shape, st.meta)
+    assert torch.equal(sparse, sparse[:1].expand_as(sparse)) and not sparse[:, sal].any()
+    assert st.storage_bits < per_weight.stored.storage_bits - 0.7

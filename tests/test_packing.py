@@ -38,11 +38,12 @@ CONFIGS = [
     SliMConfig(bits=3, groupsize=8, blocksize=16, sqc=False),
     ArbConfig(blocksize=32),
     ArbConfig(variant="x", blocksize=32),
+    BiLLMConfig.plus(blocksize=32, split="column", scale_dtype="float8_e4m3fn"),
 ]
 CONFIG_IDS = ["billm-b32", "billm-reference-b48", "billm-b32-salient1-centred", "rtn-w2", "rtn-w3-g24",
               "gptq-w4-g32", "gptq-w3-g16-act-order", "sign", "sign-no-obc-centred", "pbllm",
               "pbllm-salient4-f0.2", "billm-b32-fp8-scales", "billm-plus-b32", "slim-w2-g16", "slim-w3-g8-no-sqc",
-              "arb-rc-b32", "arb-x-b32"]
+              "arb-rc-b32", "arb-x-b32", "billm-plus-b32-column-split-fp8"]
 assert len(CONFIG_IDS) == len(CONFIGS)
 
 
@@ -140,6 +141,16 @@ def test_decode_once_gives_the_same_outputs_and_then_lets_the_copy_go():
         layer._decoded.copy_(kept)
         assert all(torch.equal(layer(x), y) for x, y in zip(xs, plain))
     assert layer._decoded is None and torch.equal(layer(xs[1]), plain[1])
+    w = layer.stored().values()
+    layer.keep_decoded(w)  # a copy already made (quantize's check) is used as it is, then let go
+    with decode_once([layer]):
+        assert layer._decoded is w and torch.equal(layer(xs[2]), plain[2])
+    assert layer._decoded is None
+    layer.keep_decoded(w)
+    layer.to("cpu")  # any move drops it: it would not follow the buffers
+    assert layer._decoded is None
+    with pytest.raises(ValueError, match="keep_decoded"):
+        layer.keep_decoded(w.double())
 
 # ----------------------------------------------------------------------------- checkpoint round trip
 

@@ -339,7 +339,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # billm pareto's default set: the baselines at their usual settings, BiLLM as published, ARB-LLM, billm's own
-PARETO_SPECS = "fp,rtn:w2g128,gptq:w2g128,gptq:w3g128,slim:w2,slim:w3,pbllm,billm:reference,billm,billm:plus,arb"
+PARETO_SPECS = ("fp,gptq:w2g128,gptq:w2g128+hadamard,gptq:w3g128,slim:w2,slim:w2+hadamard,billm:reference,billm,"
+                "billm:hadamard,billm:plus,billm:plus+hadamard,billm:compact,billm:tiny,arb,arb:hadamard")
 DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
 
 

@@ -268,7 +268,9 @@ class BiLLMConfig(QuantConfig):
     Defaults = the paper's text (compared with the reference code's choices in
     ``docs/results/smollm2``). Presets: ``paper`` (the same), ``reference`` (the public reference code's
     choices, float32 scales included: DESIGN §5), ``plus`` (beyond BiLLM at the same storage:
-    the paper's variant with ``intra_block`` and ``refit``).
+    the paper's variant with ``intra_block`` and ``refit``), ``compact`` (``plus`` with the
+    non-salient split per column: about 1.7 storage bits) and ``tiny`` (``compact`` with fp8
+    scales: about 1.45).
     """
 
     method: ClassVar[str] = "billm"
@@ -278,6 +280,8 @@ class BiLLMConfig(QuantConfig):
                           salient_search_order=2, salient_order=2, break_grid="quantile", n_break_candidates=81,
                           centred=True, scale_dtype="float32"),
         "plus": {**_PAPER, "intra_block": True, "refit": True},
+        "compact": {**_PAPER, "intra_block": True, "refit": True, "split": "column"},
+        "tiny": {**_PAPER, "intra_block": True, "refit": True, "split": "column", "scale_dtype": "float8_e4m3fn"},
     }
     abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
         **QuantConfig.abbrev, "intra": "intra_block", "refine": "refine_rounds"}
@@ -301,6 +305,9 @@ class BiLLMConfig(QuantConfig):
                                    "per group and row (0: off)")
     refit: bool = option(False, "beyond BiLLM: after the layer is binarized, re-solve every scale (and mean) of each "
                                 "row for the least output error under H, signs fixed")
+    split: str = option("weight", "beyond BiLLM: how the non-salient weights are split in two groups: per weight by "
+                                  "the break point (a bitmap bit per weight), or per column (a bit per column)",
+                        choices=("weight", "column"), record_default=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -66,10 +66,36 @@ def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, Block
     sal = search_salient_columns(M, S.sum(dim=0), cfg.min_salient_cols, cfg.max_salient_cols,
                                  order=cfg.salient_search_order, centred=cfg.centred)
     smask = sal.mask(Wb.shape[1])  # (b,)
+    if cfg.split == "column":
+        code = encode_groups(Wb, *column_masks(M, smask, sparse_columns(M, smask, cfg.centred)), cfg)
+        return code.values(), code, sal.columns, float("nan")
     cands = break_candidates(M, smask, cfg.break_grid.value, cfg.n_break_candidates)
     brk = search_break_point(M, smask, cands, order=1, centred=cfg.centred)
     code = encode_groups(Wb, *split_masks(M, smask, brk.value), cfg)
     return code.values(), code, sal.columns, brk.value
+
+
+def sparse_columns(M: Tensor, salient: Tensor, centred: bool) -> Tensor:
+    """(cols,) bool: the non-salient columns of the sparse group when the split is per column.
+
+    The break point's search, per column: the non-salient columns ranked by mean |M|, the top j
+    form the sparse group and the rest the concentrated one, each binarized at order 1, and the j
+    with the least squared error of M wins (j = 0 allowed: one group).
+    """
+    non = (~salient).nonzero().squeeze(1)  # (n,)
+    Mn = M[:, non]  # (rows, n)
+    found = search_salient_columns(Mn, Mn.abs().mean(dim=0), 0, Mn.shape[1] - 1, order=1, centred=centred)
+    out = torch.zeros_like(salient)
+    out[non[found.columns]] = True
+    return out
+
+
+def column_masks(M: Tensor, salient: Tensor, sparse_cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(concentrated, sparse, salient) boolean (rows, cols) masks from per-column groups."""
+    rows = M.shape[0]
+    sal = salient.unsqueeze(0).expand(rows, -1)
+    sparse = sparse_cols.unsqueeze(0).expand(rows, -1) & ~sal
+    return ~sal & ~sparse, sparse.clone(), sal.clone()
 
 
 def encode_groups(Wb: Tensor, conc: Tensor, sparse: Tensor, salient: Tensor, cfg: BiLLMConfig) -> BlockCode:
@@ -148,6 +174,8 @@ def stored_billm(codes: list[BlockCode], shape: tuple[int, int], cfg: BiLLMConfi
     salient = cat("salient")
     meta = {"blocksize": cfg.blocksize, "salient_order": cfg.salient_order, "centred": cfg.centred,
             "n_salient": int(salient.sum()), "scale_dtype": cfg.scale_dtype}
+    if cfg.split != "weight":  # recorded only when used: earlier checkpoints' maps stay as they were
+        meta["split"] = cfg.split
     tensors = billm_pack(cat("s1"), salient, cat("sparse"), cat("s2") if cfg.salient_order == 2 else None,
                          torch.cat([c.scales for c in codes]), torch.cat([c.means for c in codes]) if cfg.centred else None,
                          meta)

@@ -269,13 +269,19 @@ def billm_values(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Optional[Tenso
     return q
 
 
+def _column_split(meta: dict[str, Any]) -> bool:
+    """Whether the group bitmap holds one bit per non-salient column (``split: column``), not one per weight."""
+    return meta.get("split", "weight") == "column"
+
+
 def _billm_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
     r, c = shape
     k, order = meta["n_salient"], meta["salient_order"]
     nb = _n_blocks(c, meta["blocksize"])
     sd = scale_dtype(meta)
+    group = (packed_len(c - k),) if _column_split(meta) else (r, packed_len(c - k))
     f = {"signs": FieldSpec((r, packed_len(c)), torch.uint8, "signs"),
-         "group": FieldSpec((r, packed_len(c - k)), torch.uint8, "group bitmap"),
+         "group": FieldSpec(group, torch.uint8, "group bitmap"),
          "salient_mask": FieldSpec((packed_len(c),), torch.uint8, "salient-column mask"),
          "scales": FieldSpec((nb, 2 + order, r), sd, "scales")}
     if order == 2:
@@ -294,7 +300,7 @@ def billm_unpack(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, A
     if int(sal.sum()) != k:
         raise ValueError(f"the salient-column mask has {int(sal.sum())} columns set, the map says {k}")
     sparse = torch.zeros(r, c, dtype=torch.bool, device=s1.device)
-    sparse[:, ~sal] = unpack_bits(t["group"], c - k)
+    sparse[:, ~sal] = unpack_bits(t["group"], c - k)  # (c - k,) per column, broadcast over rows, or (r, c - k)
     s2 = None
     if meta["salient_order"] == 2:
         s2 = torch.zeros(r, c, dtype=torch.bool, device=s1.device)
@@ -312,7 +318,12 @@ def billm_pack(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Optional[Tensor]
                means: Optional[Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
     """Packed BiLLM fields from full bool planes and (nb, slots, r) float32 scales/means."""
     sd = scale_dtype(meta)
-    out = {"signs": pack_bits(s1), "group": pack_bits(sparse[:, ~salient].contiguous()),
+    group = sparse[:, ~salient].contiguous()  # (r, c - k)
+    if _column_split(meta):
+        if not torch.equal(group, group[:1].expand_as(group)):
+            raise ValueError("split 'column': the sparse group must hold whole columns")
+        group = group[0]  # (c - k,)
+    out = {"signs": pack_bits(s1), "group": pack_bits(group),
            "salient_mask": pack_bits(salient), "scales": scales.to(sd)}
     if s2 is not None:
         out["signs2"] = pack_bits(s2[:, salient].contiguous())
