@@ -330,6 +330,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
         raise QuantizationError(f"{full}: the {method.name} stored form does not decode to the weights it simulated "
                                 f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
     packed = PackedLinear.from_stored(st.to(home), getattr(mod, "bias", None), source=type(mod).__name__)
+    packed.keep_decoded(Q.to(home))  # the propagation forward reuses it (decode_once)
     took = time.perf_counter() - t0
     rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
     wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))

@@ -58,7 +58,7 @@ class PackedLinear(nn.Module):
         self._layout_key: Any = None
         self._rotation: Optional[Rotation] = None
         self._rotation_key: Any = None
-        self._decoded: Optional[Tensor] = None  # set only inside decode_once()
+        self._decoded: Optional[Tensor] = None  # keep_decoded() / decode_once(): the decoded weight, reused
 
     @classmethod
     def from_stored(cls, stored: StoredWeight, bias: Optional[Tensor] = None, source: str = "Linear") -> "PackedLinear":
@@ -85,6 +85,7 @@ class PackedLinear(nn.Module):
         change the quantized weights.
         """
         packed = {n: b for n, b in self._buffers.items() if n.startswith(PREFIX) and b is not None}
+        self._decoded = None  # a kept decoded copy (see decode_once) does not follow moves
         out = super()._apply(fn, recurse)
         for n, b in packed.items():
             new = self._buffers[n]
@@ -130,6 +131,19 @@ class PackedLinear(nn.Module):
             self._layout_key = key
         return self._layout
 
+    def keep_decoded(self, w: Tensor) -> None:
+        """Hold ``w``, this layer's decoded (out, in) float32 weight (``stored().values()``, e.g. from a check
+        just made), for the next :func:`decode_once`; dropped by it, or by any move of the layer.
+
+        Raises:
+            ValueError: ``w`` is not this layer's shape, float32, on its buffers' device.
+        """
+        ref = next(b for n, b in self.named_buffers(recurse=False) if n.startswith(PREFIX))
+        if tuple(w.shape) != self.shape or w.dtype != torch.float32 or w.device != ref.device:
+            raise ValueError(f"keep_decoded: expected a float32 {self.shape} tensor on {ref.device}, "
+                             f"got {w.dtype} {tuple(w.shape)} on {w.device}")
+        self._decoded = w
+
     def forward(self, x: Tensor) -> Tensor:
         rot = self.rotation()
         if rot is not None:
@@ -153,12 +167,15 @@ def decode_once(layers: Iterable[PackedLinear]) -> Iterator[None]:
     """Within: each layer's decode path reuses one decoded copy of its weight instead of decoding per call.
 
     For many forward calls in a row on the same layers (the calibration batches of a propagation
-    pass); the outputs are the very same as without it. The copies are dropped on exit.
+    pass); the outputs are the very same as without it. A layer that already holds its decoded
+    weight (:meth:`PackedLinear.keep_decoded`, on its buffers' device) is not decoded again. The
+    copies are dropped on exit.
     """
     layers = list(layers)
     try:
         for m in layers:
-            m._decoded = m.stored().values()
+            if m._decoded is None:
+                m._decoded = m.stored().values()
         yield
     finally:
         for m in layers:
