@@ -1,4 +1,4 @@
-"""``billm`` command line: quantize, eval, generate, demo, compare, inspect.
+"""``billm`` command line: quantize, eval, generate, demo, compare, pareto, inspect.
 
 Each subcommand parses its options, builds a config, calls the Python API, prints a table and
 writes the same figures as JSON.
