@@ -77,9 +77,12 @@ for section in "${SECTIONS[@]}"; do
       stamp "$out/compare.md" "$made" ;;
     speed)
       out=docs/results/speed; mkdir -p "$out"
-      { for m in billm billm:plus gptq:w2g128; do
+      { printf '# Quantize time against the protocol floor (SmolLM2-135M, 64 x 512 C4 calibration)\n\n'
+        for m in billm billm:plus gptq:w2g128; do
+          printf '## %s\n\n```\n' "$m"
           python benchmarks/bench_quantize.py --method "$m" --json "$out/floor-${m//:/_}.json" | grep -E '^(quantize|floor|  )'
-          echo; done
+          printf '```\n\n'; done
+        printf '## Where a billm run spends its time\n\n'
         python benchmarks/profile_quantize.py --method billm --json "$out/profile-billm.json"
       } | tee "$out/README.md"
       stamp "$out/README.md" "python benchmarks/bench_quantize.py --method M (M = billm, billm:plus, gptq:w2g128); python benchmarks/profile_quantize.py --method billm" ;;
