@@ -6,7 +6,7 @@
 #
 # Sections: smollm2 (every method side by side), beyond (the options beyond BiLLM), packed (checkpoint
 # size, load and evaluation speed), kernels (the fast paths' speed), pareto (perplexity against storage
-# bits measured from each checkpoint file, 64 x 512 calibration), speed (quantize time against the
+# bits measured from each checkpoint file), speed (quantize time against the
 # protocol's floor, and where the rest goes). Data: $BILLM_DATA_DIR, else
 # ../shared/data (C4 train shard and WikiText-2 test, see docs/data.md).
 set -euo pipefail
@@ -64,10 +64,10 @@ for section in "${SECTIONS[@]}"; do
       stamp "$out/README.md" "${cmd[*]}" ;;
     pareto)
       out=docs/results/pareto; mkdir -p "$out"
-      cmd=(python -m billm.cli pareto smollm2 --tasks wikitext2 --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048
+      cmd=(python -m billm.cli pareto smollm2 --tasks wikitext2 --calib c4 --nsamples 32 --seqlen 512 --eval-seqlen 2048
            --max-windows 8 --data-dir "$DATA" --out "$out")
       "${cmd[@]}"
-      made="billm pareto smollm2 --tasks wikitext2 --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 8 --out $out"
+      made="billm pareto smollm2 --tasks wikitext2 --calib c4 --nsamples 32 --seqlen 512 --eval-seqlen 2048 --max-windows 8 --out $out"
       { printf '# SmolLM2-135M: perplexity against true storage bits\n\n'; cat "$out/compare.md"
         printf '\nStorage bits: measured from each method'"'"'s checkpoint file (every packed byte x 8 / quantized weights);\n'
         printf 'each checkpoint was loaded back (logits checked equal to the quantized model'"'"'s) and the loaded one evaluated.\n'
