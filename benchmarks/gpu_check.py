@@ -7,7 +7,7 @@ Steps, each recorded with its seconds and whether it passed (a failed step does 
 
 * ``tests``: the tests marked ``cuda`` and the Triton kernel tests, compiled (no ``TRITON_INTERPRET``);
 * ``quantize``: SmolLM2-135M with BiLLM on CUDA (C4 calibration, 32 x 512 tokens, as
-  ``docs/results/smollm2``), and a short second run with ``--refine-rounds 2``;
+  the tables under ``docs/results``), and a short second run with ``--refine-rounds 2``;
 * ``eval``: WikiText-2 perplexity, 8 windows of 2048 tokens, of the checkpoint in float32, float16 and
   bfloat16 through ``auto``, and in float16 and bfloat16 forced through the Triton kernels;
 * ``crossover``: tokens/s of the Triton kernels, decode-then-cuBLAS and dense fp16 at 1 to 128 tokens

@@ -266,7 +266,7 @@ class BiLLMConfig(QuantConfig):
     """BiLLM: structured salient columns (residual binarization) + split non-salient weights.
 
     Defaults = the paper's text (compared with the reference code's choices in
-    ``docs/results/smollm2``). Presets: ``paper`` (the same), ``reference`` (the public reference code's
+    ``docs/results/pareto``). Presets: ``paper`` (the same), ``reference`` (the public reference code's
     choices, float32 scales included: DESIGN §5), ``plus`` (beyond BiLLM at the same storage:
     the paper's variant with ``intra_block`` and ``refit``), ``compact`` (``plus`` with the
     non-salient split per column: about 1.7 storage bits) and ``tiny`` (``compact`` with fp8
