@@ -157,17 +157,17 @@ def pareto_plot(rows: list[Row], task: str, path: Path, title: str, mark_front: 
     fig, ax = plt.subplots(figsize=(8, 5) if mark_front else (7, 4.5))
     points = [r for r in rows if not (mark_front and r.storage_bits >= 16)]
     for r in rows:
-        if r not in points:
+        if mark_front and r.storage_bits >= 16:
             ax.axhline(r.ppl[task], color="gray", linestyle=":", label=f"{r.spec} ({r.ppl[task]:.1f})")
-    front = {id(r) for r in pareto_front(points, task)} if mark_front else set()
+    front_rows = pareto_front(points, task) if mark_front else []
+    front = {id(r) for r in front_rows}
     for r in points:
         ax.scatter(r.storage_bits, r.ppl[task], s=70 if id(r) in front else 40,
                    edgecolors="black" if id(r) in front else "none",
                    label=f"{r.spec} ({r.storage_bits:.2f} b, {r.ppl[task]:.1f})")
-    if mark_front:
-        f = pareto_front(points, task)
-        ax.step([r.storage_bits for r in f], [r.ppl[task] for r in f], where="post", color="black", linewidth=1,
-                alpha=0.6, label="Pareto front")
+    if front_rows:
+        ax.step([r.storage_bits for r in front_rows], [r.ppl[task] for r in front_rows], where="post", color="black",
+                linewidth=1, alpha=0.6, label="Pareto front")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("storage bits per quantized weight (scales, bitmaps included; log2)")
