@@ -167,6 +167,33 @@ def test_pareto_measures_storage_from_the_files_and_marks_the_front(tiny_folder,
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_reads_finished_rows_back_and_measures_again_when_the_protocol_changes(tiny_folder, tmp_path,
+                                                                                    monkeypatch):
+    import sys
+
+    out = tmp_path / "cmp"
+    argv = ["compare", str(tiny_folder), "--methods", "fp,rtn:w2,billm", "--tasks", "pydoc", "--calib", "pydoc",
+            "--nsamples", "2", "--seqlen", "32", "--eval-seqlen", "64", "--max-windows", "2", "--out", str(out)]
+    assert main(argv) == 0
+    first = json.loads((out / "compare.json").read_text())["rows"]
+    assert sorted(p.name for p in (out / "jobs").iterdir()) == ["billm", "fp", "rtn-w2"]
+    assert not any((out / "jobs" / j / "progress").exists() for j in ("billm", "rtn-w2"))  # cleared once finished
+
+    def no_quantizing(*a, **k):
+        raise AssertionError("a finished row was measured again")
+
+    monkeypatch.setattr(sys.modules["billm.quantize"], "quantize", no_quantizing)
+    assert main(argv) == 0
+    assert json.loads((out / "compare.json").read_text())["rows"] == first
+    with pytest.raises(AssertionError, match="measured again"):  # another protocol: measured again
+        main(argv[:-4] + ["--max-windows", "1", "--out", str(out)])
+    monkeypatch.undo()
+    assert main(argv + ["--restart"]) == 0
+    again = json.loads((out / "compare.json").read_text())["rows"]
+    assert [(r["spec"], r["storage_bits"], r["ppl"]) for r in again] == [(r["spec"], r["storage_bits"], r["ppl"])
+                                                                           for r in first]
+
+
 def test_pareto_front_keeps_exactly_the_undominated_rows():
     from billm.compare import Row, pareto_front
 

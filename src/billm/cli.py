@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -339,8 +340,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # billm pareto's default set: the baselines at their usual settings, BiLLM as published, ARB-LLM, billm's own
-PARETO_SPECS = ("fp,gptq:w2g128,gptq:w2g128+hadamard,gptq:w3g128,slim:w2,slim:w2+hadamard,billm:reference,billm,"
-                "billm:hadamard,billm:plus,billm:plus+hadamard,billm:compact,billm:tiny,arb,arb:hadamard")
+PARETO_SPECS = ("fp,gptq:w2g128,slim:w2,billm,arb,billm:compact+hadamard,billm:tiny+hadamard,billm:plus+hadamard,"
+                "billm:compact,billm:tiny,billm:plus,slim:w2+hadamard,gptq:w2g128+hadamard,billm:hadamard,arb:hadamard,"
+                "gptq:w3g128,billm:reference")
 DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
 
 
@@ -414,8 +416,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="billm-pareto-") as tmp:
         keep = getattr(args, "keep_checkpoints", None)
         ckpts = (Path(keep) if keep else Path(tmp)) if pareto else None
+        jobs = out / "jobs"
+        if args.restart and jobs.exists():
+            shutil.rmtree(jobs)
         rows = compare(model, tok, specs, calib, eval_ids, eval_seqlen, args.max_windows, args.device, args.batch_size,
-                       checkpoints=ckpts)
+                       checkpoints=ckpts, store=jobs, model_name=args.model)
     out.mkdir(parents=True, exist_ok=True)
     command = "billm " + " ".join(argv_used(args))
     write_json_atomic(out / "compare.json", {
@@ -604,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-seqlen", type=int, default=None)
     c.add_argument("--max-windows", type=int, default=None)
     c.add_argument("--out", default="compare", help="output folder")
+    c.add_argument("--restart", action="store_true",
+                    help="measure every method again (by default rows finished by an earlier run with the same "
+                         "protocol are read from OUT/jobs, and an interrupted quantization continues)")
     _add_dtype(c)
     _add_data(c)
     c.set_defaults(fn=cmd_compare)
@@ -621,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--out", default="pareto", help="output folder (compare.json, compare.md, pareto.png)")
     pa.add_argument("--keep-checkpoints", default=None, metavar="DIR",
                     help="keep every method's checkpoint in DIR (default: a temporary folder, removed)")
+    pa.add_argument("--restart", action="store_true",
+                    help="measure every method again (by default rows finished by an earlier run with the same "
+                         "protocol are read from OUT/jobs, and an interrupted quantization continues)")
     _add_dtype(pa)
     _add_data(pa)
     pa.set_defaults(fn=cmd_pareto)

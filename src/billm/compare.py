@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,28 +76,80 @@ def through_file(model, tokenizer, folder: Path, probe: torch.Tensor):
     return loaded, info.storage_bits, info.weight_bits
 
 
+def job_fingerprint(spec: str, model_name: str, calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
+                    seqlen: int, max_windows: Optional[int], batch_size: int, from_file: bool) -> dict[str, Any]:
+    """What makes one method's row: a stored row is reused only when all of this is equal."""
+    import billm
+    from .packing.checkpoint import tensor_sha256
+
+    return {"spec": spec, "model": model_name, "calibration_sha256": tensor_sha256(calibration),
+            "eval_sha256": {t: tensor_sha256(ids) for t, ids in eval_ids.items()}, "eval_seqlen": seqlen,
+            "max_windows": max_windows, "batch_size": batch_size, "from_file": from_file,
+            "billm": billm.__version__, "torch": torch.__version__}
+
+
+def stored_row(folder: Path, fingerprint: dict[str, Any]) -> Optional[Row]:
+    """The row a finished job left in ``folder`` (``row.json``), if it was made with this fingerprint."""
+    import json
+
+    path = Path(folder) / "row.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("fingerprint") != fingerprint:
+        log.warning("%s: made with another protocol or version; measuring again", path)
+        return None
+    return Row(**saved["row"])
+
+
+def _progress_store(folder: Path, fingerprint: dict[str, Any]):
+    """The job's progress store; progress left by a run with another fingerprint is stale and discarded."""
+    from .errors import BillmError
+    from .resume import ProgressStore
+
+    try:
+        return ProgressStore(folder, fingerprint)
+    except BillmError:
+        log.warning("%s: progress of another protocol or version, discarded", folder)
+        return ProgressStore(folder, fingerprint, restart=True)
+
+
 def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
             seqlen: int, max_windows: Optional[int], device=None, batch_size: int = 8,
-            checkpoints: Optional[Path] = None) -> list[Row]:
+            checkpoints: Optional[Path] = None, store: Optional[Path] = None, model_name: str = "") -> list[Row]:
     """Quantize a fresh copy of ``model`` with each method and evaluate it; ``model`` itself is left as it was.
 
     Storage bits come from the packed layers' bytes (:func:`billm.storage_bits`), as in ``billm inspect``.
     With ``checkpoints`` each quantized model is saved in a folder there, loaded back (logits checked
     equal, see :func:`through_file`) and the loaded one evaluated; its storage bits are the file's.
+    With ``store`` each method is a resumable job in its own folder there: its quantization records
+    every finished block (:class:`~billm.resume.ProgressStore`) and its finished row is kept in
+    ``row.json``; run again with the same protocol, finished rows are read back and an interrupted
+    quantization continues after its last finished block.
     """
     from .eval import perplexity
+    from .io import write_json_atomic
     from .quantize import parse_devices, quantize
 
     configs = [(s, parse_method(s)) for s in specs]  # fail on a bad spec before any work
     eval_device = (parse_devices(device) or [None])[0]  # quantizing may spread over several; evaluating runs on one
     rows = []
     for spec, cfg in configs:
+        job = Path(store) / _slug(spec) if store is not None else None
+        fingerprint = job_fingerprint(spec, model_name, calibration, eval_ids, seqlen, max_windows, batch_size,
+                                      cfg is not None and checkpoints is not None) if job is not None else None
+        done = stored_row(job, fingerprint) if job is not None else None
+        if done is not None:
+            log.info("%s: finished earlier, read from %s", spec, job / "row.json")
+            rows.append(done)
+            continue
         work = model if cfg is None else copy.deepcopy(model)
         t0 = time.perf_counter()
         if cfg is None:
             wb = sb = 16.0
         else:
-            rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size)
+            progress = _progress_store(job / "progress", fingerprint) if job is not None else None
+            rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size, store=progress)
             wb, sb = rep.weight_bits, rep.storage_bits
         seconds = time.perf_counter() - t0
         if cfg is not None and checkpoints is not None:
@@ -107,6 +159,10 @@ def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_
         for task, ids in eval_ids.items():
             row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
         log.info("%s: %s", spec, row)
+        if job is not None:
+            write_json_atomic(job / "row.json", {"fingerprint": fingerprint, "row": asdict(row)})
+            if cfg is not None:
+                progress.clear()
         rows.append(row)
         del work
     return rows
