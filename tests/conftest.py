@@ -128,6 +128,21 @@ def _byte_tokenizer_fixture():
     return byte_tokenizer
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random LLaMA model with the byte tokenizer, saved with save_pretrained (a model name for the CLI)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    cfg.vocab_size = 260  # the byte tokenizer's 257 ids
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder)
+    byte_tokenizer(model_max_length=256).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

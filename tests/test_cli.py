@@ -9,20 +9,6 @@ import billm
 from billm.cli import main
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny_config, byte_tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config("llama")
-    cfg.vocab_size = 260  # the byte tokenizer's 257 ids
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    folder = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(folder)
-    byte_tokenizer(model_max_length=256).save_pretrained(folder)
-    return folder
-
-
 def test_quantize_eval_inspect(tiny_folder, tmp_path, capsys):
     out = tmp_path / "q"
     rc = main(["quantize", str(tiny_folder), "--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--out", str(out),
@@ -155,7 +141,7 @@ def test_pareto_measures_storage_from_the_files_and_marks_the_front(tiny_folder,
     assert rc == 0
     rows = {r["spec"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     assert not rows["fp"]["from_file"] and all(rows[s]["from_file"] for s in ("rtn:w2", "gptq:w3g32", "billm"))
-    for spec, folder in (("rtn:w2", "rtn-w2"), ("billm", "billm")):
+    for spec, folder in (("rtn:w2", "rtn-w2-seed0"), ("billm", "billm-seed0")):
         assert rows[spec]["storage_bits"] == pytest.approx(billm.inspect_checkpoint(kept / folder).storage_bits, abs=0)
     md = (out / "compare.md").read_text()
     bits = [float(line.split("|")[3]) for line in md.splitlines()[2:]]
@@ -176,8 +162,8 @@ def test_compare_reads_finished_rows_back_and_measures_again_when_the_protocol_c
             "--nsamples", "2", "--seqlen", "32", "--eval-seqlen", "64", "--max-windows", "2", "--out", str(out)]
     assert main(argv) == 0
     first = json.loads((out / "compare.json").read_text())["rows"]
-    assert sorted(p.name for p in (out / "jobs").iterdir()) == ["billm", "fp", "rtn-w2"]
-    assert not any((out / "jobs" / j / "progress").exists() for j in ("billm", "rtn-w2"))  # cleared once finished
+    assert sorted(p.name for p in (out / "jobs").iterdir()) == ["billm-seed0", "fp-seed0", "rtn-w2-seed0"]
+    assert not any((out / "jobs" / j / "progress").exists() for j in ("billm-seed0", "rtn-w2-seed0"))  # cleared once finished
 
     def no_quantizing(*a, **k):
         raise AssertionError("a finished row was measured again")

@@ -61,19 +61,6 @@ def ternary():
     formats.FORMATS.pop(NAME)
 
 
-@pytest.fixture
-def tiny_folder(tmp_path, tiny_config, byte_tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config("llama")
-    cfg.vocab_size = 260
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    byte_tokenizer(model_max_length=256).save_pretrained(folder)
-    return folder
-
-
 def test_outside_method_quantizes_saves_loads_and_counts_bytes(ternary, tiny_model, tmp_path):
     model = tiny_model("llama")
     ids = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(0))

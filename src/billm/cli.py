@@ -143,7 +143,7 @@ def _check_args(args: argparse.Namespace) -> None:
     from .errors import BillmError
 
     for name in ("nsamples", "seqlen", "batch_size", "eval_seqlen", "eval_batch_size", "max_windows", "calib_seqlen",
-                 "max_new_tokens", "limit", "zeroshot_batch_size"):
+                 "max_new_tokens", "limit", "zeroshot_batch_size", "cpus_per_job"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise BillmError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -160,7 +160,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if len(devices) != 1 and getattr(args, "fn", None) not in (cmd_quantize, cmd_compare):
             raise BillmError(f"--device {dev!r}: one device here (only quantize and compare spread over several)")
         for d in devices:
-            if d.type == "cuda" and not torch.cuda.is_available():
+            if d.type == "cuda" and not torch.cuda.is_available() and getattr(args, "cluster", "local") == "local":
                 raise BillmError(f"--device {dev}: CUDA is not available on this machine")
             if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
                 raise BillmError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
@@ -397,37 +397,39 @@ def argv_used(args: argparse.Namespace) -> list[str]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .compare import compare, parse_method, pareto_markdown, pareto_plot, to_markdown
-    from .data import get_calibration_batches, get_eval_tokens
-    from .model.loading import load_model
+    from .compare import pareto_markdown, pareto_plot, parse_method, to_markdown
+    from .sweep import Job, Sweep, job_commands, run_jobs
 
     _check_args(args)
     pareto = getattr(args, "fn", None) is cmd_pareto
     specs = [s for s in args.methods.split(",") if s]
     for s in specs:
         parse_method(s)  # a typo fails now, not after an hour
+    seeds = _seeds(args)
+    jobs = [Job(spec, seed) for spec in specs for seed in seeds]
+    if args.print_commands:
+        print("\n".join(job_commands(argv_used(args), jobs)))
+        return 0
     tasks = args.tasks.split(",")
     out = Path(args.out)
-    model, tok = load_model(args.model, dtype=_model_dtype(args))
-    calib = get_calibration_batches(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                                    data_dir=args.data_dir)
     eval_seqlen = args.eval_seqlen or args.seqlen
-    eval_ids = {t: get_eval_tokens(t, tok, eval_seqlen, data_dir=args.data_dir) for t in tasks}
-    with tempfile.TemporaryDirectory(prefix="billm-pareto-") as tmp:
-        keep = getattr(args, "keep_checkpoints", None)
-        ckpts = (Path(keep) if keep else Path(tmp)) if pareto else None
-        jobs = out / "jobs"
-        if args.restart and jobs.exists():
-            shutil.rmtree(jobs)
-        rows = compare(model, tok, specs, calib, eval_ids, eval_seqlen, args.max_windows, args.device, args.batch_size,
-                       checkpoints=ckpts, store=jobs, model_name=args.model)
+    sweep = Sweep(model=args.model, out=str(out), tasks=tuple(tasks), calib=args.calib, nsamples=args.nsamples,
+                  seqlen=args.seqlen, eval_seqlen=eval_seqlen, max_windows=args.max_windows,
+                  batch_size=args.batch_size, dtype=args.dtype, device=args.device, data_dir=args.data_dir,
+                  through_files=pareto, keep_checkpoints=getattr(args, "keep_checkpoints", None))
+    if args.restart and (out / "jobs").exists():
+        shutil.rmtree(out / "jobs")
+    rows = run_jobs(sweep, jobs, args.cluster, args.cpus_per_job)
+    if args.jobs_only:
+        print(f"{len(rows)} job(s) finished; their rows are in {out / 'jobs'}")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     command = "billm " + " ".join(argv_used(args))
+    calibration = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    calibration.update({"seed": seeds[0]} if len(seeds) == 1 else {"seeds": seeds})
     write_json_atomic(out / "compare.json", {
         "model": args.model, "command": command, "tasks": tasks, "eval_seqlen": eval_seqlen,
-        "max_windows": args.max_windows,
-        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
-        "rows": [asdict(r) for r in rows]})
+        "max_windows": args.max_windows, "calibration": calibration, "rows": [asdict(r) for r in rows]})
     md = pareto_markdown(rows, tasks[0]) if pareto else to_markdown(rows, tasks)
     (out / "compare.md").write_text(md)
     pareto_plot(rows, tasks[0], out / "pareto.png", f"{args.model}: {tasks[0]} perplexity vs storage bits",
@@ -435,6 +437,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(md)
     print(f"written {out / 'compare.json'}, compare.md, pareto.png")
     return 0
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    """``--seeds 0,1,2`` (default: ``--seed``)."""
+    from .errors import BillmError
+
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise BillmError(f"--seeds {args.seeds!r}: comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise BillmError(f"--seeds {args.seeds!r}: at least one seed, none twice")
+    return seeds
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -532,6 +549,22 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
 
 
+def _add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="calibration seeds: one job per (method, seed) (default: --seed)")
+    p.add_argument("--cluster", default="local",
+                   help="where the jobs run: local (here, one after another), ray (this machine's Ray cluster, or a "
+                        "new local one) or ray://host:port; needs pip install 'billm[ray]' and an output folder every "
+                        "node sees (docs/sweeps.md)")
+    p.add_argument("--cpus-per-job", type=int, default=1,
+                   help="CPUs each Ray task asks for and uses (a CUDA job asks for one GPU as well)")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print the jobs as plain billm commands (one per job, then the one that gathers the table) "
+                        "and exit: for SLURM or any other scheduler")
+    p.add_argument("--jobs-only", action="store_true",
+                   help="run the jobs and keep their rows in OUT/jobs, but write no table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``billm`` command."""
     p = argparse.ArgumentParser(prog="billm", description="Post-training 1-bit quantization of LLMs (BiLLM).")
@@ -609,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-seqlen", type=int, default=None)
     c.add_argument("--max-windows", type=int, default=None)
     c.add_argument("--out", default="compare", help="output folder")
+    _add_sweep(c)
     c.add_argument("--restart", action="store_true",
                     help="measure every method again (by default rows finished by an earlier run with the same "
                          "protocol are read from OUT/jobs, and an interrupted quantization continues)")
@@ -629,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--out", default="pareto", help="output folder (compare.json, compare.md, pareto.png)")
     pa.add_argument("--keep-checkpoints", default=None, metavar="DIR",
                     help="keep every method's checkpoint in DIR (default: a temporary folder, removed)")
+    _add_sweep(pa)
     pa.add_argument("--restart", action="store_true",
                     help="measure every method again (by default rows finished by an earlier run with the same "
                          "protocol are read from OUT/jobs, and an interrupted quantization continues)")

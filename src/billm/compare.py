@@ -47,6 +47,11 @@ class Row:
     seconds: float
     ppl: dict[str, float] = field(default_factory=dict)
     from_file: bool = False
+    seed: int = 0  # the calibration sample's seed
+
+    def label(self, rows: list["Row"]) -> str:
+        """The spec, with the seed when ``rows`` hold several."""
+        return self.spec if len({r.seed for r in rows}) == 1 else f"{self.spec} (seed {self.seed})"
 
 
 def _slug(spec: str) -> str:
@@ -122,50 +127,66 @@ def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_
     Storage bits come from the packed layers' bytes (:func:`billm.storage_bits`), as in ``billm inspect``.
     With ``checkpoints`` each quantized model is saved in a folder there, loaded back (logits checked
     equal, see :func:`through_file`) and the loaded one evaluated; its storage bits are the file's.
-    With ``store`` each method is a resumable job in its own folder there: its quantization records
-    every finished block (:class:`~billm.resume.ProgressStore`) and its finished row is kept in
-    ``row.json``; run again with the same protocol, finished rows are read back and an interrupted
-    quantization continues after its last finished block.
+    With ``store`` each method is a resumable job in its own folder there (see :func:`measure`).
+    """
+    for s in specs:
+        parse_method(s)  # fail on a bad spec before any work
+    return [measure(model, tokenizer, spec, calibration, eval_ids, seqlen, max_windows, device, batch_size,
+                    Path(checkpoints) / _slug(spec) if checkpoints is not None else None,
+                    Path(store) / _slug(spec) if store is not None else None, model_name)
+            for spec in specs]
+
+
+def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor], seqlen: int,
+            max_windows: Optional[int], device=None, batch_size: int = 8, checkpoint: Optional[Path] = None,
+            job: Optional[Path] = None, model_name: str = "", seed: int = 0) -> Row:
+    """One method's row: quantize a copy of ``model`` with ``spec`` (``fp``: none), evaluate it.
+
+    With ``checkpoint`` (a folder) the quantized model is saved there and loaded back (:func:`through_file`),
+    and the loaded one is evaluated.
+
+    With ``job`` (a folder) the work is resumable: the quantization records every finished block
+    there (:class:`~billm.resume.ProgressStore`) and the finished row is kept in ``row.json`` with
+    the protocol's fingerprint (:func:`job_fingerprint`). Measured again with the same protocol, the
+    row is read back; an interrupted quantization continues after its last finished block.
     """
     from .eval import perplexity
     from .io import write_json_atomic
     from .quantize import parse_devices, quantize
 
-    configs = [(s, parse_method(s)) for s in specs]  # fail on a bad spec before any work
+    cfg = parse_method(spec)
     eval_device = (parse_devices(device) or [None])[0]  # quantizing may spread over several; evaluating runs on one
-    rows = []
-    for spec, cfg in configs:
-        job = Path(store) / _slug(spec) if store is not None else None
-        fingerprint = job_fingerprint(spec, model_name, calibration, eval_ids, seqlen, max_windows, batch_size,
-                                      cfg is not None and checkpoints is not None) if job is not None else None
-        done = stored_row(job, fingerprint) if job is not None else None
-        if done is not None:
-            log.info("%s: finished earlier, read from %s", spec, job / "row.json")
-            rows.append(done)
-            continue
-        work = model if cfg is None else copy.deepcopy(model)
-        t0 = time.perf_counter()
-        if cfg is None:
-            wb = sb = 16.0
-        else:
-            progress = _progress_store(job / "progress", fingerprint) if job is not None else None
-            rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size, store=progress)
-            wb, sb = rep.weight_bits, rep.storage_bits
-        seconds = time.perf_counter() - t0
-        if cfg is not None and checkpoints is not None:
-            work, sb, wb = through_file(work, tokenizer, Path(checkpoints) / _slug(spec), calibration[:1, :64])
-        row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds,
-                  from_file=cfg is not None and checkpoints is not None)
-        for task, ids in eval_ids.items():
-            row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
-        log.info("%s: %s", spec, row)
-        if job is not None:
-            write_json_atomic(job / "row.json", {"fingerprint": fingerprint, "row": asdict(row)})
-            if cfg is not None:
-                progress.clear()
-        rows.append(row)
-        del work
-    return rows
+    fingerprint = job_fingerprint(spec, model_name, calibration, eval_ids, seqlen, max_windows, batch_size,
+                                  cfg is not None and checkpoint is not None) if job is not None else None
+    done = stored_row(job, fingerprint) if job is not None else None
+    if done is not None:
+        log.info("%s: finished earlier, read from %s", spec, job / "row.json")
+        return done
+    work = model if cfg is None else copy.deepcopy(model)
+    t0 = time.perf_counter()
+    progress, resumed = None, 0
+    if cfg is None:
+        wb = sb = 16.0
+    else:
+        progress = _progress_store(job / "progress", fingerprint) if job is not None else None
+        if progress is not None:
+            resumed = len(list(progress.folder.glob("block-*.safetensors")))
+        rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size, store=progress)
+        wb, sb = rep.weight_bits, rep.storage_bits
+    seconds = time.perf_counter() - t0
+    if cfg is not None and checkpoint is not None:
+        work, sb, wb = through_file(work, tokenizer, Path(checkpoint), calibration[:1, :64])
+    row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds,
+              from_file=cfg is not None and checkpoint is not None, seed=seed)
+    for task, ids in eval_ids.items():
+        row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
+    log.info("%s: %s", spec, row)
+    if job is not None:
+        write_json_atomic(job / "row.json", {"fingerprint": fingerprint, "row": asdict(row),
+                                             "resumed_blocks": resumed})  # blocks an interrupted run had finished
+        if progress is not None:
+            progress.clear()
+    return row
 
 
 def to_markdown(rows: list[Row], tasks: list[str]) -> str:
@@ -175,7 +196,7 @@ def to_markdown(rows: list[Row], tasks: list[str]) -> str:
     lines = [head, sep]
     for r in rows:
         ppl = " | ".join(f"{r.ppl[t]:.2f}" for t in tasks)
-        lines.append(f"| {r.spec} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {ppl} | {r.seconds:.0f} |")
+        lines.append(f"| {r.label(rows)} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {ppl} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +215,7 @@ def pareto_markdown(rows: list[Row], task: str) -> str:
     lines = ["| method | weight bits | storage bits | " + f"{task} ppl | front | seconds |",
              "|---|---:|---:|---:|:---:|---:|"]
     for r in sorted(rows, key=lambda r: r.storage_bits):
-        lines.append(f"| {r.spec} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {r.ppl[task]:.2f} | "
+        lines.append(f"| {r.label(rows)} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {r.ppl[task]:.2f} | "
                      f"{'yes' if id(r) in front else ''} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -214,13 +235,13 @@ def pareto_plot(rows: list[Row], task: str, path: Path, title: str, mark_front: 
     points = [r for r in rows if not (mark_front and r.storage_bits >= 16)]
     for r in rows:
         if mark_front and r.storage_bits >= 16:
-            ax.axhline(r.ppl[task], color="gray", linestyle=":", label=f"{r.spec} ({r.ppl[task]:.1f})")
+            ax.axhline(r.ppl[task], color="gray", linestyle=":", label=f"{r.label(rows)} ({r.ppl[task]:.1f})")
     front_rows = pareto_front(points, task) if mark_front else []
     front = {id(r) for r in front_rows}
     for r in points:
         ax.scatter(r.storage_bits, r.ppl[task], s=70 if id(r) in front else 40,
                    edgecolors="black" if id(r) in front else "none",
-                   label=f"{r.spec} ({r.storage_bits:.2f} b, {r.ppl[task]:.1f})")
+                   label=f"{r.label(rows)} ({r.storage_bits:.2f} b, {r.ppl[task]:.1f})")
     if front_rows:
         ax.step([r.storage_bits for r in front_rows], [r.ppl[task] for r in front_rows], where="post", color="black",
                 linewidth=1, alpha=0.6, label="Pareto front")

@@ -36,12 +36,32 @@ from .packing.formats import StoredWeight
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "BILLM_FAULT_INJECT"  # tests: "stage:block" kills the process with SIGKILL there
+FAULT_FILE_ENV = "BILLM_FAULT_FILE"  # tests: a file holding "stage:block"; the first process to get there kills itself
 
 
 def fault_point(stage: str, block: int) -> None:
-    """Die with SIGKILL at ``stage`` of ``block`` when ``$BILLM_FAULT_INJECT`` asks for it (fault-injection tests)."""
-    if os.environ.get(FAULT_ENV) == f"{stage}:{block}":
+    """Die with SIGKILL at ``stage`` of ``block`` when a fault-injection test asks for it.
+
+    ``$BILLM_FAULT_INJECT`` asks every process; ``$BILLM_FAULT_FILE`` names a file whose text asks
+    once: the first process to get there claims the file (renames it away) and dies, and the one
+    that retries the work runs through (what a worker lost on a cluster does).
+    """
+    here = f"{stage}:{block}"
+    if os.environ.get(FAULT_ENV) == here:
         os.kill(os.getpid(), signal.SIGKILL)
+    path = os.environ.get(FAULT_FILE_ENV)
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                wanted = f.read().strip()
+        except OSError:
+            return
+        if wanted == here:
+            try:
+                os.rename(path, f"{path}.fired")  # only one process wins the rename
+            except OSError:
+                return
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def progress_dir(out: Path) -> Path:

@@ -137,6 +137,20 @@ def _weighted(layers: dict[str, dict[str, Any]], key: str) -> float:
     return sum(e[key] * e["shape"][0] * e["shape"][1] for e in layers.values()) / n
 
 
+# How the tokenizer happened to be loaded (offline or not), which transformers records in tokenizer_config.json:
+# left out, so one command makes the same bytes everywhere and the folder loads anywhere.
+_LOADING_KWARGS = ("local_files_only",)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``tokenizer.save_pretrained(folder)`` without the loading options of this session (:data:`_LOADING_KWARGS`)."""
+    kept = {k: tokenizer.init_kwargs.pop(k) for k in _LOADING_KWARGS if k in tokenizer.init_kwargs}
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.init_kwargs.update(kept)
+
+
 def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None, extra: Optional[dict[str, Any]] = None,
          dtype: Optional[torch.dtype] = None, source_model: Optional[str] = None,
          calibration: Optional[dict[str, Any]] = None) -> Path:
@@ -203,7 +217,7 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
             except ValueError as e:  # an invalid generation config should not cost the checkpoint
                 log.warning("generation config not saved: %s", e)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         # one metadata key only: safetensors writes its metadata map in hash order, so several keys would make
         # the header (and the file's bytes) differ from run to run
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
