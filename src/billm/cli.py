@@ -413,10 +413,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     tasks = args.tasks.split(",")
     out = Path(args.out)
     eval_seqlen = args.eval_seqlen or args.seqlen
-    sweep = Sweep(model=args.model, out=str(out), tasks=tuple(tasks), calib=args.calib, nsamples=args.nsamples,
+    here = lambda p: None if p is None else str(Path(p).expanduser().resolve())  # noqa: E731  jobs run elsewhere
+    keep = getattr(args, "keep_checkpoints", None)
+    model = here(args.model) if Path(args.model).expanduser().exists() else args.model  # a path, or a hub name
+    calib = here(args.calib) if Path(args.calib).expanduser().exists() else args.calib  # a file, or a named set
+    sweep = Sweep(model=model, out=here(out), tasks=tuple(tasks), calib=calib, nsamples=args.nsamples,
                   seqlen=args.seqlen, eval_seqlen=eval_seqlen, max_windows=args.max_windows,
-                  batch_size=args.batch_size, dtype=args.dtype, device=args.device, data_dir=args.data_dir,
-                  through_files=pareto, keep_checkpoints=getattr(args, "keep_checkpoints", None))
+                  batch_size=args.batch_size, dtype=args.dtype, device=args.device, data_dir=here(args.data_dir),
+                  through_files=pareto, keep_checkpoints=here(keep))
     if args.restart and (out / "jobs").exists():
         shutil.rmtree(out / "jobs")
     rows = run_jobs(sweep, jobs, args.cluster, args.cpus_per_job)

@@ -49,6 +49,7 @@ class SearchDomain(str, enum.Enum):
 
     WEIGHT = "weight"  # the paper: error of the binarized weights
     SALIENCE = "salience"  # the public reference code: error of the binarized salience matrix
+    OUTPUT = "output"  # what OBC minimises: the block's output error under H, later columns compensated
 
 
 class SBAError(str, enum.Enum):
@@ -289,8 +290,9 @@ class BiLLMConfig(QuantConfig):
 
     salient_metric: SalientMetric = option(SalientMetric.HESSIAN, "salience of a weight: hessian (w^2 / U_jj^2) "
                                                                   "or magnitude (|w|)")
-    search_domain: SearchDomain = option(SearchDomain.WEIGHT, "what the two searches score: the weights (paper) or "
-                                                              "the salience matrix (reference code)")
+    search_domain: SearchDomain = option(SearchDomain.WEIGHT, "what the two searches score: the weights (paper), "
+                                                              "the salience matrix (reference code) or the block's "
+                                                              "output error under H (what OBC minimises)")
     min_salient_cols: int = option(3, "fewest salient columns tried per block")
     max_salient_cols: int = option(30, "most salient columns tried per block")
     salient_search_order: int = option(1, "binarization order used to score both groups while choosing k")
@@ -482,6 +484,7 @@ class ArbConfig(QuantConfig):
                f"need 0 <= min_salient_cols <= max_salient_cols, got {self.min_salient_cols}, {self.max_salient_cols}")
         _check(0 <= self.iters <= 100, f"iters must be in 0..100, got {self.iters}")
         _check(0 <= self.x_iters <= 100, f"x_iters must be in 0..100, got {self.x_iters}")
+        _check(self.search_domain != SearchDomain.OUTPUT, "search_domain output is BiLLM's (arb: weight or salience)")
         _check(self.n_break_candidates >= 1, "n_break_candidates must be >= 1")
 
 

@@ -15,7 +15,8 @@ from .gptq import gptq_block
 from .obc import OBCTimes, damped_hessian, obc_quantize, prepare_hessian
 from .refine import refine_group, refit_scales
 from .registry import WeightResult, register_method
-from .search import break_candidates, search_break_point, search_salient_columns, split_masks
+from .search import (break_candidates, search_break_output, search_break_point, search_salient_columns,
+                     search_salient_output, search_sparse_columns_output, split_masks)
 
 
 def salience(Wb: Tensor, Ub: Tensor, metric: SalientMetric) -> Tensor:
@@ -62,6 +63,8 @@ def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, Block
         (Qb (rows, b), the block's code, salient column indices (k,) in the block, break point).
     """
     S = salience(Wb, Ub, cfg.salient_metric)  # (rows, b)
+    if cfg.search_domain == SearchDomain.OUTPUT:
+        return _billm_block_output(Wb, Ub, S, cfg)
     M = S if cfg.search_domain == SearchDomain.SALIENCE else Wb
     sal = search_salient_columns(M, S.sum(dim=0), cfg.min_salient_cols, cfg.max_salient_cols,
                                  order=cfg.salient_search_order, centred=cfg.centred)
@@ -72,6 +75,21 @@ def billm_block(Wb: Tensor, Ub: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, Block
     cands = break_candidates(M, smask, cfg.break_grid.value, cfg.n_break_candidates)
     brk = search_break_point(M, smask, cands, order=1, centred=cfg.centred)
     code = encode_groups(Wb, *split_masks(M, smask, brk.value), cfg)
+    return code.values(), code, sal.columns, brk.value
+
+
+def _billm_block_output(Wb: Tensor, Ub: Tensor, S: Tensor, cfg: BiLLMConfig) -> tuple[Tensor, BlockCode, Tensor, float]:
+    """:func:`billm_block` with both searches scored by the block's output error under H."""
+    sal = search_salient_output(Wb, Ub, S.sum(dim=0), cfg.min_salient_cols, cfg.max_salient_cols,
+                                cfg.salient_search_order, cfg.centred)
+    smask = sal.mask(Wb.shape[1])
+    if cfg.split == "column":
+        sparse = search_sparse_columns_output(Wb, Ub, smask, cfg.salient_order, cfg.centred)
+        code = encode_groups(Wb, *column_masks(Wb, smask, sparse), cfg)
+        return code.values(), code, sal.columns, float("nan")
+    cands = break_candidates(Wb, smask, cfg.break_grid.value, cfg.n_break_candidates)
+    brk = search_break_output(Wb, Ub, smask, cands, cfg.salient_order, cfg.centred)
+    code = encode_groups(Wb, *split_masks(Wb, smask, brk.value), cfg)
     return code.values(), code, sal.columns, brk.value
 
 

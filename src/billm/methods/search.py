@@ -340,3 +340,91 @@ def split_masks(M: Tensor, salient: Tensor, p: float) -> tuple[Tensor, Tensor, T
     non = (~salient).unsqueeze(0).expand_as(M)
     big = M.abs() >= p
     return non & ~big, non & big, salient.unsqueeze(0).expand_as(M).clone()
+
+
+# Searches scored by output error under H. Inside the OBC loop, a block of b columns quantized with
+# error E (rows, b), the later columns then compensated optimally, costs the layer
+# sum_rows e ([H_F^-1]_bb)^-1 e^T = ||E U_bb^-1||^2, U = chol(H^-1) upper (so [H_F^-1]_bb = U_bb^T U_bb).
+# Each candidate's block is binarized explicitly, (B, rows, b), and scored with one batched product.
+
+
+def binarize_masked(x: Tensor, masks: Tensor, order: int, centred: bool) -> Tensor:
+    """Residual binarization of each candidate's group: x (rows, b), masks (B, rows, b) bool -> (B, rows, b).
+
+    Per row and pass: ``mu`` (0 unless centred), ``alpha = mean|x - mu|`` over the group, signs +-1
+    (sign(0) = +1); 0 off the group. Scales are kept exact (the search's estimate, not the stored one).
+    """
+    m = masks.to(x.dtype)
+    n = m.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, rows, 1)
+    out = torch.zeros_like(m)
+    for _ in range(order):
+        r = x - out
+        mu = (r * m).sum(dim=-1, keepdim=True) / n if centred else torch.zeros_like(n)
+        d = r - mu
+        alpha = (d.abs() * m).sum(dim=-1, keepdim=True) / n
+        out = out + (alpha * torch.where(d >= 0, 1.0, -1.0) + mu) * m
+    return out
+
+
+def output_errors(Wb: Tensor, Q: Tensor, Ub: Tensor) -> Tensor:
+    """||(Wb - Q_c) Ub^-1||^2 per candidate c: Wb (rows, b), Q (B, rows, b), Ub (b, b) upper -> (B,) float64."""
+    E = (Wb.unsqueeze(0) - Q).to(DT)  # (B, rows, b)
+    Uinv = torch.linalg.solve_triangular(Ub.to(DT), torch.eye(Ub.shape[0], dtype=DT, device=Ub.device), upper=True)
+    return E.matmul(Uinv).pow(2).sum(dim=(1, 2))
+
+
+def search_salient_output(Wb: Tensor, Ub: Tensor, col_score: Tensor, k_min: int, k_max: int, order: int,
+                          centred: bool) -> SalientSearch:
+    """:func:`search_salient_columns` scored by output error under H (the salient group at ``order``,
+    the rest as one group at order 1)."""
+    rows, cols = Wb.shape
+    ks = salient_candidates(cols, k_min, k_max, Wb.device)  # (B,)
+    ranking = torch.argsort(col_score, descending=True, stable=True)
+    col_rank = torch.empty_like(ranking)
+    col_rank[ranking] = torch.arange(cols, device=Wb.device)
+    sal = (col_rank.unsqueeze(0) < ks.unsqueeze(1)).unsqueeze(1).expand(-1, rows, -1)  # (B, rows, cols)
+    Q = binarize_masked(Wb, sal, order, centred) + binarize_masked(Wb, ~sal, 1, centred)
+    errors = output_errors(Wb, Q, Ub)
+    best = int(torch.argmin(errors))
+    k = int(ks[best])
+    return SalientSearch(k=k, columns=ranking[:k], candidates=ks, errors=errors)
+
+
+def search_break_output(Wb: Tensor, Ub: Tensor, salient: Tensor, candidates: Tensor, salient_order: int,
+                        centred: bool) -> BreakSearch:
+    """:func:`search_break_point` scored by output error under H of the whole block code (the salient
+    columns at ``salient_order``, each split group at order 1)."""
+    rows, cols = Wb.shape
+    sal = salient.unsqueeze(0).expand(rows, -1)  # (rows, cols)
+    Qsal = binarize_masked(Wb, sal.unsqueeze(0), salient_order, centred)  # (1, rows, cols)
+    big = Wb.abs().unsqueeze(0) >= candidates.to(Wb.dtype).view(-1, 1, 1)  # (C, rows, cols)
+    non = ~sal.unsqueeze(0)
+    Q = Qsal + binarize_masked(Wb, non & ~big, 1, centred) + binarize_masked(Wb, non & big, 1, centred)
+    errors = output_errors(Wb, Q, Ub)
+    best = int(torch.argmin(errors))
+    return BreakSearch(index=best, value=float(candidates[best]), candidates=candidates, errors=errors)
+
+
+def search_sparse_columns_output(Wb: Tensor, Ub: Tensor, salient: Tensor, salient_order: int, centred: bool,
+                                 max_candidates: int = 32) -> Tensor:
+    """The per-column split scored by output error under H: (cols,) bool sparse-group columns.
+
+    The non-salient columns ranked by mean |w|; the top j (j from 0 to n - 1, at most
+    ``max_candidates`` values evenly spaced) form the sparse group.
+    """
+    rows, cols = Wb.shape
+    non = (~salient).nonzero().squeeze(1)  # (n,)
+    n = non.numel()
+    step = max(1, -(-n // max_candidates))
+    js = torch.arange(0, n, step, device=Wb.device)  # (J,)
+    order_ = torch.argsort(Wb[:, non].abs().mean(dim=0), descending=True, stable=True)
+    rank = torch.full((cols,), cols, dtype=torch.long, device=Wb.device)
+    rank[non[order_]] = torch.arange(n, device=Wb.device)
+    sparse_cols = rank.unsqueeze(0) < js.unsqueeze(1)  # (J, cols), never salient (rank = cols there)
+    sal = salient.unsqueeze(0).expand(rows, -1)
+    Qsal = binarize_masked(Wb, sal.unsqueeze(0), salient_order, centred)
+    sp = sparse_cols.unsqueeze(1).expand(-1, rows, -1)  # (J, rows, cols)
+    conc = ~sp & ~sal.unsqueeze(0)
+    Q = Qsal + binarize_masked(Wb, conc, 1, centred) + binarize_masked(Wb, sp, 1, centred)
+    best = int(torch.argmin(output_errors(Wb, Q, Ub)))
+    return sparse_cols[best]
