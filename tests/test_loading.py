@@ -26,7 +26,7 @@ def byte_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def tiny_llama_and_state(tmp_path_factory):
     """A tiny random LLaMA model and tokenizer saved with save_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,18 +61,24 @@ def test_default_model_path_missing_package(monkeypatch):
         default_model_path()
 
 
-def test_local_folder_loads(tiny_folder):
-    folder, state = tiny_folder
+def test_local_folder_loads(tiny_llama_and_state):
+    folder, state = tiny_llama_and_state
     model, tok = load_model(str(folder))
     assert not model.training and model.config.use_cache is False
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert tok("abc").input_ids == byte_tokenizer()("abc").input_ids
 
 
-def test_local_folder_dtype(tiny_folder):
-    folder, _ = tiny_folder
+def test_local_folder_dtype(tiny_llama_and_state):
+    folder, _ = tiny_llama_and_state
     model, _ = load_model(folder, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    # buffers that are not saved keep theirs, as from_pretrained(dtype=) and billm.load leave them
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {n: b.dtype for n, b in model.named_buffers()} == {n: b.dtype for n, b in ref.named_buffers()}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
 def test_unknown_names_and_paths_fail_quickly(tmp_path, offline):
@@ -103,8 +109,8 @@ def test_broken_gguf_file_gives_model_error(tmp_path):
     assert not any((tmp_path / "cache").glob("gguf/*"))  # nothing half-written in the cache
 
 
-def test_cache_write_is_atomic_and_tolerates_a_concurrent_writer(tiny_folder, tmp_path):
-    folder, _ = tiny_folder
+def test_cache_write_is_atomic_and_tolerates_a_concurrent_writer(tiny_llama_and_state, tmp_path):
+    folder, _ = tiny_llama_and_state
     model, tok = load_model(folder)
     target = tmp_path / "cache" / "entry"
     loading._write_cache(model, tok, target, {"source": "test"})

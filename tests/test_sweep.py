@@ -34,7 +34,7 @@ def _checkpoint_bytes(kept):
 def local_run(tiny_folder, tmp_path_factory):
     """The sweep measured in this process, one job after another: what every other way must equal."""
     base = tmp_path_factory.mktemp("local")
-    with pytest.MonkeyPatch.context() as mp:  # offline, as every test and the Ray workers (the tokenizer records it)
+    with pytest.MonkeyPatch.context() as mp:  # offline, as every test and the Ray workers
         mp.setenv("HF_HUB_OFFLINE", "1")
         assert main(_argv(tiny_folder, base / "out", base / "ckpt")) == 0
     return base / "out", base / "ckpt"
@@ -64,7 +64,7 @@ def test_ray_sweep_gives_the_local_rows_and_checkpoint_bytes(ray_cluster, local_
 
 
 def test_ray_retries_a_killed_worker_and_the_job_resumes_to_identical_bytes(ray_cluster, tiny_folder, tmp_path):
-    ray_cluster.write_text("after-block:0")  # the job dies once block 0 is recorded
+    ray_cluster.write_text("after-hidden:0")  # the job dies once block 0 and its outputs are recorded
     assert main(_argv(tiny_folder, tmp_path / "ray", tmp_path / "ray-ckpt", "--cluster", "ray",
                       specs=RESUME_SPEC)) == 0
     assert not ray_cluster.exists() and ray_cluster.with_name("fault.fired").exists()  # the kill happened
@@ -112,3 +112,47 @@ def test_bad_cluster_and_seeds_are_refused_before_any_work(tiny_folder, tmp_path
     assert main(_argv(tiny_folder, tmp_path / "a", tmp_path / "b", "--seeds", "0,x")) != 0
     assert "--seeds '0,x'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_failing_ray_job_is_named_and_the_others_still_finish(ray_cluster, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    rc = main(_argv(missing, tmp_path / "out", tmp_path / "ckpt", "--cluster", "ray", specs="fp,rtn:w2"))
+    err = capsys.readouterr().err
+    assert rc != 0 and "2 of 2 job(s) failed" in err and "fp-seed0:" in err and "rtn-w2-seed0:" in err
+
+
+def test_ray_tasks_ask_for_a_gpu_and_a_fresh_worker_only_for_cuda_sweeps():
+    from billm.sweep import Sweep, ray_task_options
+
+    base = dict(model="m", out="/o", tasks=("wikitext2",), calib="c4", nsamples=2, seqlen=32, eval_seqlen=64)
+    cuda = ray_task_options(Sweep(**base, device="cuda"), cpus_per_job=4, max_retries=3)
+    cpu = ray_task_options(Sweep(**base), cpus_per_job=2, max_retries=3)
+    assert cuda == {"num_cpus": 4, "num_gpus": 1, "max_retries": 3, "max_calls": 1}
+    assert cpu == {"num_cpus": 2, "num_gpus": 0, "max_retries": 3, "max_calls": 0}
+
+
+def test_printed_commands_spell_out_absolute_paths_and_refuse_restart(tiny_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare", str(tiny_folder), "--methods", "fp,rtn:w2", "--tasks", "pydoc", "--calib", "pydoc",
+            "--nsamples", "2", "--seqlen", "32", "--out", "rel-out", "--print-commands"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(f"--out {tmp_path / 'rel-out'} " in line for line in lines)
+    assert "--methods fp,rtn:w2 --seeds 0" in lines[-1]
+    assert main(argv + ["--restart"]) != 0
+    assert "--restart with --print-commands" in capsys.readouterr().err
+
+
+def test_a_spec_given_twice_is_refused(tiny_folder, tmp_path, capsys):
+    assert main(_argv(tiny_folder, tmp_path / "out", tmp_path / "ckpt", specs="billm,rtn:w2,billm")) != 0
+    assert "a spec is given twice" in capsys.readouterr().err
+
+
+def test_another_dtype_is_another_row(tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = _argv(tiny_folder, out, tmp_path / "ckpt", specs="rtn:w2")
+    assert main(argv + ["--dtype", "float32"]) == 0
+    first = json.loads((out / "jobs" / "rtn-w2-seed0" / "row.json").read_text())["fingerprint"]
+    assert main(argv + ["--dtype", "bfloat16"]) == 0
+    second = json.loads((out / "jobs" / "rtn-w2-seed0" / "row.json").read_text())["fingerprint"]
+    assert (first["dtype"], second["dtype"]) == ("torch.float32", "torch.bfloat16")

@@ -160,7 +160,10 @@ def _check_args(args: argparse.Namespace) -> None:
         if len(devices) != 1 and getattr(args, "fn", None) not in (cmd_quantize, cmd_compare):
             raise BillmError(f"--device {dev!r}: one device here (only quantize and compare spread over several)")
         for d in devices:
-            if d.type == "cuda" and not torch.cuda.is_available() and getattr(args, "cluster", "local") == "local":
+            elsewhere = getattr(args, "cluster", "local") != "local" or getattr(args, "print_commands", False)
+            if elsewhere:  # the jobs run on other machines: their devices are checked there
+                continue
+            if d.type == "cuda" and not torch.cuda.is_available():
                 raise BillmError(f"--device {dev}: CUDA is not available on this machine")
             if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
                 raise BillmError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
@@ -398,42 +401,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from .compare import pareto_markdown, pareto_plot, parse_method, to_markdown
-    from .sweep import Job, Sweep, job_commands, run_jobs
+    from .errors import BillmError
+    from .sweep import Job, Sweep, check_cluster, job_commands, run_jobs
 
     _check_args(args)
     pareto = getattr(args, "fn", None) is cmd_pareto
     specs = [s for s in args.methods.split(",") if s]
     for s in specs:
         parse_method(s)  # a typo fails now, not after an hour
+    if len(set(specs)) != len(specs):
+        raise BillmError(f"--methods {args.methods!r}: a spec is given twice")
     seeds = _seeds(args)
+    check_cluster(args.cluster, args.device)
     jobs = [Job(spec, seed) for spec in specs for seed in seeds]
-    if args.print_commands:
-        print("\n".join(job_commands(argv_used(args), jobs)))
-        return 0
     tasks = args.tasks.split(",")
     out = Path(args.out)
     eval_seqlen = args.eval_seqlen or args.seqlen
-    here = lambda p: None if p is None else str(Path(p).expanduser().resolve())  # noqa: E731  jobs run elsewhere
-    keep = getattr(args, "keep_checkpoints", None)
-    model = here(args.model) if Path(args.model).expanduser().exists() else args.model  # a path, or a hub name
-    calib = here(args.calib) if Path(args.calib).expanduser().exists() else args.calib  # a file, or a named set
-    sweep = Sweep(model=model, out=here(out), tasks=tuple(tasks), calib=calib, nsamples=args.nsamples,
-                  seqlen=args.seqlen, eval_seqlen=eval_seqlen, max_windows=args.max_windows,
-                  batch_size=args.batch_size, dtype=args.dtype, device=args.device, data_dir=here(args.data_dir),
-                  through_files=pareto, keep_checkpoints=here(keep))
-    if args.restart and (out / "jobs").exists():
-        shutil.rmtree(out / "jobs")
-    rows = run_jobs(sweep, jobs, args.cluster, args.cpus_per_job)
+    sweep = Sweep(model=_absolute_if_path(args.model), out=_absolute(out), tasks=tuple(tasks),
+                  calib=_absolute_if_path(args.calib), nsamples=args.nsamples, seqlen=args.seqlen,
+                  eval_seqlen=eval_seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
+                  dtype=args.dtype, device=args.device, data_dir=_absolute(args.data_dir), through_files=pareto,
+                  keep_checkpoints=_absolute(getattr(args, "keep_checkpoints", None)))
+    if args.print_commands:
+        if args.restart:
+            raise BillmError(f"--restart with --print-commands: remove {out / 'jobs'} yourself before the jobs run")
+        print("\n".join(job_commands(sweep, jobs, "pareto" if pareto else "compare")))
+        return 0
+    rows = run_jobs(sweep, jobs, args.cluster, args.cpus_per_job, restart=args.restart)
     if args.jobs_only:
         print(f"{len(rows)} job(s) finished; their rows are in {out / 'jobs'}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     command = "billm " + " ".join(argv_used(args))
-    calibration = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
-    calibration.update({"seed": seeds[0]} if len(seeds) == 1 else {"seeds": seeds})
     write_json_atomic(out / "compare.json", {
         "model": args.model, "command": command, "tasks": tasks, "eval_seqlen": eval_seqlen,
-        "max_windows": args.max_windows, "calibration": calibration, "rows": [asdict(r) for r in rows]})
+        "max_windows": args.max_windows,
+        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seeds": seeds},
+        "rows": [asdict(r) for r in rows]})
     md = pareto_markdown(rows, tasks[0]) if pareto else to_markdown(rows, tasks)
     (out / "compare.md").write_text(md)
     pareto_plot(rows, tasks[0], out / "pareto.png", f"{args.model}: {tasks[0]} perplexity vs storage bits",
@@ -441,6 +445,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(md)
     print(f"written {out / 'compare.json'}, compare.md, pareto.png")
     return 0
+
+
+def _absolute(path) -> Optional[str]:
+    """An absolute path (jobs may run in other working directories), or None."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _absolute_if_path(name: str) -> str:
+    """A model or data name as given, or the absolute path when it names something here."""
+    return _absolute(name) if Path(name).expanduser().exists() else name
 
 
 def _seeds(args: argparse.Namespace) -> list[int]:
@@ -567,6 +581,9 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
                         "and exit: for SLURM or any other scheduler")
     p.add_argument("--jobs-only", action="store_true",
                    help="run the jobs and keep their rows in OUT/jobs, but write no table")
+    p.add_argument("--restart", action="store_true",
+                   help="measure every job again (by default rows finished by an earlier run with the same "
+                        "protocol are read from OUT/jobs, and an interrupted quantization continues)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -647,9 +664,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-windows", type=int, default=None)
     c.add_argument("--out", default="compare", help="output folder")
     _add_sweep(c)
-    c.add_argument("--restart", action="store_true",
-                    help="measure every method again (by default rows finished by an earlier run with the same "
-                         "protocol are read from OUT/jobs, and an interrupted quantization continues)")
     _add_dtype(c)
     _add_data(c)
     c.set_defaults(fn=cmd_compare)
@@ -668,9 +682,6 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--keep-checkpoints", default=None, metavar="DIR",
                     help="keep every method's checkpoint in DIR (default: a temporary folder, removed)")
     _add_sweep(pa)
-    pa.add_argument("--restart", action="store_true",
-                    help="measure every method again (by default rows finished by an earlier run with the same "
-                         "protocol are read from OUT/jobs, and an interrupted quantization continues)")
     _add_dtype(pa)
     _add_data(pa)
     pa.set_defaults(fn=cmd_pareto)

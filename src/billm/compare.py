@@ -81,14 +81,34 @@ def through_file(model, tokenizer, folder: Path, probe: torch.Tensor):
     return loaded, info.storage_bits, info.weight_bits
 
 
-def job_fingerprint(spec: str, model_name: str, calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
-                    seqlen: int, max_windows: Optional[int], batch_size: int, from_file: bool) -> dict[str, Any]:
-    """What makes one method's row: a stored row is reused only when all of this is equal."""
+def model_digest(model) -> str:
+    """A cheap identity of a model's weights: SHA-256 of its config and, per parameter, its name, shape,
+    dtype and first and last 1024 values (a folder overwritten with other weights gets another digest)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        for part in (flat[:1024], flat[-1024:]):
+            h.update(part.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def job_fingerprint(spec: str, model, model_name: str, calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
+                    seqlen: int, max_windows: Optional[int], batch_size: int, device, from_file: bool) -> dict[str, Any]:
+    """What makes one method's row: a stored row (or recorded progress) is reused only when all of this is equal."""
     import billm
     from .packing.checkpoint import tensor_sha256
+    from .quantize import parse_devices
 
-    return {"spec": spec, "model": model_name, "calibration_sha256": tensor_sha256(calibration),
-            "eval_sha256": {t: tensor_sha256(ids) for t, ids in eval_ids.items()}, "eval_seqlen": seqlen,
+    digest = lambda t: f"{tensor_sha256(t)}:{tuple(t.shape)}:{t.dtype}"  # noqa: E731
+    return {"spec": spec, "model": model_name, "model_sha256": model_digest(model),
+            "dtype": str(next(model.parameters()).dtype),
+            "device": ",".join(d.type for d in parse_devices(device)) or next(model.parameters()).device.type,
+            "calibration_sha256": digest(calibration),
+            "eval_sha256": {t: digest(ids) for t, ids in eval_ids.items()}, "eval_seqlen": seqlen,
             "max_windows": max_windows, "batch_size": batch_size, "from_file": from_file,
             "billm": billm.__version__, "torch": torch.__version__}
 
@@ -100,11 +120,15 @@ def stored_row(folder: Path, fingerprint: dict[str, Any]) -> Optional[Row]:
     path = Path(folder) / "row.json"
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
-    if saved.get("fingerprint") != fingerprint:
-        log.warning("%s: made with another protocol or version; measuring again", path)
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            log.warning("%s: made with another protocol, model or version; measuring again", path)
+            return None
+        return Row(**saved["row"])
+    except (ValueError, TypeError, KeyError) as e:  # unreadable, or written by a billm with other row fields
+        log.warning("%s: unreadable (%s); measuring again", path, e)
         return None
-    return Row(**saved["row"])
 
 
 def _progress_store(folder: Path, fingerprint: dict[str, Any]):
@@ -119,6 +143,11 @@ def _progress_store(folder: Path, fingerprint: dict[str, Any]):
         return ProgressStore(folder, fingerprint, restart=True)
 
 
+def job_name(spec: str, seed: int = 0) -> str:
+    """A job's folder name: the spec made file-safe, then the seed (``billm:plus+b256`` -> ``billm-plus+b256-seed0``)."""
+    return f"{_slug(spec)}-seed{seed}"
+
+
 def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
             seqlen: int, max_windows: Optional[int], device=None, batch_size: int = 8,
             checkpoints: Optional[Path] = None, store: Optional[Path] = None, model_name: str = "") -> list[Row]:
@@ -131,15 +160,17 @@ def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_
     """
     for s in specs:
         parse_method(s)  # fail on a bad spec before any work
-    return [measure(model, tokenizer, spec, calibration, eval_ids, seqlen, max_windows, device, batch_size,
-                    Path(checkpoints) / _slug(spec) if checkpoints is not None else None,
-                    Path(store) / _slug(spec) if store is not None else None, model_name)
+    return [measure(model, tokenizer, spec, calibration, eval_ids, seqlen=seqlen, max_windows=max_windows,
+                    device=device, batch_size=batch_size,
+                    checkpoint=Path(checkpoints) / job_name(spec) if checkpoints is not None else None,
+                    job=Path(store) / job_name(spec) if store is not None else None, model_name=model_name)
             for spec in specs]
 
 
-def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor], seqlen: int,
-            max_windows: Optional[int], device=None, batch_size: int = 8, checkpoint: Optional[Path] = None,
-            job: Optional[Path] = None, model_name: str = "", seed: int = 0) -> Row:
+def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor], *,
+            seqlen: int, max_windows: Optional[int], device=None, batch_size: int = 8,
+            checkpoint: Optional[Path] = None, job: Optional[Path] = None, model_name: str = "",
+            seed: int = 0, progress: bool = True) -> Row:
     """One method's row: quantize a copy of ``model`` with ``spec`` (``fp``: none), evaluate it.
 
     With ``checkpoint`` (a folder) the quantized model is saved there and loaded back (:func:`through_file`),
@@ -148,7 +179,8 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
     With ``job`` (a folder) the work is resumable: the quantization records every finished block
     there (:class:`~billm.resume.ProgressStore`) and the finished row is kept in ``row.json`` with
     the protocol's fingerprint (:func:`job_fingerprint`). Measured again with the same protocol, the
-    row is read back; an interrupted quantization continues after its last finished block.
+    row is read back (unless its checkpoint is wanted and missing); an interrupted quantization
+    continues after its last finished block.
     """
     from .eval import perplexity
     from .io import write_json_atomic
@@ -156,36 +188,36 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
 
     cfg = parse_method(spec)
     eval_device = (parse_devices(device) or [None])[0]  # quantizing may spread over several; evaluating runs on one
-    fingerprint = job_fingerprint(spec, model_name, calibration, eval_ids, seqlen, max_windows, batch_size,
-                                  cfg is not None and checkpoint is not None) if job is not None else None
+    from_file = cfg is not None and checkpoint is not None
+    fingerprint = job_fingerprint(spec, model, model_name, calibration, eval_ids, seqlen, max_windows, batch_size,
+                                  device, from_file) if job is not None else None
     done = stored_row(job, fingerprint) if job is not None else None
-    if done is not None:
+    if done is not None and (not from_file or Path(checkpoint).is_dir()):
         log.info("%s: finished earlier, read from %s", spec, job / "row.json")
         return done
+    home = next(model.parameters()).device
     work = model if cfg is None else copy.deepcopy(model)
-    t0 = time.perf_counter()
-    progress, resumed = None, 0
+    resumed = 0
     if cfg is None:
         wb = sb = 16.0
+        seconds = 0.0
     else:
-        progress = _progress_store(job / "progress", fingerprint) if job is not None else None
-        if progress is not None:
-            resumed = len(list(progress.folder.glob("block-*.safetensors")))
-        rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size, store=progress)
-        wb, sb = rep.weight_bits, rep.storage_bits
-    seconds = time.perf_counter() - t0
-    if cfg is not None and checkpoint is not None:
+        store = _progress_store(job / "progress", fingerprint) if job is not None else None
+        rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size, store=store, progress=progress)
+        wb, sb, seconds, resumed = rep.weight_bits, rep.storage_bits, rep.seconds, rep.resumed_blocks
+    if from_file:
         work, sb, wb = through_file(work, tokenizer, Path(checkpoint), calibration[:1, :64])
-    row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds,
-              from_file=cfg is not None and checkpoint is not None, seed=seed)
+    row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds, from_file=from_file, seed=seed)
     for task, ids in eval_ids.items():
         row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
+    if cfg is None:
+        model.to(home)  # evaluating may have moved it; every later job copies it from here
     log.info("%s: %s", spec, row)
     if job is not None:
         write_json_atomic(job / "row.json", {"fingerprint": fingerprint, "row": asdict(row),
                                              "resumed_blocks": resumed})  # blocks an interrupted run had finished
-        if progress is not None:
-            progress.clear()
+        if cfg is not None:
+            store.clear()
     return row
 
 

@@ -79,6 +79,7 @@ class QuantReport:
     phases: dict[str, float]
     nsamples: int
     seqlen: int
+    resumed_blocks: int = 0  # blocks an interrupted earlier run had finished (replayed from the progress store)
 
     @property
     def n_weights(self) -> int:
@@ -510,4 +511,4 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         model.train(was_training)
     mark_quantized(model, config)
     return QuantReport(config=config.to_dict(), layers=run.layers, phases=run.phases,
-                       nsamples=sum(b.shape[0] for b in batches), seqlen=batches[0].shape[1])
+                       nsamples=sum(b.shape[0] for b in batches), seqlen=batches[0].shape[1], resumed_blocks=start)

@@ -86,8 +86,26 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or "\\" in name or name.lower().endswith(".gguf") or name.count("/") > 1
 
 
+def cast_weights(model, dtype: torch.dtype):
+    """The floating parameters and saved buffers of ``model`` in ``dtype``; in place, returns the model.
+
+    Unlike ``model.to(dtype)``, buffers that are not saved (a rotary embedding's ``inv_freq``) keep
+    their dtype, as ``from_pretrained(dtype=...)`` and :func:`billm.load` leave them: casting them
+    would change the positions a bfloat16 model computes, and its checkpoint would load as another model.
+    """
+    saved = set(model.state_dict())
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for name, b in model.named_buffers():
+        if name in saved and b.is_floating_point() and b.dtype != dtype:
+            mod, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(mod) if mod else model, attr, b.to(dtype))
+    return model
+
+
 def _finish(model, tokenizer, dtype: torch.dtype, what: str, seconds: float):
-    model = model.to(dtype)
+    model = cast_weights(model, dtype)
     model.eval()
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
