@@ -156,3 +156,4 @@ def test_another_dtype_is_another_row(tiny_folder, tmp_path, monkeypatch):
     assert main(argv + ["--dtype", "bfloat16"]) == 0
     second = json.loads((out / "jobs" / "rtn-w2-seed0" / "row.json").read_text())["fingerprint"]
     assert (first["dtype"], second["dtype"]) == ("torch.float32", "torch.bfloat16")
+    assert first["config"]["bits"] == 2  # the spec resolved: a redefined preset is another row

@@ -104,7 +104,9 @@ def job_fingerprint(spec: str, model, model_name: str, calibration: torch.Tensor
     from .quantize import parse_devices
 
     digest = lambda t: f"{tensor_sha256(t)}:{tuple(t.shape)}:{t.dtype}"  # noqa: E731
-    return {"spec": spec, "model": model_name, "model_sha256": model_digest(model),
+    cfg = parse_method(spec)
+    return {"spec": spec, "config": cfg.to_dict() if cfg is not None else None,  # a preset may be redefined
+            "model": model_name, "model_sha256": model_digest(model),
             "dtype": str(next(model.parameters()).dtype),
             "device": ",".join(d.type for d in parse_devices(device)) or next(model.parameters()).device.type,
             "calibration_sha256": digest(calibration),
