@@ -48,9 +48,9 @@ def test_unknown_keys_and_methods():
         config_from_dict({"method": "nope"})
 
 
-def test_wide_preset_is_tiny_with_the_second_sign_plane_on_90_of_128_columns():
+def test_wide_preset_is_tiny_with_the_second_sign_plane_on_88_of_128_columns():
     import billm
 
     wide, tiny = billm.config_from_spec("billm:wide"), billm.config_from_spec("billm:tiny")
-    assert (wide.min_salient_cols, wide.max_salient_cols) == (90, 90)
+    assert (wide.min_salient_cols, wide.max_salient_cols) == (88, 88)
     assert wide.replace(min_salient_cols=tiny.min_salient_cols, max_salient_cols=tiny.max_salient_cols) == tiny

@@ -271,7 +271,7 @@ class BiLLMConfig(QuantConfig):
     choices, float32 scales included: DESIGN §5), ``plus`` (beyond BiLLM at the same storage:
     the paper's variant with ``intra_block`` and ``refit``), ``compact`` (``plus`` with the
     non-salient split per column: about 1.7 storage bits), ``tiny`` (``compact`` with fp8
-    scales: about 1.45) and ``wide`` (``tiny`` with the second sign plane on 90 of every 128
+    scales: about 1.45) and ``wide`` (``tiny`` with the second sign plane on 88 of every 128
     columns: about 1.95).
     """
 
@@ -285,7 +285,7 @@ class BiLLMConfig(QuantConfig):
         "compact": {**_PAPER, "intra_block": True, "refit": True, "split": "column"},
         "tiny": {**_PAPER, "intra_block": True, "refit": True, "split": "column", "scale_dtype": "float8_e4m3fn"},
         "wide": {**_PAPER, "intra_block": True, "refit": True, "split": "column", "scale_dtype": "float8_e4m3fn",
-                 "min_salient_cols": 90, "max_salient_cols": 90},
+                 "min_salient_cols": 88, "max_salient_cols": 88},
     }
     abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
         **QuantConfig.abbrev, "intra": "intra_block", "refine": "refine_rounds"}
