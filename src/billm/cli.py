@@ -344,8 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # billm pareto's default set: the baselines at their usual settings, BiLLM as published, ARB-LLM, billm's own
 PARETO_SPECS = ("fp,gptq:w2g128,slim:w2,billm,arb,billm:compact+hadamard,billm:tiny+hadamard,billm:plus+hadamard,"
-                "billm:compact,billm:tiny,billm:wide+hadamard,billm:plus,slim:w2+hadamard,billm:hadamard,arb:hadamard,"
-                "gptq:w2g128+hadamard")
+                "billm:compact,billm:tiny,billm:wide+hadamard,billm:plus,slim:w2+hadamard,billm:hadamard,arb:hadamard")
 DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
 
 
