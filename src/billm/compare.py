@@ -172,7 +172,7 @@ def compare(model, tokenizer, specs: list[str], calibration: torch.Tensor, eval_
 def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor], *,
             seqlen: int, max_windows: Optional[int], device=None, batch_size: int = 8,
             checkpoint: Optional[Path] = None, job: Optional[Path] = None, model_name: str = "",
-            seed: int = 0, progress: bool = True) -> Row:
+            seed: int = 0, progress: bool = True, keep_checkpoint: bool = False) -> Row:
     """One method's row: quantize a copy of ``model`` with ``spec`` (``fp``: none), evaluate it.
 
     With ``checkpoint`` (a folder) the quantized model is saved there and loaded back (:func:`through_file`),
@@ -194,7 +194,7 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
     fingerprint = job_fingerprint(spec, model, model_name, calibration, eval_ids, seqlen, max_windows, batch_size,
                                   device, from_file) if job is not None else None
     done = stored_row(job, fingerprint) if job is not None else None
-    if done is not None and (not from_file or Path(checkpoint).is_dir()):
+    if done is not None and (not (from_file and keep_checkpoint) or Path(checkpoint).is_dir()):
         log.info("%s: finished earlier, read from %s", spec, job / "row.json")
         return done
     home = next(model.parameters()).device

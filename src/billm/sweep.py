@@ -95,7 +95,8 @@ def run_job(sweep: Sweep, job: Job, threads: Optional[int] = None, progress: boo
         checkpoint = Path(sweep.keep_checkpoints or tmp) / job.name if sweep.through_files else None
         return measure(model, tok, job.spec, calib, eval_ids, seqlen=sweep.eval_seqlen, max_windows=sweep.max_windows,
                        device=sweep.device, batch_size=sweep.batch_size, checkpoint=checkpoint,
-                       job=job_folder(sweep, job), model_name=sweep.model, seed=job.seed, progress=progress)
+                       job=job_folder(sweep, job), model_name=sweep.model, seed=job.seed, progress=progress,
+                       keep_checkpoint=sweep.keep_checkpoints is not None)
 
 
 def check_cluster(cluster: str, device: Optional[str]) -> None:
