@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +59,7 @@ def make_reference(source: Path = SOURCE, out: Path = OUT) -> Path:
 
     sys.path.insert(0, str(REPO / "src"))
     from billm.methods.oracle import ArbReference, arb_reference_loop
+    from billm.io import write_atomic
 
     torch.set_num_threads(1)  # the float32 sums round the same way on every run (tests/test_arb.py pins it too)
     src = load_file(str(source))
@@ -90,15 +89,7 @@ def make_reference(source: Path = SOURCE, out: Path = OUT) -> Path:
         "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
     })
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # billm.io: fsync, one rename
     return out
 
 

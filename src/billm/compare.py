@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
