@@ -3,7 +3,8 @@ import torch
 
 from billm.errors import QuantizationError
 from billm.methods.binarize import binarize
-from billm.methods.obc import HessianAccumulator, hessian_error, obc_quantize, prepare_hessian
+from billm.methods import obc
+from billm.methods.obc import HessianAccumulator, factor_hessian, hessian_error, obc_quantize, prepare_hessian
 
 
 def test_accumulator_is_running_mean_of_2_xxT():
@@ -46,6 +47,29 @@ def test_prepare_hessian_gives_chol_of_inverse_and_zeroes_dead_columns():
     Hd += 0.01 * torch.diag(Hd).mean() * torch.eye(16)
     torch.testing.assert_close(prep.U.t() @ prep.U, torch.linalg.inv(Hd), rtol=1e-3, atol=1e-4)
     assert torch.allclose(prep.U, torch.triu(prep.U))
+
+
+def test_linears_fed_one_hessian_share_one_factorisation_released_with_it(monkeypatch):
+    calls = []
+    real = obc._factor
+    monkeypatch.setattr(obc, "_factor", lambda *a: calls.append(1) or real(*a))
+    H = _spd(16)
+    H[5, :] = 0
+    H[:, 5] = 0
+    Ws = [torch.randn(4, 16) for _ in range(3)]
+    preps = [prepare_hessian(H, W, 0.01) for W in Ws]  # q, k and v: one Hessian tensor
+    assert len(calls) == 1 and preps[0] is preps[1] is preps[2]
+    assert all(torch.all(W[:, 5] == 0) for W in Ws)  # each weight still has its dead column zeroed
+    prepare_hessian(H, torch.randn(4, 16), 0.1)  # other damping: factored again
+    prepare_hessian(H.clone(), torch.randn(4, 16), 0.1)  # an equal but distinct tensor: again
+    assert len(calls) == 3
+    H2 = _spd(16, seed=1)
+    first = factor_hessian(H2)
+    H2.mul_(2)  # changed in place: the old factor must not be reused
+    assert factor_hessian(H2) is not first and len(calls) == 5
+    torch.testing.assert_close(factor_hessian(H2).U, first.U / 2**0.5, rtol=1e-4, atol=1e-5)
+    del H2, first
+    assert obc._LAST == {}  # the factor is freed with its Hessian
 
 
 def test_damping_retries_on_singular_hessian():

@@ -79,20 +79,28 @@ def binarize_params(x: Tensor, mask: Tensor, order: int = 1, centred: bool = Tru
                     scale_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Stored form of :func:`binarize`: sign bits and per-pass scales/means (rounded to ``scale_dtype``).
 
+    The same arithmetic as :func:`binarize_once` per pass, without what the stored form does not
+    need: the last pass's estimate, and subtracting a zero (first residual, uncentred means).
+
     Returns:
         (signs, alphas, mus): ``signs`` (order, rows, cols) bool (True = +1, only meaningful on the
         mask), ``alphas`` and ``mus`` (order, rows). ``sum_k (alpha_k * (2*sign_k - 1) + mu_k)`` on the
         mask reproduces :func:`binarize`.
     """
+    m = mask.to(x.dtype)  # (rows, cols)
+    n = m.sum(dim=1).clamp(min=1)  # (rows,)
     out = torch.zeros_like(x)
     signs, alphas, mus = [], [], []
-    for _ in range(order):
-        r = x - out
-        b, alpha, mu = binarize_once(r, mask, centred, scale_dtype)
-        signs.append((r - mu[:, None]) >= 0)
+    for k in range(order):
+        r = x - out if k else x  # x - 0 is x, bit for bit
+        mu = round_to_stored((r * m).sum(dim=1) / n, scale_dtype) if centred else x.new_zeros(x.shape[0])
+        d = r - mu[:, None] if centred else r
+        alpha = round_to_stored((d.abs() * m).sum(dim=1) / n, scale_dtype)
+        signs.append(d >= 0)
         alphas.append(alpha)
         mus.append(mu)
-        out = out + b
+        if k + 1 < order:  # the next pass binarizes what this one left
+            out = out + (alpha[:, None] * sign_pm1(d) + mu[:, None]) * m
     return torch.stack(signs), torch.stack(alphas), torch.stack(mus)
 
 

@@ -11,7 +11,9 @@ is propagated to all later columns: ``W[:, end:] -= E @ U[block, end:]``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -92,15 +94,52 @@ class PreparedHessian:
 
 
 def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> PreparedHessian:
-    """Dead columns, damping and ``U = chol(H^-1)`` (upper), in place on copies the caller owns.
+    """Dead columns, damping and ``U = chol(H^-1)`` (upper): :func:`factor_hessian`, and ``W[:, dead] = 0``.
 
-    Dead columns (``H_jj == 0``) get ``H_jj = 1`` and ``W[:, j] = 0`` (``W`` is modified). Damping
-    ``percdamp * mean(diag H)`` is added to the diagonal; if the Cholesky factorisation fails it is
-    multiplied by 10 and retried, up to ``max_tries`` times.
+    Dead columns (``H_jj == 0``) carry no input: their weights are zeroed in ``W`` (modified in
+    place). The factor is shared by every linear fed the same ``H`` tensor; treat it as read-only.
+    """
+    prep = factor_hessian(H, percdamp, max_tries)
+    W[:, prep.dead] = 0
+    return prep
+
+
+def factor_hessian(H: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> PreparedHessian:
+    """``U = chol(H^-1)`` (upper) of the damped ``H`` (``H`` itself is not modified).
+
+    Dead columns (``H_jj == 0``) get ``H_jj = 1``. Damping ``percdamp * mean(diag H)`` is added to
+    the diagonal; if the Cholesky factorisation fails it is multiplied by 10 and retried, up to
+    ``max_tries`` times. Linears fed the same input (q/k/v, gate/up) get the very same ``H`` tensor,
+    so the last result is kept, keyed by that tensor (identity and in-place version) and the
+    arguments, and released with it: the factorisation runs once per distinct Hessian.
 
     Raises:
         QuantizationError: non-finite H, or no damping made it positive definite.
     """
+    key = (H._version, percdamp, max_tries)
+    with _LAST_LOCK:
+        last = _LAST.get("factor")
+        if last is not None and last[0]() is H and last[1] == key:
+            return last[2]
+        _LAST.clear()  # the previous factor is not kept alive beside the next one
+    prep = _factor(H, percdamp, max_tries)
+    with _LAST_LOCK:
+        _LAST["factor"] = (weakref.ref(H, _forget), key, prep)
+    return prep
+
+
+_LAST: dict[str, tuple] = {}  # "factor": (weakref to H, (version, percdamp, max_tries), PreparedHessian)
+_LAST_LOCK = threading.RLock()  # re-entrant: a weakref callback may run inside a locked section
+
+
+def _forget(ref: "weakref.ref[Tensor]") -> None:
+    """H was freed: drop its factor (unless a newer one has replaced it)."""
+    with _LAST_LOCK:
+        if _LAST.get("factor", (None,))[0] is ref:
+            _LAST.clear()
+
+
+def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
     if not torch.isfinite(H).all():
         raise QuantizationError("the Hessian has non-finite entries (NaN/Inf in the calibration activations?)")
     H = H.clone()
@@ -108,7 +147,6 @@ def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01, max_tries: int
     diag = torch.arange(cols, device=H.device)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0
     mean_diag = torch.mean(torch.diag(H))
     damp_frac = percdamp
     for attempt in range(max_tries):

@@ -199,6 +199,21 @@ def group_error(P: "_Prefix | _RankPrefix", vals: Tensor, ivs: "list[_Interval] 
     return (sq_up + sq_lo - n * alpha2 * alpha2).clamp(min=0)
 
 
+def plain_error(n: Tensor, s_abs: Tensor, s_sq: Tensor) -> Tensor:
+    """Squared error of order-1 uncentred binarization of groups with stats (count, sum|x|, sum x^2).
+
+    With ``mu = 0``, ``alpha = sum|x| / n`` and every sign +-1, ``sum (x - alpha*sign x)^2 =
+    sum x^2 - (sum|x|)^2 / n`` (0 for an empty group): only two sums per group, no sorted-position
+    query. Shapes broadcast.
+    """
+    return (s_sq - s_abs * s_abs / n.clamp(min=1)).clamp(min=0)
+
+
+def _abs_sq_prefix(a: Tensor) -> Tensor:
+    """(rows, n) -> (2, rows, n+1): prefix sums of |a| and a^2 along the rows (position 0 = 0)."""
+    return torch.nn.functional.pad(torch.stack([a.abs(), a * a]).cumsum(dim=2), (1, 0))
+
+
 def _row_chunks(rows: int, per_row: int, budget: int = 1 << 24) -> list[slice]:
     """Row slices holding about ``budget`` working elements each (few, large ops are fastest)."""
     step = max(1, budget // max(per_row, 1))
@@ -255,6 +270,13 @@ def search_salient_columns(M: Tensor, col_score: Tensor, k_min: int, k_max: int,
     col_rank = torch.empty_like(ranking)
     col_rank[ranking] = torch.arange(cols, device=M.device)
     x = M.detach().to(DT)
+    if order == 1 and not centred:  # the error needs only prefix sums along the column ranking
+        cum = _abs_sq_prefix(x[:, ranking])  # (2, rows, cols+1)
+        sal, kf = cum[:, :, ks], ks.to(DT)  # (2, rows, B): each candidate's salient stats
+        non = cum[:, :, -1:] - sal
+        errors = (plain_error(kf, sal[0], sal[1]) + plain_error(cols - kf, non[0], non[1])).sum(dim=0)  # (B,)
+        k = int(ks[int(torch.argmin(errors))])
+        return SalientSearch(k=k, columns=ranking[:k], candidates=ks, errors=errors)
     vals, perm = torch.sort(x, dim=1)  # (rows, cols), both
     sorted_rank = col_rank[perm]  # (rows, cols): rank of the column of each sorted entry
     errors = torch.zeros(len(ks), dtype=DT, device=M.device)
@@ -318,6 +340,16 @@ def search_break_point(M: Tensor, salient: Tensor, candidates: Tensor, order: in
     rows, n = x.shape
     C = candidates.numel()
     p = candidates.detach().to(device=M.device, dtype=DT)
+    if order == 1 and not centred:  # each group is a prefix / suffix of the row sorted by |x|
+        a, _ = torch.sort(x.abs(), dim=1)  # (rows, n)
+        cum = _abs_sq_prefix(a)  # (2, rows, n+1)
+        pos = torch.searchsorted(a, p.view(1, C).expand(rows, C).contiguous())  # (rows, C): first |x| >= p
+        conc = cum.gather(2, pos.unsqueeze(0).expand(2, -1, -1))  # (2, rows, C): entries with |x| < p
+        sparse = cum[:, :, -1:] - conc
+        nc = pos.to(DT)
+        errors = (plain_error(nc, conc[0], conc[1]) + plain_error(n - nc, sparse[0], sparse[1])).sum(dim=0)  # (C,)
+        best = int(torch.argmin(errors))
+        return BreakSearch(index=best, value=float(candidates[best]), candidates=candidates, errors=errors)
     vals, _ = torch.sort(x, dim=1)
     errors = torch.zeros(C, dtype=DT, device=M.device)
     for sl in _row_chunks(rows, (n + 1) * 3 + C * 64):

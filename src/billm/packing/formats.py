@@ -214,7 +214,10 @@ def pm1(bits: Tensor) -> Tensor:
 
 
 def _per_column(t: Tensor, col_group: Tensor) -> Tensor:
-    """(rows, G) per-group values to (rows, cols) via the group index of each column."""
+    """(rows, G) per-group values to (rows, cols) via the group index of each column (read-only: one group
+    is a broadcast view, not a copy)."""
+    if t.shape[1] == 1 and col_group.numel():  # one group (a block's own decode): every index is 0
+        return t.expand(t.shape[0], col_group.numel())
     return t[:, col_group]
 
 
