@@ -5,10 +5,12 @@
 The floor is what no implementation of the protocol can skip: the calibration set's forward up
 to block 0, then for every block one statistics forward of the full-precision block, the
 Hessian products ``x^T x`` of each distinct linear input (one GEMM per batch), and one
-propagation forward. It is measured here, on a fresh copy of the model, by running exactly
-those steps and nothing else, once before and once after the real run (their mean is the floor,
-their difference the machine's drift); the real run (``billm.quantize`` with ``--method``, a compare
-spec such as ``billm``, ``billm:plus`` or ``gptq:w2g128``) is timed in between, and the ratio printed.
+propagation forward. It is measured in the same run, on a second copy of the model with its own
+activations, by running exactly those steps and nothing else, interleaved block by block with the
+real run (``billm.quantize`` with ``--method``, a compare spec such as ``billm``, ``billm:plus`` or
+``gptq:w2g128``): the floor's block i runs just before the real run's block i, so a machine that
+speeds up or slows down during the run slows both alike. The floor's seconds are taken out of the
+real run's wall time (and out of its hessian phase, where they fall), and the ratio is printed.
 The run's own phases: capture, hessian (statistics forward, Hessian sums and their
 preparation, metrics, packing), search, compensation (OBC error propagation), propagation.
 Calibration: C4 train windows from ``--data-dir`` (default ../shared/data). With
@@ -19,10 +21,13 @@ windows) of full precision and of the quantized model is printed too.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -36,15 +41,17 @@ from billm.model.walker import capture_inputs, find_blocks, find_linears, run_ba
 from billm.quantize import _as_batches, shared_input_groups
 
 
-def floor_seconds(model: nn.Module, calib: torch.Tensor, batch_size: int, uses_hessian: bool = True) -> dict:
-    """Seconds of the protocol's irreducible steps on ``model`` (which it leaves unquantized): capture,
-    statistics forward, Hessian products and propagation forward, each summed over the blocks."""
+def floor_steps(model: nn.Module, calib: torch.Tensor, batch_size: int, uses_hessian: bool, out: dict) -> Iterator[int]:
+    """The protocol's irreducible steps on ``model`` (which it leaves unquantized), a block at a time.
+
+    Adds the seconds of each step to ``out`` (capture, statistics_forward, hessian_products,
+    propagation_forward) and yields each block's index once its steps are done (the capture runs
+    with block 0)."""
     batches = _as_batches(calib, batch_size)
     model.eval()
-    out = {"capture": 0.0, "statistics_forward": 0.0, "hessian_products": 0.0, "propagation_forward": 0.0}
     t0 = time.perf_counter()
     inputs = capture_inputs(model, batches, device="cpu", offload="cpu")
-    out["capture"] = time.perf_counter() - t0
+    out["capture"] += time.perf_counter() - t0
     _, blocks = find_blocks(model)
     groups = None
     for i, block in enumerate(blocks):
@@ -67,13 +74,34 @@ def floor_seconds(model: nn.Module, calib: torch.Tensor, batch_size: int, uses_h
                 seen.clear()
             for h in hooks:
                 h.remove()
+            del H
         if i + 1 < len(blocks):
             t0 = time.perf_counter()
             for b in range(len(batches)):
                 inputs.hidden[b] = run_batch(block, inputs, b, "cpu", i)
             out["propagation_forward"] += time.perf_counter() - t0
-    out["total"] = sum(out.values())
-    return out
+        yield i
+
+
+@contextlib.contextmanager
+def interleaved_floor(steps: Iterator[int], spent: list[float]):
+    """While open, every block the real run starts first lets ``steps`` run the floor's same block;
+    ``spent[0]`` sums the seconds that took (they are inside the real run's wall time)."""
+    qmod = importlib.import_module("billm.quantize")
+    real = qmod.accumulate_hessians
+
+    def step_then_accumulate(run, i):
+        t0 = time.perf_counter()
+        if next(steps) != i:
+            raise RuntimeError("the floor and the real run are out of step")
+        spent[0] += time.perf_counter() - t0
+        return real(run, i)
+
+    qmod.accumulate_hessians = step_then_accumulate
+    try:
+        yield
+    finally:
+        qmod.accumulate_hessians = real
 
 
 def main() -> int:
@@ -101,15 +129,18 @@ def main() -> int:
                                     data_dir=args.data_dir)
     out: dict = {"nsamples": args.nsamples, "seqlen": args.seqlen, "method": args.method, "config": cfg.to_dict(),
                  "threads": args.threads, "torch": torch.__version__, "load_s": t_load}
-    if not args.no_floor:  # measured before and after the run: the machine's drift shows as their difference
-        floors = [floor_seconds(load_model(None)[0], calib, args.batch_size, cfg.uses_hessian)]
+    floor = {"capture": 0.0, "statistics_forward": 0.0, "hessian_products": 0.0, "propagation_forward": 0.0}
+    spent = [0.0]
+    steps = None if args.no_floor else floor_steps(load_model(None)[0], calib, args.batch_size, cfg.uses_hessian, floor)
     if args.eval_windows:
         test = get_eval_tokens("wikitext2", tok, args.eval_seqlen, data_dir=args.data_dir)
         out["fp_ppl"] = perplexity(model, test, seqlen=args.eval_seqlen, max_windows=args.eval_windows).ppl
 
-    t0 = time.perf_counter()
-    report = billm.quantize(model, calib, cfg, batch_size=args.batch_size, progress=False)
-    wall = time.perf_counter() - t0
+    with interleaved_floor(steps, spent) if steps is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        report = billm.quantize(model, calib, cfg, batch_size=args.batch_size, progress=False)
+        wall = time.perf_counter() - t0 - spent[0]  # the real run alone
+    report.phases["hessian"] -= spent[0]
     out.update(wall_s=wall, phases=report.phases, weight_bits=report.weight_bits, storage_bits=report.storage_bits,
                linears=len(report.layers),
                mean_rel_err=sum(r.hessian_rel_err for r in report.layers) / len(report.layers))
@@ -123,14 +154,11 @@ def main() -> int:
         print(f"WikiText-2 test ppl (seqlen {args.eval_seqlen}, first {args.eval_windows} windows): "
               f"full precision {out['fp_ppl']:.2f}, {args.method} {out['quantized_ppl']:.2f}")
     if not args.no_floor:
-        del model
-        floors.append(floor_seconds(load_model(None)[0], calib, args.batch_size, cfg.uses_hessian))
-        out["floor"] = {k: sum(f[k] for f in floors) / len(floors) for k in floors[0]}
-        out["floor_runs"] = floors
-        out["floor_ratio"] = wall / out["floor"]["total"]
-        fl = out["floor"]
-        print(f"floor {fl['total']:.1f}s, the mean of {floors[0]['total']:.1f}s before and {floors[1]['total']:.1f}s "
-              "after the run (" + ", ".join(f"{k} {v:.1f}s" for k, v in fl.items() if k != "total")
+        floor["total"] = sum(floor.values())
+        out["floor"] = floor
+        out["floor_ratio"] = wall / floor["total"]
+        print(f"floor {floor['total']:.1f}s, measured block by block beside the run ("
+              + ", ".join(f"{k} {v:.1f}s" for k, v in floor.items() if k != "total")
               + f"); actual / floor = {out['floor_ratio']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -214,6 +214,14 @@ def _abs_sq_prefix(a: Tensor) -> Tensor:
     return torch.nn.functional.pad(torch.stack([a.abs(), a * a]).cumsum(dim=2), (1, 0))
 
 
+def sorted_rows(x: Tensor) -> Tensor:
+    """``torch.sort(x, dim=1).values``, (rows, n). On the CPU numpy's sort gives the very same values
+    about 3x faster for a block's many short rows (measured: 1536 x 118 float64, 1.2 ms against 3.8 ms)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+        return torch.from_numpy(np.sort(x.contiguous().numpy(), axis=1))
+    return torch.sort(x, dim=1).values
+
+
 def _row_chunks(rows: int, per_row: int, budget: int = 1 << 24) -> list[slice]:
     """Row slices holding about ``budget`` working elements each (few, large ops are fastest)."""
     step = max(1, budget // max(per_row, 1))
@@ -341,7 +349,7 @@ def search_break_point(M: Tensor, salient: Tensor, candidates: Tensor, order: in
     C = candidates.numel()
     p = candidates.detach().to(device=M.device, dtype=DT)
     if order == 1 and not centred:  # each group is a prefix / suffix of the row sorted by |x|
-        a, _ = torch.sort(x.abs(), dim=1)  # (rows, n)
+        a = sorted_rows(x.abs())  # (rows, n)
         cum = _abs_sq_prefix(a)  # (2, rows, n+1)
         pos = torch.searchsorted(a, p.view(1, C).expand(rows, C).contiguous())  # (rows, C): first |x| >= p
         conc = cum.gather(2, pos.unsqueeze(0).expand(2, -1, -1))  # (2, rows, C): entries with |x| < p

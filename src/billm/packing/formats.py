@@ -218,7 +218,7 @@ def _per_column(t: Tensor, col_group: Tensor) -> Tensor:
     is a broadcast view, not a copy)."""
     if t.shape[1] == 1 and col_group.numel():  # one group (a block's own decode): every index is 0
         return t.expand(t.shape[0], col_group.numel())
-    return t[:, col_group]
+    return t.index_select(1, col_group)  # the same as t[:, col_group], several times faster on the CPU
 
 
 def _block_index(cols: int, blocksize: int, device) -> Tensor:
