@@ -72,15 +72,17 @@ def test_search_finds_planted_outlier_columns():
     assert res.k <= 6
 
 
-def test_tied_candidates_choose_first():
+@pytest.mark.parametrize("centred", [True, False], ids=_centred_id)
+def test_tied_candidates_choose_first(centred):
     # Many zero entries make low quantiles equal: identical groups must keep the first index.
     M = torch.zeros(8, 64)
     M[:, :8] = torch.randn(8, 8)
     salient = torch.zeros(64, dtype=torch.bool)
     cands = break_candidates(M, salient, "quantile", 81)
-    fast = search_break_point(M, salient, cands)
-    idx, errs = break_search_loop(M, salient, cands)
+    fast = search_break_point(M, salient, cands, centred=centred)
+    idx, errs = break_search_loop(M, salient, cands, centred=centred)
     assert fast.index == idx
+    assert fast.errors[0] == fast.errors[1]  # the two lowest quantiles are both 0: one group, one error
 
 
 def test_split_masks_partition():
