@@ -80,6 +80,8 @@ for section in "${SECTIONS[@]}"; do
     speed)
       out=docs/results/speed; mkdir -p "$out"
       { printf '# Quantize time against the protocol floor (SmolLM2-135M, 64 x 512 C4 calibration)\n\n'
+        printf 'The floor (capture; per block one statistics forward, the Hessian products, one propagation forward) is\n'
+        printf 'measured on a second model copy stepped block by block beside the real run; see benchmarks/bench_quantize.py.\n\n'
         for m in billm billm:plus gptq:w2g128; do
           printf '## %s\n\n```\n' "$m"
           python benchmarks/bench_quantize.py --method "$m" --json "$out/floor-${m//:/_}.json" | grep -E '^(quantize|floor|  )'
