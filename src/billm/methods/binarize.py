@@ -44,12 +44,22 @@ def binarize_once(x: Tensor, mask: Tensor, centred: bool = True,
         (rows,) the per-row scale and mean.
     """
     m = mask.to(x.dtype)  # (rows, cols)
-    n = m.sum(dim=1).clamp(min=1)  # (rows,)
-    mu = round_to_stored((x * m).sum(dim=1) / n, scale_dtype) if centred else x.new_zeros(x.shape[0])
-    d = x - mu[:, None]
-    alpha = round_to_stored((d.abs() * m).sum(dim=1) / n, scale_dtype)
-    b = (alpha[:, None] * sign_pm1(d) + mu[:, None]) * m
-    return b, alpha, mu
+    d, alpha, mu = _pass(x, m, m.sum(dim=1).clamp(min=1), centred, scale_dtype)
+    return _estimate(d, alpha, mu, m), alpha, mu
+
+
+def _pass(r: Tensor, m: Tensor, n: Tensor, centred: bool,
+          scale_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass's (d = r - mu (rows, cols), alpha (rows,), mu (rows,)) over the group ``m`` (float 0/1) of
+    ``n`` entries per row (clamped to >= 1). Uncentred, d is r itself (r - 0 is r, bit for bit)."""
+    mu = round_to_stored((r * m).sum(dim=1) / n, scale_dtype) if centred else r.new_zeros(r.shape[0])
+    d = r - mu[:, None] if centred else r
+    return d, round_to_stored((d.abs() * m).sum(dim=1) / n, scale_dtype), mu
+
+
+def _estimate(d: Tensor, alpha: Tensor, mu: Tensor, m: Tensor) -> Tensor:
+    """``alpha * sign(d) + mu`` on the group, 0 off it: (rows, cols)."""
+    return (alpha[:, None] * sign_pm1(d) + mu[:, None]) * m
 
 
 def binarize(x: Tensor, mask: Tensor, order: int = 1, centred: bool = True,
@@ -79,8 +89,8 @@ def binarize_params(x: Tensor, mask: Tensor, order: int = 1, centred: bool = Tru
                     scale_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Stored form of :func:`binarize`: sign bits and per-pass scales/means (rounded to ``scale_dtype``).
 
-    The same arithmetic as :func:`binarize_once` per pass, without what the stored form does not
-    need: the last pass's estimate, and subtracting a zero (first residual, uncentred means).
+    The same passes as :func:`binarize_once`, without what the stored form does not need: the
+    last pass's estimate, and subtracting a zero (first residual, uncentred means).
 
     Returns:
         (signs, alphas, mus): ``signs`` (order, rows, cols) bool (True = +1, only meaningful on the
@@ -92,15 +102,12 @@ def binarize_params(x: Tensor, mask: Tensor, order: int = 1, centred: bool = Tru
     out = torch.zeros_like(x)
     signs, alphas, mus = [], [], []
     for k in range(order):
-        r = x - out if k else x  # x - 0 is x, bit for bit
-        mu = round_to_stored((r * m).sum(dim=1) / n, scale_dtype) if centred else x.new_zeros(x.shape[0])
-        d = r - mu[:, None] if centred else r
-        alpha = round_to_stored((d.abs() * m).sum(dim=1) / n, scale_dtype)
+        d, alpha, mu = _pass(x - out if k else x, m, n, centred, scale_dtype)  # x - 0 is x, bit for bit
         signs.append(d >= 0)
         alphas.append(alpha)
         mus.append(mu)
         if k + 1 < order:  # the next pass binarizes what this one left
-            out = out + (alpha[:, None] * sign_pm1(d) + mu[:, None]) * m
+            out = out + _estimate(d, alpha, mu, m)
     return torch.stack(signs), torch.stack(alphas), torch.stack(mus)
 
 
