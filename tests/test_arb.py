@@ -223,6 +223,9 @@ def test_tiny_model_quantizes_saves_and_loads_to_equal_logits_with_storage_bits_
 # billm.methods.oracle.arb_reference_loop, ARB-RC as the public ARB-LLM code runs it, on SmolLM2's block-0
 # q_proj and down_proj, in two runs: "public" signs an exact-zero weight 0 (torch.sign), as that code does;
 # "signed" gives it +1, as billm stores every sign (docs/methods.md). The layers come from the shared file.
+# billm is checked against the oracle run live, on this CPU: past the first block the compensation's
+# rounding differs between CPUs (other GEMM kernels), so the stored run pins the oracle only to that
+# rounding (test_stored_arb_reference_is_what_the_loop_oracle_computes_on_q_proj says how far).
 
 ARB_REFERENCE = Path(__file__).resolve().parent / "data" / "arb_reference_block0.safetensors"
 FIRST = slice(0, 128)  # the first block: no compensation has reached it, every run sees the same weights
@@ -284,7 +287,7 @@ def _billm_reference(W, H):
 def test_reference_preset_makes_the_oracles_choices_and_values_with_exact_zeros_signed_plus_one(
         layer, shared_data, real_layer, one_thread):
     W, H = real_layer(shared_data, layer)
-    ref = _stored_oracle(layer, "signed")
+    ref = arb_reference_loop(W, H, zero_sign=1.0)  # live: the same CPU rounds both alike
     res, groups, signs = _billm_reference(W, H)
     # The same discrete choices in every block: salient columns, break point, group of every entry, signs.
     assert res.info["salient_columns"] == ref.salient_columns
@@ -328,6 +331,19 @@ def test_stored_arb_reference_is_what_the_loop_oracle_computes_on_q_proj(run, ze
                                                                          one_thread):
     W, H = real_layer(shared_data, "q_proj")
     stored, now = _stored_oracle("q_proj", run), arb_reference_loop(W, H, zero_sign=zero_sign)
+    # The first block sees the layer's own weights (no compensation yet): every choice and value as stored.
+    assert now.salient_columns[0] == stored.salient_columns[0]
+    assert now.break_points[0] == pytest.approx(stored.break_points[0], rel=1e-6)
+    assert torch.equal(now.groups[:, FIRST], stored.groups[:, FIRST])
+    assert torch.equal(now.signs[:, :, FIRST], stored.signs[:, :, FIRST])
+    _assert_same_values(now.q[:, FIRST], stored.q[:, FIRST])
+    # Later blocks see compensated weights, rounded by this CPU's GEMMs: the same columns and groups, the
+    # break points to 1e-4, and a sign may differ only where a compensated weight sits within rounding of 0
+    # (measured: 1 of q_proj's 663,552 on an AMD EPYC against the CPU that wrote the file; ARB-RC's column
+    # scales then move that column's levels, so the weights are compared through the output error).
     assert now.salient_columns == stored.salient_columns
-    assert torch.equal(now.groups, stored.groups) and torch.equal(now.signs, stored.signs)
-    _assert_same_values(now.q, stored.q)
+    torch.testing.assert_close(torch.tensor(now.break_points, dtype=torch.float64),
+                               torch.tensor(stored.break_points, dtype=torch.float64), rtol=1e-4, atol=0)
+    assert torch.equal(now.groups, stored.groups)
+    assert int((now.signs != stored.signs).sum()) <= 4
+    assert hessian_error(W, now.q, H)[1] == pytest.approx(hessian_error(W, stored.q, H)[1], rel=1e-3)
