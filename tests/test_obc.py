@@ -69,7 +69,7 @@ def test_linears_fed_one_hessian_share_one_factorisation_released_with_it(monkey
     assert factor_hessian(H2) is not first and len(calls) == 5
     torch.testing.assert_close(factor_hessian(H2).U, first.U / 2**0.5, rtol=1e-4, atol=1e-5)
     del H2, first
-    assert obc._LAST == {}  # the factor is freed with its Hessian
+    assert obc._MEMO._prep is None  # the factor is freed with its Hessian
 
 
 def test_damping_retries_on_singular_hessian():

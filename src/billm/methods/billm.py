@@ -143,20 +143,42 @@ def intra_block_columns(Wb: Tensor, Ub: Tensor, code: BlockCode, start: int) -> 
     """
     sc = code.scales[0]  # (slots, rows)
     mn = code.means[0] if code.means is not None else torch.zeros_like(sc)
-    b = Wb.shape[1]
 
     def quant(col: int, w: Tensor) -> Tensor:  # no host sync: both branches computed, the column's flag selects
         j = col - start
-        sal = code.salient[j]  # 0-d bool, stays on the device
-        s1 = torch.where(sal, (w - mn[2]) >= 0, (w - torch.where(code.sparse[:, j], mn[1], mn[0])) >= 0)
+        sal, sparse = code.salient[j], code.sparse[:, j]  # 0-d bool (stays on the device), (rows,) bool
+        s1 = torch.where(sal, (w - mn[2]) >= 0, (w - torch.where(sparse, mn[1], mn[0])) >= 0)
         code.s1[:, j] = s1
+        s2 = None
         if code.s2 is not None:  # second sign plane (salient order 2): only on salient columns
-            code.s2[:, j] = ((w - (sc[2] * pm1(s1) + mn[2]) - mn[3]) >= 0) & sal
-        s2c = code.s2[:, j:j + 1] if code.s2 is not None else None
-        return billm_values(code.s1[:, j:j + 1], code.salient[j:j + 1], code.sparse[:, j:j + 1], s2c, code.scales,
-                            code.means, b)[:, 0]
+            s2 = ((w - (sc[2] * pm1(s1) + mn[2]) - mn[3]) >= 0) & sal
+            code.s2[:, j] = s2
+        return column_values(s1, sal, sparse, s2, sc, code.means[0] if code.means is not None else None)
 
     return gptq_block(Wb, Ub, start, quant)
+
+
+def column_values(s1: Tensor, sal: Tensor, sparse: Tensor, s2: Optional[Tensor], sc: Tensor,
+                  mn: Optional[Tensor]) -> Tensor:
+    """One column of :func:`~billm.packing.formats.billm_values` (rows,), the same operations on vectors.
+
+    Args:
+        s1, sparse, s2: (rows,) bool; ``s2`` None for order 1.
+        sal: 0-d bool, whether the column is salient.
+        sc, mn: (slots, rows) the block's scales and means (``mn`` None when not centred).
+    """
+    def first(t: Tensor) -> Tensor:
+        return torch.where(sal, t[2], torch.where(sparse, t[1], t[0]))
+
+    q = first(sc) * pm1(s1)
+    if mn is not None:
+        q = q + first(mn)
+    if s2 is not None:
+        q2 = torch.where(sal, sc[3], 0.0) * pm1(s2)
+        if mn is not None:
+            q2 = q2 + torch.where(sal, mn[3], 0.0)
+        q = q + q2
+    return q
 
 
 def refit_codes(W: Tensor, H: Tensor, codes: list[BlockCode], cfg: BiLLMConfig) -> None:

@@ -117,26 +117,45 @@ def factor_hessian(H: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> Pre
         QuantizationError: non-finite H, or no damping made it positive definite.
     """
     key = (H._version, percdamp, max_tries)
-    with _LAST_LOCK:
-        last = _LAST.get("factor")
-        if last is not None and last[0]() is H and last[1] == key:
-            return last[2]
-        _LAST.clear()  # the previous factor is not kept alive beside the next one
-    prep = _factor(H, percdamp, max_tries)
-    with _LAST_LOCK:
-        _LAST["factor"] = (weakref.ref(H, _forget), key, prep)
+    prep = _MEMO.get(H, key)
+    if prep is None:
+        prep = _factor(H, percdamp, max_tries)
+        _MEMO.put(H, key, prep)
     return prep
 
 
-_LAST: dict[str, tuple] = {}  # "factor": (weakref to H, (version, percdamp, max_tries), PreparedHessian)
-_LAST_LOCK = threading.RLock()  # re-entrant: a weakref callback may run inside a locked section
+class _FactorMemo:
+    """The last Hessian's factor: kept while that very tensor lives, dropped before the next is made."""
+
+    def __init__(self) -> None:
+        self._ref: Optional["weakref.ref[Tensor]"] = None
+        self._key: Optional[tuple] = None
+        self._prep: Optional[PreparedHessian] = None
+        self._lock = threading.RLock()  # re-entrant: the weakref callback may run inside a locked section
+
+    def get(self, H: Tensor, key: tuple) -> Optional[PreparedHessian]:
+        """The factor stored for ``H`` under ``key``, else None (and the stored one is dropped)."""
+        with self._lock:
+            if self._ref is not None and self._ref() is H and self._key == key:
+                return self._prep
+            self._drop()  # not kept alive beside the next factor
+            return None
+
+    def put(self, H: Tensor, key: tuple, prep: PreparedHessian) -> None:
+        with self._lock:
+            self._ref, self._key, self._prep = weakref.ref(H, self._forget), key, prep
+
+    def _forget(self, ref: "weakref.ref[Tensor]") -> None:
+        """H was freed: drop its factor (unless a newer one has replaced it)."""
+        with self._lock:
+            if self._ref is ref:
+                self._drop()
+
+    def _drop(self) -> None:
+        self._ref = self._key = self._prep = None
 
 
-def _forget(ref: "weakref.ref[Tensor]") -> None:
-    """H was freed: drop its factor (unless a newer one has replaced it)."""
-    with _LAST_LOCK:
-        if _LAST.get("factor", (None,))[0] is ref:
-            _LAST.clear()
+_MEMO = _FactorMemo()
 
 
 def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
