@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -134,51 +134,51 @@ def encode_groups(Wb: Tensor, conc: Tensor, sparse: Tensor, salient: Tensor, cfg
     return BlockCode(s1=s1, salient=cols, sparse=sparse.clone(), s2=s2, scales=scales, means=means)
 
 
-def intra_block_columns(Wb: Tensor, Ub: Tensor, code: BlockCode, start: int) -> tuple[Tensor, Tensor]:
+def intra_block_columns(Wb: Tensor, Ub: Tensor, code: BlockCode, start: int,
+                        salient_cols: Sequence[int]) -> tuple[Tensor, Tensor]:
     """GPTQ inside a BiLLM block: groups, scales and means fixed, signs chosen column by column.
 
     Each column's signs are taken against the column as compensated so far (greedy residual
     order), its error is pushed onto the block's remaining columns, and ``code``'s sign planes are
-    overwritten with the choices. Returns (Qb, Eb) for :func:`~billm.methods.obc.obc_quantize`.
+    overwritten with the choices. ``salient_cols`` are the block's salient columns (absolute
+    indices, on the host: the columns of ``code.salient``), so no column waits on the device.
+    Returns (Qb, Eb) for :func:`~billm.methods.obc.obc_quantize`.
     """
-    sc = code.scales[0]  # (slots, rows)
-    mn = code.means[0] if code.means is not None else torch.zeros_like(sc)
+    sc = code.scales[0].unbind(0)  # slots x (rows,)
+    centred = code.means is not None
+    mn = code.means[0].unbind(0) if centred else ()
+    salient = frozenset(salient_cols)  # each column takes only its own branch
+    sparse = code.sparse.unbind(1)  # b x (rows,) column views
+    s2_plane = code.s2 is not None  # second sign plane (salient order 2): only on salient columns
 
-    def quant(col: int, w: Tensor) -> Tensor:  # no host sync: both branches computed, the column's flag selects
+    # The decoder's operations (billm_values) on one column, in its order: the same bits, the same values.
+    def quant(col: int, w: Tensor) -> Tensor:
         j = col - start
-        sal, sparse = code.salient[j], code.sparse[:, j]  # 0-d bool (stays on the device), (rows,) bool
-        s1 = torch.where(sal, (w - mn[2]) >= 0, (w - torch.where(sparse, mn[1], mn[0])) >= 0)
+        if col in salient:
+            s1 = (w - mn[2] if centred else w) >= 0
+            code.s1[:, j] = s1
+            q = sc[2] * pm1(s1)
+            if centred:
+                q = q + mn[2]
+            if s2_plane:
+                s2 = (w - q - mn[3] if centred else w - q) >= 0
+                code.s2[:, j] = s2
+                q2 = sc[3] * pm1(s2)
+                q = q + (q2 + mn[3] if centred else q2)
+            return q
+        # Not salient: the sparse or concentrated group's scale (and mean); the second plane stays 0,
+        # where the decoder adds 0 * -1 = -0.0 (+ 0.0 when centred).
+        g = sparse[j]
+        s1 = (w - torch.where(g, mn[1], mn[0]) if centred else w) >= 0
         code.s1[:, j] = s1
-        s2 = None
-        if code.s2 is not None:  # second sign plane (salient order 2): only on salient columns
-            s2 = ((w - (sc[2] * pm1(s1) + mn[2]) - mn[3]) >= 0) & sal
-            code.s2[:, j] = s2
-        return column_values(s1, sal, sparse, s2, sc, code.means[0] if code.means is not None else None)
+        q = torch.where(g, sc[1], sc[0]) * pm1(s1)
+        if centred:
+            q = q + torch.where(g, mn[1], mn[0])
+        if s2_plane:
+            q = q + (0.0 if centred else -0.0)
+        return q
 
     return gptq_block(Wb, Ub, start, quant)
-
-
-def column_values(s1: Tensor, sal: Tensor, sparse: Tensor, s2: Optional[Tensor], sc: Tensor,
-                  mn: Optional[Tensor]) -> Tensor:
-    """One column of :func:`~billm.packing.formats.billm_values` (rows,), the same operations on vectors.
-
-    Args:
-        s1, sparse, s2: (rows,) bool; ``s2`` None for order 1.
-        sal: 0-d bool, whether the column is salient.
-        sc, mn: (slots, rows) the block's scales and means (``mn`` None when not centred).
-    """
-    def first(t: Tensor) -> Tensor:
-        return torch.where(sal, t[2], torch.where(sparse, t[1], t[0]))
-
-    q = first(sc) * pm1(s1)
-    if mn is not None:
-        q = q + first(mn)
-    if s2 is not None:
-        q2 = torch.where(sal, sc[3], 0.0) * pm1(s2)
-        if mn is not None:
-            q2 = q2 + torch.where(sal, mn[3], 0.0)
-        q = q + q2
-    return q
 
 
 def refit_codes(W: Tensor, H: Tensor, codes: list[BlockCode], cfg: BiLLMConfig) -> None:
@@ -238,7 +238,7 @@ def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optiona
         breaks.append(p)
         codes.append(code)
         if cfg.intra_block:
-            return intra_block_columns(Wb.clone(), Ub, code, start)
+            return intra_block_columns(Wb.clone(), Ub, code, start, salient[-1])
         return Qb
 
     Q = obc_quantize(W, prep.U, cfg.blocksize, quantize_block, times)

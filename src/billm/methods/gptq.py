@@ -30,15 +30,19 @@ def gptq_block(Wb: Tensor, Ub: Tensor, start: int, quant_col: ColumnQuantizer) -
         Ub: (b, b) the block of U = chol(H^-1), upper.
         start: absolute index of the block's first column.
     """
-    Q = torch.zeros_like(Wb)
-    E = torch.zeros_like(Wb)
-    for j in range(Wb.shape[1]):
-        w = Wb[:, j]
+    b = Wb.shape[1]
+    cols, diag, urows = Wb.unbind(1), Ub.diagonal().unbind(0), Ub.unbind(0)  # views, made once per block
+    qs: list[Tensor] = []
+    es: list[Tensor] = []
+    for j in range(b):
+        w = cols[j]  # (rows,) a view: it carries the updates from the columns before it
         q = quant_col(start + j, w)
-        e = (w - q) / Ub[j, j]
-        Wb[:, j + 1:] -= e.unsqueeze(1) * Ub[j, j + 1:].unsqueeze(0)  # (rows, b-j-1)
-        Q[:, j], E[:, j] = q, e
-    return Q, E
+        e = (w - q) / diag[j]
+        if j + 1 < b:
+            Wb[:, j + 1:].sub_(torch.outer(e, urows[j][j + 1:]))  # (rows, b-j-1)
+        qs.append(q)
+        es.append(e)
+    return torch.stack(qs, 1), torch.stack(es, 1)
 
 
 @dataclass
@@ -115,13 +119,15 @@ class GridColumns:
         scale, zero = self.calibrate(w, self.bits, col)
         self.scales.append(scale)
         self.zeros.append(zero)
+        self._grid = (scale[:, 0], zero[:, 0])  # (rows,) each, for the columns of this group
 
     def __call__(self, col: int, w: Tensor) -> Tensor:
         if self.groupsize != -1 and col % self.groupsize == 0:
             self._new_group(self.W[:, col:col + self.groupsize], col)  # self.W is compensated in place by the OBC loop
-        code = grid_codes(w.unsqueeze(1), self.scales[-1], self.zeros[-1], self.bits)  # (rows, 1)
-        self.codes[:, col] = code.squeeze(1)
-        return grid_values(code, self.scales[-1], self.zeros[-1]).squeeze(1)
+        scale, zero = self._grid
+        code = grid_codes(w, scale, zero, self.bits)  # (rows,)
+        self.codes[:, col] = code
+        return grid_values(code, scale, zero)
 
 
 @register_method(GPTQConfig)
