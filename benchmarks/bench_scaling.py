@@ -183,9 +183,10 @@ def _child(spec: dict) -> dict:
         cfg = BiLLMConfig()
         billm_block(W.clone(), U, cfg)  # warm-up
         out = {}
-        code = billm_block(W.clone(), U, BiLLMConfig.plus())[1]
+        _, code, salient, _ = billm_block(W.clone(), U, BiLLMConfig.plus())
+        salient = salient.tolist()
         for name, fn in (("search", lambda: billm_block(W.clone(), U, cfg)),
-                         ("intra", lambda: intra_block_columns(W.clone(), U, code, 0)), ("decode", None)):
+                         ("intra", lambda: intra_block_columns(W.clone(), U, code, 0, salient)), ("decode", None)):
             if name == "decode":
                 lin = nn.Linear(BS, rows, bias=False)
                 with torch.no_grad():

@@ -225,7 +225,7 @@ def test_tiny_model_quantizes_saves_and_loads_to_equal_logits_with_storage_bits_
 # "signed" gives it +1, as billm stores every sign (docs/methods.md). The layers come from the shared file.
 # billm is checked against the oracle run live, on this CPU: past the first block the compensation's
 # rounding differs between CPUs (other GEMM kernels), so the stored run pins the oracle only to that
-# rounding (test_stored_arb_reference_is_what_the_loop_oracle_computes_on_q_proj says how far).
+# rounding (test_stored_arb_reference_is_what_the_loop_oracle_computes says how far).
 
 ARB_REFERENCE = Path(__file__).resolve().parent / "data" / "arb_reference_block0.safetensors"
 FIRST = slice(0, 128)  # the first block: no compensation has reached it, every run sees the same weights
@@ -233,7 +233,7 @@ FIRST = slice(0, 128)  # the first block: no compensation has reached it, every 
 
 @pytest.fixture
 def one_thread():
-    """One CPU thread, as the stored runs were made: the sums then round alike (bit for bit on q_proj here)."""
+    """One CPU thread, as the stored runs were made: billm and the oracle then sum in the same order."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -244,9 +244,9 @@ def _assert_same_values(q, ref_q):
     """``q`` equals ``ref_q`` to float32 rounding, as carried by ARB-RC's order-2 alternation.
 
     That alternation re-chooses the salient signs every round, so a rounding difference (another thread
-    count, another CPU) can flip an intermediate choice and move a few rows' final scales by ~1e-5
-    relative, the final signs unchanged (measured: two threads against one, 0.3% of q_proj's entries, at
-    most 7e-6 max|q|). So: 99% of the entries to 1e-5 relative, and all within 1e-4 max|q|, far below
+    count) can flip an intermediate choice and move a few rows' final scales by ~1e-5 relative, the
+    final signs unchanged (measured: two threads against one, 0.3% of q_proj's entries, at most 7e-6
+    max|q|). So: 99% of the entries to 1e-5 relative, and all within 1e-4 max|q|, far below
     any level (a flipped sign or another group moves an entry by a sizeable part of max|q|).
     """
     assert q.shape == ref_q.shape
@@ -326,21 +326,23 @@ def test_reference_preset_departs_from_the_public_code_only_by_the_sign_of_exact
     assert hessian_error(W, res.q, H)[1] == pytest.approx(hessian_error(W, public.q, H)[1], rel=0.02)
 
 
+@pytest.mark.parametrize("layer", ["q_proj", "down_proj"])
 @pytest.mark.parametrize("run,zero_sign", [("public", 0.0), ("signed", 1.0)])
-def test_stored_arb_reference_is_what_the_loop_oracle_computes_on_q_proj(run, zero_sign, shared_data, real_layer,
-                                                                         one_thread):
-    W, H = real_layer(shared_data, "q_proj")
-    stored, now = _stored_oracle("q_proj", run), arb_reference_loop(W, H, zero_sign=zero_sign)
+def test_stored_arb_reference_is_what_the_loop_oracle_computes(layer, run, zero_sign, shared_data, real_layer,
+                                                               one_thread):
+    W, H = real_layer(shared_data, layer)
+    stored, now = _stored_oracle(layer, run), arb_reference_loop(W, H, zero_sign=zero_sign)
     # The first block sees the layer's own weights (no compensation yet): every choice and value as stored.
     assert now.salient_columns[0] == stored.salient_columns[0]
     assert now.break_points[0] == pytest.approx(stored.break_points[0], rel=1e-6)
     assert torch.equal(now.groups[:, FIRST], stored.groups[:, FIRST])
     assert torch.equal(now.signs[:, :, FIRST], stored.signs[:, :, FIRST])
     _assert_same_values(now.q[:, FIRST], stored.q[:, FIRST])
-    # Later blocks see compensated weights, rounded by this CPU's GEMMs: the same columns and groups, the
-    # break points to 1e-4, and a sign may differ only where a compensated weight sits within rounding of 0
-    # (measured: 1 of q_proj's 663,552 on an AMD EPYC against the CPU that wrote the file; ARB-RC's column
-    # scales then move that column's levels, so the weights are compared through the output error).
+    # Later blocks see compensated weights, rounded by this CPU's GEMMs, so a value that sits within
+    # rounding of a sign's threshold may fall the other way (measured: 1 of q_proj's 663,552 signs on an
+    # AMD EPYC against the CPU that wrote the file, in the third block; ARB-RC's column scales then move
+    # that column's levels, so the weights are compared through the output error). Held exactly: the
+    # salient columns and the groups; to rounding: the break points; at most 4 signs differ.
     assert now.salient_columns == stored.salient_columns
     torch.testing.assert_close(torch.tensor(now.break_points, dtype=torch.float64),
                                torch.tensor(stored.break_points, dtype=torch.float64), rtol=1e-4, atol=0)

@@ -234,7 +234,7 @@ def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optiona
 
     def quantize_block(Wb: Tensor, Ub: Tensor, start: int):
         Qb, code, cols_, p = billm_block(Wb, Ub, cfg)
-        salient.append(sorted(int(c) + start for c in cols_))
+        salient.append(sorted(c + start for c in cols_.tolist()))  # one host read a block
         breaks.append(p)
         codes.append(code)
         if cfg.intra_block:
