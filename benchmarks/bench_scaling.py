@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scaling.py [--tokens 512] [--slice-blocks 4] [--comp-rows 1024] [--out DIR]
     python benchmarks/bench_scaling.py --reproject docs/results/scaling/scaling.json   # projections only
+    python benchmarks/bench_scaling.py --reproject docs/results/scaling/scaling.json --remeasure profile
 
 Random weights, a synthetic Hessian, CPU only. Every measurement runs in a fresh subprocess that
 builds its inputs, reads its resident memory (``psutil``) and high-water mark
@@ -386,9 +387,14 @@ def project(data: dict, slice_blocks: int, op_us: float = OP_US[0]) -> dict:
         nbatch = math.ceil(CALIB["nsamples"] / CALIB["batch"])
         acc_cpu = sum(acc_flops(c, tokens_total) / acc_rate[c] for c in groups.values())
         h, i = m["hidden"], m["inter"]
+        one_per_hessian = list({g: (n, r, c, g) for n, r, c, g in lins}.values())  # linears fed one H share its factor
+
+        def block_sum(key: str, part: str) -> float:
+            return sum(layers[f"{r}x{c}"][key][part] for _, r, c, _ in (one_per_hessian if part == "prepare" else lins))
+
         blk = {"accumulate": acc_cpu}
         for part in ("prepare", "search", "compensate", "hessian_error", "pack", "decode"):
-            blk[part] = sum(layers[f"{r}x{c}"]["cpu_default"][part] for _, r, c, _ in lins)
+            blk[part] = block_sum("cpu_default", part)
         blk["propagate_decode"] = nbatch * blk["decode"]  # the packed block decodes each weight per batch
         cpu_blk = sum(blk.values())
         plus_extra = sum(layers[f"{r}x{c}"]["cpu_plus"].get("total", 0) - layers[f"{r}x{c}"]["cpu_default"]["total"]
@@ -399,7 +405,7 @@ def project(data: dict, slice_blocks: int, op_us: float = OP_US[0]) -> dict:
         for g, gs in GPUS.items():
             gb = {"accumulate": sum(acc_flops(c, tokens_total) for c in groups.values()) / (gs["fp32"] * 1e12 * EFF["gemm"])}
             for part in ("prepare", "search", "compensate", "hessian_error", "pack", "decode"):
-                gb[part] = sum(layers[f"{r}x{c}"][f"gpu_{g}"][part] for _, r, c, _ in lins)
+                gb[part] = block_sum(f"gpu_{g}", part)
             gb["propagate_decode"] = nbatch * gb["decode"]
             gb["forward_fp16"] = fwd_flops / (gs["fp16"] * 1e12 * EFF["gemm"])
             gb["host_transfers"] = 3 * CALIB["nsamples"] * CALIB["seqlen"] * h * 2 / H2D  # in twice, out once, fp16
@@ -429,6 +435,12 @@ def project(data: dict, slice_blocks: int, op_us: float = OP_US[0]) -> dict:
             "assumptions": {"gpus": GPUS, "efficiency": EFF, "op_us": op_us, "h2d_bytes_per_s": H2D, "calibration": CALIB}}
 
 
+def _commit() -> str:
+    """This checkout's short commit."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens of the accumulate step")
@@ -437,19 +449,28 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds per measurement")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "scaling"))
     ap.add_argument("--reproject", metavar="JSON", help="recompute the projections of an earlier scaling.json")
+    ap.add_argument("--remeasure", nargs="+", default=[], metavar="KIND",
+                    choices=("accumulate", "prepare", "compensate", "quantize", "validate", "profile"),
+                    help="with --reproject: measure these kinds again with this checkout (e.g. profile: the "
+                         "operator counts behind the GPU estimates); the JSON records which, when and from what commit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.remeasure and not a.reproject:
+        ap.error("--remeasure needs --reproject JSON")
     if a.child:
         print("RESULT " + json.dumps(_child(json.loads(a.child))), flush=True)
         return 0
     if a.reproject:
         data = json.loads(Path(a.reproject).read_text())
         data["reprojected"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        if a.remeasure:
+            data["measurements"] = [run_child(m["spec"], a.timeout) if m["spec"]["kind"] in a.remeasure else m
+                                    for m in data["measurements"]]
+            data.setdefault("remeasured", []).append({"kinds": a.remeasure, "commit": _commit(),
+                                                      "date": data["reprojected"]})
     else:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout.strip()
         t0 = time.time()
-        data = {"command": " ".join(["python", "benchmarks/bench_scaling.py"] + sys.argv[1:]), "commit": rev,
+        data = {"command": " ".join(["python", "benchmarks/bench_scaling.py"] + sys.argv[1:]), "commit": _commit(),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "args": vars(a),
                 "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}}
         import torch
