@@ -169,11 +169,12 @@ def intra_block_columns(Wb: Tensor, Ub: Tensor, code: BlockCode, start: int,
         # Not salient: the sparse or concentrated group's scale (and mean); the second plane stays 0,
         # where the decoder adds 0 * -1 = -0.0 (+ 0.0 when centred).
         g = sparse[j]
-        s1 = (w - torch.where(g, mn[1], mn[0]) if centred else w) >= 0
+        mg = torch.where(g, mn[1], mn[0]) if centred else None  # the column's group means
+        s1 = (w - mg if centred else w) >= 0
         code.s1[:, j] = s1
         q = torch.where(g, sc[1], sc[0]) * pm1(s1)
         if centred:
-            q = q + torch.where(g, mn[1], mn[0])
+            q = q + mg
         if s2_plane:
             q = q + (0.0 if centred else -0.0)
         return q
