@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import random_stored  # noqa: E402
 
-from billm.packing.formats import billm_unpack  # noqa: E402
+from billm.methods.billm import billm_unpack  # noqa: E402
 from billm.packing.linear import PackedLinear  # noqa: E402
 
 

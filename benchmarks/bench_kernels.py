@@ -63,7 +63,8 @@ def random_stored(fmt: str, rows: int, cols: int, g: torch.Generator):
     packed size (the peak-memory figures are the calls', not the set-up's).
     """
     from billm.kernels.bitpack import pack_bits, pack_codes, packed_len
-    from billm.packing.formats import StoredWeight, mixed_columns
+    from billm import StoredWeight
+    from billm.methods.slim import mixed_columns
 
     def rand_bytes(*shape: int) -> torch.Tensor:
         return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)

@@ -38,7 +38,7 @@ from billm.eval import perplexity
 from billm.methods.registry import config_from_spec
 from billm.model.loading import load_model
 from billm.model.walker import capture_inputs, find_blocks, find_linears, run_batch
-from billm.quantize import _as_batches, shared_input_groups
+from billm.driver import _as_batches, shared_input_groups
 
 
 def floor_steps(model: nn.Module, calib: torch.Tensor, batch_size: int, uses_hessian: bool, out: dict) -> Iterator[int]:

@@ -17,7 +17,7 @@ step's peak is the difference. Steps, each through billm's own functions:
   sign quantizer (its ``OBCTimes.compensate`` is the error propagation alone), and
   :func:`~billm.methods.obc.hessian_error`, which ``quantize_linear`` runs after every layer; both
   on ``--comp-rows`` rows and scaled by rows (each row is independent).
-* ``quantize``: :func:`billm.quantize.quantize_linear` (method, ``PackedLinear``, decode check) on
+* ``quantize``: :func:`billm.driver.quantize_linear` (method, ``PackedLinear``, decode check) on
   the first ``--slice-blocks`` x 128 columns with the Hessian of those columns, BiLLM default and
   ``plus``; the search is per block, so a full layer is ``ceil(cols/128)`` blocks of it. Also the
   repacking (``billm_pack``) and one decode (``StoredWeight.values``) timed alone.
@@ -90,12 +90,12 @@ def _child(spec: dict) -> dict:
         rss_now = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
     maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
 
-    from billm.config import BiLLMConfig
+    from billm import BiLLMConfig
     from billm.methods.billm import billm_block, intra_block_columns
     from billm.methods.obc import HessianAccumulator, OBCTimes, hessian_error, obc_quantize, prepare_hessian
     from billm.methods.registry import method_of
-    from billm.packing.formats import billm_pack, billm_unpack
-    from billm.quantize import quantize_linear
+    from billm.methods.billm import billm_pack, billm_unpack
+    from billm.driver import quantize_linear
 
     torch.manual_seed(0)
     kind = spec["kind"]
@@ -171,7 +171,7 @@ def _child(spec: dict) -> dict:
         billm_pack(*planes, scales, means, st.meta)
         res["pack_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        st.values()
+        st.decode()
         res["decode_seconds"] = time.perf_counter() - t0
         res["hessian_rel_err"], res["weight_bits"], res["storage_bits"] = rep.hessian_rel_err, rep.weight_bits, rep.storage_bits
         res["salient_cols"] = rep.info.get("salient_cols")

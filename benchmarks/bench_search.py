@@ -2,7 +2,7 @@
 
 For every 128-column block met while BiLLM-quantizing a linear (real weights, real Hessian), both
 searches (salient column count, break point) run twice on the same matrix: vectorised
-(``billm.methods.search``) and as the plain loop (``billm.methods.oracle``). The choices must be
+(``billm.methods.search``) and as the plain loop (``tests/oracle.py``). The choices must be
 identical; the times are summed and printed as a ratio measured in the same run.
 
     python benchmarks/bench_search.py [--data-dir ../shared/data] [--threads 2]
@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 from billm import BiLLMConfig
-from billm.methods.billm import binarize_groups, salience
+from billm.methods.billm import encode_groups, salience
 from billm.methods.obc import obc_quantize, prepare_hessian
-from billm.methods.oracle import break_search_loop, salient_search_loop
 from billm.methods.search import break_candidates, search_break_point, search_salient_columns, split_masks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracle import break_search_loop, salient_search_loop  # noqa: E402  (the tests' plain-loop oracle)
 
 
 def block0_hessians(data_dir: Path, nsamples: int, seqlen: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -78,7 +80,7 @@ def compare_on_linear(W: torch.Tensor, H: torch.Tensor, cfg: BiLLMConfig) -> dic
         t["loop_break"] += t5 - t4
         agree[0] += 1
         agree[1] += int(k == fast.k and idx == brk.index)
-        return binarize_groups(Wb, *split_masks(M, smask, brk.value), cfg)
+        return encode_groups(Wb, *split_masks(M, smask, brk.value), cfg).decode()
 
     obc_quantize(W, prep.U, cfg.blocksize, block)
     return {**t, "blocks": agree[0], "same_choices": agree[1]}

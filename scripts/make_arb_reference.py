@@ -1,6 +1,6 @@
 """Write tests/data/arb_reference_block0.safetensors: the ARB-LLM loop oracle's output on two real layers.
 
-``billm.methods.oracle.arb_reference_loop`` is ARB-RC as the public ARB-LLM code runs it
+``tests/oracle.py's arb_reference_loop`` is ARB-RC as the public ARB-LLM code runs it
 (ZHITENGLI/ARB-LLM, ``arb-rc``, Hessian salience, blocksize 128, percdamp 0.01, one break point).
 This script runs it on the real SmolLM2 block-0 ``q_proj`` (576x576) and ``down_proj`` (576x1536)
 of the shared reference file, twice each:
@@ -45,7 +45,7 @@ def q_digest(q) -> str:
 def _commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/billm/methods/oracle.py",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tests/oracle.py",
                                 "scripts/make_arb_reference.py"], cwd=REPO, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -57,8 +57,8 @@ def make_reference(source: Path = SOURCE, out: Path = OUT) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    sys.path.insert(0, str(REPO / "src"))
-    from billm.methods.oracle import ArbReference, arb_reference_loop
+    sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
+    from oracle import ArbReference, arb_reference_loop
     from billm.io import write_atomic
 
     torch.set_num_threads(1)  # the float32 sums round the same way on every run (tests/test_arb.py pins it too)
@@ -78,7 +78,7 @@ def make_reference(source: Path = SOURCE, out: Path = OUT) -> Path:
             print(f"{layer}.{run}: salient {[len(c) for c in ref.salient_columns]}, "
                   f"zero signs {int(packed['zero_signs'].shape[0])}")
     meta.update({
-        "what": "ARB-RC loop oracle (billm.methods.oracle.arb_reference_loop: the public ARB-LLM code's arb-rc, "
+        "what": "ARB-RC loop oracle (tests/oracle.py's arb_reference_loop: the public ARB-LLM code's arb-rc, "
                 "hessian salience, blocksize 128, percdamp 0.01, iters 15, k 1..49, 81 quantile break points) "
                 f"on {', '.join(LAYERS)} of {source.name}; runs: public (exact zeros signed 0, as torch.sign), "
                 "signed (exact zeros signed +1, as billm stores)",

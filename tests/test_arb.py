@@ -13,7 +13,7 @@ from billm.cli import build_parser
 from billm.methods import get_method
 from billm.methods.arb import arb_order1, arb_order2, arb_x_refit, encode_groups, rc_order1, rc_order2
 from billm.methods.obc import hessian_error
-from billm.methods.oracle import ArbReference, arb_reference_loop
+from oracle import ArbReference, arb_reference_loop
 from billm.methods.search import split_masks
 from billm.packing import unpack_bits
 from billm.packing.formats import get_format
@@ -122,8 +122,8 @@ def test_refinement_lowers_the_error_of_a_whole_block_in_every_variant():
     _, H = _correlated_problem(rows=48, cols=64, seed=1)
     conc, sparse, sal = split_masks(W, torch.arange(64) < 3, float(W.abs().median()))
     for variant in ("plain", "x", "rc"):
-        one_shot = encode_groups(W, conc, sparse, sal, ArbConfig(variant=variant, iters=0, x_iters=0), H).values()
-        refined = encode_groups(W, conc, sparse, sal, ArbConfig(variant=variant), H).values()
+        one_shot = encode_groups(W, conc, sparse, sal, ArbConfig(variant=variant, iters=0, x_iters=0), H).decode()
+        refined = encode_groups(W, conc, sparse, sal, ArbConfig(variant=variant), H).decode()
         assert float(((W - refined) ** 2).sum()) < float(((W - one_shot) ** 2).sum()), variant
 
 
@@ -143,7 +143,7 @@ def test_stored_form_decodes_exactly_to_the_simulated_weights(cfg, shape, random
     for name, spec in st.fields().items():
         assert tuple(st.tensors[name].shape) == spec.shape and st.tensors[name].dtype == spec.dtype, name
     assert ("col_scales" in st.tensors) == (cfg.variant == "rc") and ("means" in st.tensors) != (cfg.variant == "rc")
-    assert torch.equal(st.values(), res.q)
+    assert torch.equal(st.decode(), res.q)
     assert st.weight_bits == pytest.approx((shape[1] + res.info["salient_cols"]) / shape[1])
     assert st.storage_bits == st.nbytes * 8 / (shape[0] * shape[1])
 
@@ -220,7 +220,7 @@ def test_tiny_model_quantizes_saves_and_loads_to_equal_logits_with_storage_bits_
 
 # ----------------------------------------------------------------------------- the public code, on real layers
 # tests/data/arb_reference_block0.safetensors (scripts/make_arb_reference.py) holds the output of
-# billm.methods.oracle.arb_reference_loop, ARB-RC as the public ARB-LLM code runs it, on SmolLM2's block-0
+# oracle.arb_reference_loop (tests/oracle.py), ARB-RC as the public ARB-LLM code runs it, on SmolLM2's block-0
 # q_proj and down_proj, in two runs: "public" signs an exact-zero weight 0 (torch.sign), as that code does;
 # "signed" gives it +1, as billm stores every sign (docs/methods.md). The layers come from the shared file.
 # billm is checked against the oracle run live, on this CPU: past the first block the compensation's

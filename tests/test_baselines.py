@@ -5,7 +5,7 @@ import torch
 
 import billm
 from billm import config_from_dict
-from billm.config import GPTQConfig, PBLLMConfig, RTNConfig, SignConfig
+from billm import GPTQConfig, PBLLMConfig, RTNConfig, SignConfig
 from billm.methods import get_method
 from billm.methods.obc import hessian_error
 from billm.methods.rtn import rtn
@@ -83,7 +83,7 @@ def test_invalid_baseline_options():
 
 @pytest.mark.parametrize("fraction", [0.1, 0.05])
 def test_pbllm_keeps_exactly_the_requested_fraction(shared_data, fraction):
-    from billm.config import PBLLMConfig
+    from billm import PBLLMConfig
 
     W, H = real_layer(shared_data)
     res = get_method("pbllm")(W.clone(), H.clone(), PBLLMConfig(salient_fraction=fraction))

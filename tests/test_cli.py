@@ -168,7 +168,7 @@ def test_compare_reads_finished_rows_back_and_measures_again_when_the_protocol_c
     def no_quantizing(*a, **k):
         raise AssertionError("a finished row was measured again")
 
-    monkeypatch.setattr(sys.modules["billm.quantize"], "quantize", no_quantizing)
+    monkeypatch.setattr(sys.modules["billm.driver"], "quantize", no_quantizing)
     assert main(argv) == 0
     assert json.loads((out / "compare.json").read_text())["rows"] == first
     with pytest.raises(AssertionError, match="measured again"):  # another protocol: measured again

@@ -21,10 +21,11 @@ from torch.overrides import TorchFunctionMode
 
 import billm.kernels
 import billm.methods
-from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.kernels import triton_available
 from billm.methods import available_methods, get_method
 from billm.methods.obc import hessian_error
+from billm.packing.formats import registered_formats
 from billm.packing.linear import PackedLinear
 
 WATCHED = (Path(billm.methods.__file__).resolve().parent, Path(billm.kernels.__file__).resolve().parent)
@@ -94,7 +95,7 @@ def _method_cases() -> list:
 
 
 METHOD_CASES = _method_cases()
-PATH_CASES = [  # one per stored format and layout, PB-LLM for a format without a fast layout
+PATH_CASES = [  # one per stored format and layout (test_path_cases_cover_every_registered_format checks it)
     pytest.param(BiLLMConfig(blocksize=32), id="billm"),
     pytest.param(BiLLMConfig.reference(blocksize=20), id="billm-reference-b20"),
     pytest.param(RTNConfig(bits=2), id="rtn-w2"),
@@ -102,6 +103,7 @@ PATH_CASES = [  # one per stored format and layout, PB-LLM for a format without 
     pytest.param(SliMConfig(bits=2, groupsize=16), id="slim-w2-g16"),
     pytest.param(SignConfig(centred=True), id="sign-centred"),
     pytest.param(PBLLMConfig(blocksize=32), id="pbllm"),
+    pytest.param(ArbConfig(blocksize=32), id="arb"),
 ]
 SHAPE = (24, 96)
 # The Triton path runs in the interpreter on CPU tensors without a GPU, compiled on CUDA tensors with one.
@@ -142,6 +144,12 @@ def _kernel_device_ready(path: str) -> None:
             pytest.skip("Triton was imported without TRITON_INTERPRET=1: its kernels cannot run on CPU here")
 
 
+def test_path_cases_cover_every_registered_format(random_problem):
+    W, H = random_problem(*SHAPE, seed=2)
+    covered = {get_method(p.values[0].method)(W.clone(), H.clone(), p.values[0]).stored.format for p in PATH_CASES}
+    assert covered == set(registered_formats())
+
+
 @pytest.mark.parametrize("path", ["dequant", "lut", "triton"])
 @pytest.mark.parametrize("cfg", PATH_CASES)
 def test_packed_linear_paths_create_every_tensor_on_the_inputs_device(cfg, path, random_problem):
@@ -169,7 +177,7 @@ def test_quantizers_run_on_cuda_as_on_cpu(cfg, random_problem):
     W, H = random_problem(*SHAPE, seed=1)
     res = get_method(cfg.method)(W.clone().cuda(), H.clone().cuda(), cfg)
     assert res.q.is_cuda and all(t.is_cuda for t in res.stored.tensors.values())
-    assert torch.equal(res.stored.values(), res.q)  # the check billm.quantize makes: the stored form is the model
+    assert torch.equal(res.stored.decode(), res.q)  # the check billm.quantize makes: the stored form is the model
     cpu = get_method(cfg.method)(W.clone(), H.clone(), cfg)
     err_gpu, err_cpu = hessian_error(W, res.q.cpu(), H)[1], hessian_error(W, cpu.q, H)[1]
     assert err_gpu <= err_cpu * 1.25 + 1e-6  # the same quality (float rounding may flip a few choices)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import billm
-from billm.config import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.errors import BillmError
 from billm import set_kernel
 from billm.kernels import LUT_MAX_TOKENS, TRITON_MAX_TOKENS, choose_path, triton_available

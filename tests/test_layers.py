@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -23,7 +24,7 @@ ALLOWED = {
     "methods": {"errors", "config", "kernels", "packing"},
     "model": {"errors", "config", "io", "packing"},
 }
-CORE = ["kernels", "packing", "methods", "model", "quantize.py", "resume.py", "config.py"]
+CORE = ["kernels", "packing", "methods", "model", "driver.py", "resume.py", "config.py"]
 
 
 def _billm_imports(path: Path) -> set[str]:
@@ -69,8 +70,74 @@ def test_no_import_cycle_in_either_order(order):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
-NAMES = "billm|rtn|gptq|slim|sign|pbllm|grid|mixed"
+def _registered_names() -> str:
+    """Every registered method and format name, as a regex alternation (derived, never listed by hand)."""
+    from billm.methods import available_methods
+    from billm.packing.formats import registered_formats
+
+    return "|".join(sorted(set(available_methods()) | set(registered_formats())))
+
+
+NAMES = _registered_names()
 DISPATCH = re.compile(rf"""(method|format|fmt)\w*\s*(==|!=|\bin\b)\s*[(\[{{]?\s*["']({NAMES})["']""")
+
+
+def test_the_dispatch_check_knows_every_built_in_method_and_format():
+    for name in ("billm", "arb", "rtn", "gptq", "slim", "sign", "pbllm", "grid", "mixed"):
+        assert DISPATCH.search(f'if fmt == "{name}":'), name
+
+
+def _module_of(parts: list[str]) -> Optional[Path]:
+    """The source file of the billm module ``parts`` (a package's ``__init__.py``), or None if not a module."""
+    p = SRC.parent.joinpath(*parts)
+    if p.with_suffix(".py").is_file():
+        return p.with_suffix(".py")
+    return p / "__init__.py" if (p / "__init__.py").is_file() else None
+
+
+def _import_graph() -> dict[Path, set[Path]]:
+    """Every billm source file -> the billm source files it imports, anywhere in the file (inside functions too)."""
+    graph: dict[Path, set[Path]] = {}
+    for f in sorted(SRC.rglob("*.py")):
+        pkg = list(f.relative_to(SRC.parent).with_suffix("").parts)
+        pkg = pkg[:-1] if f.name == "__init__.py" else pkg[:-1]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = (pkg[:len(pkg) - node.level + 1] if node.level else []) + (node.module.split(".") if node.module else [])
+                targets = [base + [a.name] for a in node.names] + [base]
+            elif isinstance(node, ast.Import):
+                targets = [a.name.split(".") for a in node.names]
+            for t in targets:
+                if t and t[0] == "billm":
+                    m = _module_of(t)
+                    if m is not None and m != f:
+                        edges.add(m)
+                        break
+        graph[f] = edges
+    return graph
+
+
+def test_no_import_cycle_between_modules_of_the_package():
+    """No module imports (at the top or inside a function) a module that imports it back, directly or not.
+    A package's ``__init__`` re-exporting its modules is left out (it only sits on top of them)."""
+    graph = {f: {m for m in e if m.name != "__init__.py"} for f, e in _import_graph().items() if f.name != "__init__.py"}
+    state: dict[Path, int] = {}
+
+    def visit(f: Path, path: list[Path]) -> None:
+        state[f] = 1
+        for m in sorted(graph.get(f, ())):
+            if state.get(m) == 1:
+                cycle = path[path.index(m):] + [m] if m in path else [f, m]
+                raise AssertionError("import cycle: " + " -> ".join(str(c.relative_to(SRC)) for c in cycle))
+            if m not in state:
+                visit(m, path + [m])
+        state[f] = 2
+
+    for f in sorted(graph):
+        if f not in state:
+            visit(f, [f])
 
 
 def test_no_method_or_format_name_dispatch_outside_the_methods_and_formats():

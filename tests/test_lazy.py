@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import billm
-from billm.config import BiLLMConfig, GPTQConfig, SliMConfig
+from billm import BiLLMConfig, GPTQConfig, SliMConfig
 from billm.model import LazyWeights, load_skeleton
 from billm.packing.checkpoint import WEIGHTS
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import billm
-from billm.config import BiLLMConfig, GPTQConfig, SliMConfig
+from billm import BiLLMConfig, GPTQConfig, SliMConfig
 from billm.errors import BillmError
-from billm.quantize import parse_devices
+from billm.driver import parse_devices
 
 CALIB = torch.randint(3, 120, (6, 32), generator=torch.Generator().manual_seed(0))
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import billm
-from billm.config import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.errors import CheckpointError
 from billm.methods import get_method
 from billm.packing.formats import get_format
@@ -92,7 +92,7 @@ def test_stored_form_decodes_to_the_simulated_weights_exactly(cfg, shape):
     assert set(st.tensors) == set(st.fields())
     for name, spec in st.fields().items():
         assert tuple(st.tensors[name].shape) == spec.shape and st.tensors[name].dtype == spec.dtype, name
-    assert torch.equal(st.values(), res.q)
+    assert torch.equal(st.decode(), res.q)
     # storage bits are the stored bytes (and the map's share), and always pay for more than the code bits
     assert st.storage_bits == (st.nbytes + get_format(st.format).map_bytes(st.meta)) * 8 / (shape[0] * shape[1])
     assert st.storage_bits > st.weight_bits >= 1.0
@@ -141,7 +141,7 @@ def test_decode_once_gives_the_same_outputs_and_then_lets_the_copy_go():
         layer._decoded.copy_(kept)
         assert all(torch.equal(layer(x), y) for x, y in zip(xs, plain))
     assert layer._decoded is None and torch.equal(layer(xs[1]), plain[1])
-    w = layer.stored().values()
+    w = layer.stored().decode()
     layer.keep_decoded(w)  # a copy already made (quantize's check) is used as it is, then let go
     with decode_once([layer]):
         assert layer._decoded is w and torch.equal(layer(xs[2]), plain[2])

@@ -5,6 +5,7 @@ import torch
 
 import billm
 from billm import BiLLMConfig, DataError, ModelError, QuantizationError
+from billm.driver import PHASES
 from billm.model.walker import capture_inputs, find_blocks, find_linears, get_weight, run_block
 
 from conftest import FAMILIES, tiny_model
@@ -50,7 +51,7 @@ def test_families_quantize_end_to_end(family):
         assert 1.0 < r.weight_bits < 2.0
         assert 0 < r.hessian_rel_err < 1.0  # better than zeroing the layer
         assert r.info["salient_cols"] >= 1
-    assert set(rep.phases) == set(billm.quantize.__globals__["PHASES"])
+    assert set(rep.phases) == set(PHASES)
     with torch.no_grad():
         after = model(ids).logits
     assert torch.isfinite(after).all() and not torch.equal(before, after)
@@ -163,7 +164,7 @@ def test_deterministic():
     ("opt", [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]]),
 ])
 def test_linears_fed_one_tensor_share_one_hessian(family, expected):
-    from billm.quantize import shared_input_groups
+    from billm.driver import shared_input_groups
 
     model = tiny_model(family)
     block = find_blocks(model)[1][0]

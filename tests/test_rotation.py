@@ -9,7 +9,7 @@ import torch
 
 import billm
 from billm.packing.checkpoint import inspect
-from billm.config import BiLLMConfig, GPTQConfig, RTNConfig
+from billm import BiLLMConfig, GPTQConfig, RTNConfig
 from billm.kernels.bitpack import packed_len
 from billm.kernels.hadamard import fwht, hadamard_block, hadamard_matrix, random_signs, rotate, rotate_hessian, unrotate
 from billm.methods import config_from_spec, get_method
@@ -92,7 +92,7 @@ def test_rotated_packed_linear_equals_the_unrotated_weight(method, kernel, rando
     bias = torch.randn(rows)
     layer = PackedLinear.from_stored(st, bias)
     layer.kernel = kernel
-    W_eff = (st.values().double() @ _explicit_R(cols).T).float()  # W_hat R^T in the input's own basis
+    W_eff = (st.decode().double() @ _explicit_R(cols).T).float()  # W_hat R^T in the input's own basis
     torch.testing.assert_close(layer.weight, W_eff, rtol=1e-5, atol=1e-5)
     x = torch.randn(3, 5, cols)
     with torch.no_grad():

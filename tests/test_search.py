@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from billm.methods.oracle import break_search_loop, salient_search_loop
+from oracle import break_search_loop, salient_search_loop
 from billm.methods.search import (
     break_candidates, salient_candidates, search_break_point, search_salient_columns, split_masks,
 )
@@ -165,7 +165,7 @@ def test_output_break_search_takes_the_candidate_of_least_output_error():
 def test_output_scored_searches_lower_the_output_error_of_a_real_layer(shared_data, real_layer):
     """On SmolLM2's q_proj, choosing k and the break point by output error under H (what OBC
     minimises) leaves less output error than choosing them by weight error (the paper)."""
-    from billm.config import BiLLMConfig
+    from billm import BiLLMConfig
     from billm.methods.billm import billm_quantize_weight
 
     W, H = real_layer(shared_data, "q_proj")

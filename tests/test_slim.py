@@ -5,7 +5,7 @@ import torch
 
 import billm
 from billm.compare import parse_method
-from billm.config import GPTQConfig, SliMConfig
+from billm import GPTQConfig, SliMConfig
 from billm.errors import BillmError
 from billm.methods import get_method
 from billm.methods.gptq import GridColumns, gptq_weight

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import billm
-from billm.config import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.packing.checkpoint import QUANT_MAP
-from billm.packing.hf import GUARD_MODEL_TYPE, REAL_TYPE_KEY
+from billm.packing.guard import GUARD_MODEL_TYPE, REAL_TYPE_KEY
 
 from conftest import FAMILIES
 

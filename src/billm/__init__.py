@@ -12,18 +12,15 @@ stored format (:func:`register_format`); see ``docs/methods.md``.
 """
 
 from . import kernels
-from .config import (
-    SCALE_DTYPES, ArbConfig, BiLLMConfig, BreakGrid, GPTQConfig, PBLLMConfig, QuantConfig, RTNConfig, SalientMetric,
-    SearchDomain, SignConfig, SliMConfig, option,
-)
+from .config import SCALE_DTYPES, BreakGrid, QuantConfig, SalientMetric, SearchDomain, option
 from .errors import BillmError, CheckpointError, DataError, ModelError, QuantizationError
 from .methods import (
-    WeightResult, available_methods, config_from_dict, config_from_spec, get_method, method_of, register_method,
+    ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig, WeightResult, available_methods, config_from_dict, config_from_spec, get_method, method_of, register_method,
 )
 from .packing.checkpoint import inspect as inspect_checkpoint, load, save
 from .packing.formats import FieldSpec, Format, StoredWeight, register_format, storage_bits
 from .packing.linear import PackedLinear, set_kernel
-from .quantize import LayerReport, QuantReport, quantize
+from .driver import LayerReport, QuantReport, quantize
 
 from .packing import hf as _hf
 

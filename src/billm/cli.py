@@ -11,9 +11,7 @@ import dataclasses
 import enum
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import time
 import typing
 from pathlib import Path
@@ -151,7 +149,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BillmError("--seqlen must be >= 2")
     dev = getattr(args, "device", None)
     if dev is not None:
-        from .quantize import parse_devices
+        from .driver import parse_devices
 
         try:
             devices = parse_devices(dev)
@@ -198,7 +196,7 @@ def _check_existing_output(out: Path, model_name: str, force: bool) -> None:
 
 def _first_device(args: argparse.Namespace):
     """The first of ``--device``'s devices (evaluation runs on one), or None."""
-    from .quantize import parse_devices
+    from .driver import parse_devices
 
     devices = parse_devices(args.device)
     return devices[0] if devices else None

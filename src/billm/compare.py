@@ -100,7 +100,7 @@ def job_fingerprint(spec: str, model, model_name: str, calibration: torch.Tensor
     """What makes one method's row: a stored row (or recorded progress) is reused only when all of this is equal."""
     import billm
     from .packing.checkpoint import tensor_sha256
-    from .quantize import parse_devices
+    from .driver import parse_devices
 
     digest = lambda t: f"{tensor_sha256(t)}:{tuple(t.shape)}:{t.dtype}"  # noqa: E731
     cfg = parse_method(spec)
@@ -185,7 +185,7 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
     """
     from .eval import perplexity
     from .io import write_json_atomic
-    from .quantize import parse_devices, quantize
+    from .driver import parse_devices, quantize
 
     cfg = parse_method(spec)
     eval_device = (parse_devices(device) or [None])[0]  # quantizing may spread over several; evaluating runs on one

@@ -1,6 +1,7 @@
 """Typed, versioned, serialisable quantization configs: the one place a method's options live.
 
-Every method has a frozen dataclass config. Its fields are the method's options: the CLI flags
+Every method has a frozen dataclass config, defined in its own module beside its quantizer and
+stored format (:mod:`billm.methods`); this module holds the base class they share. Its fields are the method's options: the CLI flags
 (``billm quantize --max-salient-cols 20``), the ``billm compare`` specs (``billm:plus+b256``) and
 the checkpoint's record (:meth:`QuantConfig.to_dict`) are all derived from them, with the help text
 in each field's metadata (:func:`option`). ``presets`` names whole option sets and ``abbrev`` the
@@ -52,13 +53,6 @@ class SearchDomain(str, enum.Enum):
     OUTPUT = "output"  # what OBC minimises: the block's output error under H, later columns compensated
 
 
-class SBAError(str, enum.Enum):
-    """What SliM-LLM's bit allocation minimises when it chooses how many groups move."""
-
-    DIAG = "diag"  # GPTQ's per-column loss sum (w - q)^2 / U_jj^2 of the rounded weights
-    OUTPUT = "output"  # the full tr(D H D^T) of the rounded weights
-
-
 class BreakGrid(str, enum.Enum):
     """Candidate break points for the non-salient split."""
 
@@ -66,7 +60,7 @@ class BreakGrid(str, enum.Enum):
     LINEAR = "linear"  # p = i * max|M|, i in 0.1..0.9 (paper: 9 of them)
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
     if not cond:
         raise BillmError(f"invalid config: {msg}")
 
@@ -127,12 +121,12 @@ class QuantConfig:
         for f in dataclasses.fields(self):  # JSON lists -> tuples, values -> enums; then the declared choices
             object.__setattr__(self, f.name, _coerce(type(self), f.name, getattr(self, f.name)))
             choices = f.metadata.get("choices")
-            _check(not choices or getattr(self, f.name) in choices,
+            check(not choices or getattr(self, f.name) in choices,
                    f"{f.name} must be one of {', '.join(choices or ())}, got {getattr(self, f.name)!r}")
-        _check(self.blocksize >= 1, f"blocksize must be >= 1, got {self.blocksize}")
-        _check(0.0 <= self.percdamp < 10.0, f"percdamp must be in [0, 10), got {self.percdamp}")
-        _check(len(self.include) > 0, "include needs at least one pattern")
-        _check(self.rotate_seed >= 0, f"rotate_seed must be >= 0, got {self.rotate_seed}")
+        check(self.blocksize >= 1, f"blocksize must be >= 1, got {self.blocksize}")
+        check(0.0 <= self.percdamp < 10.0, f"percdamp must be in [0, 10), got {self.percdamp}")
+        check(len(self.include) > 0, "include needs at least one pattern")
+        check(self.rotate_seed >= 0, f"rotate_seed must be >= 0, got {self.rotate_seed}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``method`` and ``version``."""
@@ -150,12 +144,12 @@ class QuantConfig:
         d = dict(d)
         d.pop("method", None)
         version = d.pop("version", cls.version)
-        _check(version <= cls.version, f"{cls.method} config version {version} is newer than this billm ({cls.version})")
+        check(version <= cls.version, f"{cls.method} config version {version} is newer than this billm ({cls.version})")
         if version < 2:
             d.setdefault("scale_dtype", "float32")  # version 1 kept scales in float32
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
-        _check(not unknown, f"unknown {cls.method} option(s): {sorted(unknown)}")
+        check(not unknown, f"unknown {cls.method} option(s): {sorted(unknown)}")
         return cls(**d)
 
     @classmethod
@@ -176,7 +170,7 @@ class QuantConfig:
         """
         tokens = [t for t in opts.split("+") if t]
         base = [t for t in tokens if t in cls.presets]
-        _check(len(base) <= 1, f"{cls.method}: at most one preset in a spec, got {base}")
+        check(len(base) <= 1, f"{cls.method}: at most one preset in a spec, got {base}")
         kw: dict[str, Any] = {}
         for tok in tokens:
             if tok not in cls.presets:
@@ -199,7 +193,7 @@ def _parse_value(cls: type, name: str, text: str) -> Any:
             return kind(text)
     except ValueError:
         raise BillmError(f"{cls.method}: {name} needs a {kind.__name__}, got {text!r}") from None
-    _check(typing.get_origin(kind) is not tuple, f"{cls.method}: {name} cannot be set in a compare spec")
+    check(typing.get_origin(kind) is not tuple, f"{cls.method}: {name} cannot be set in a compare spec")
     return text
 
 
@@ -220,7 +214,7 @@ def _spec_token(cls: type, tok: str) -> dict[str, Any]:
     if "=" in tok:
         key, _, value = tok.partition("=")
         key = key.replace("-", "_")
-        _check(key in types, f"{cls.method} has no option {key!r}")
+        check(key in types, f"{cls.method} has no option {key!r}")
         return {key: _parse_value(cls, key, value)}
     name = tok.replace("-", "_")
     for flag, value in ((name, True), (name[2:].lstrip("_"), False) if name.startswith("no") else (None, None)):
@@ -249,7 +243,7 @@ def _compact_spec(cls: type, tok: str) -> dict[str, Any]:
                              f"{sorted(_choice_fields(cls))}, or short forms {sorted(cls.abbrev)}")
         name = cls.abbrev[key]
         if m is None:
-            _check(_field_types(cls)[name] is bool, f"{cls.method}: {key!r} in {tok!r} needs a number ({name})")
+            check(_field_types(cls)[name] is bool, f"{cls.method}: {key!r} in {tok!r} needs a number ({name})")
             out[name] = True
             rest = rest[len(key):]
         else:
@@ -258,240 +252,4 @@ def _compact_spec(cls: type, tok: str) -> dict[str, Any]:
     return out
 
 
-_PAPER = dict(salient_metric="hessian", search_domain="weight", min_salient_cols=3, max_salient_cols=30,
-              salient_search_order=1, salient_order=2, break_grid="linear", n_break_candidates=9, centred=False)
-
-
-@dataclass(frozen=True)
-class BiLLMConfig(QuantConfig):
-    """BiLLM: structured salient columns (residual binarization) + split non-salient weights.
-
-    Defaults = the paper's text (compared with the reference code's choices in
-    ``docs/results/pareto``). Presets: ``paper`` (the same), ``reference`` (the public reference code's
-    choices, float32 scales included: DESIGN §5), ``plus`` (beyond BiLLM at the same storage:
-    the paper's variant with ``intra_block`` and ``refit``), ``compact`` (``plus`` with the
-    non-salient split per column: about 1.7 storage bits), ``tiny`` (``compact`` with fp8
-    scales: about 1.45) and ``wide`` (``tiny`` with the second sign plane on 88 of every 128
-    columns: about 1.95).
-    """
-
-    method: ClassVar[str] = "billm"
-    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        "paper": _PAPER,
-        "reference": dict(salient_metric="hessian", search_domain="salience", min_salient_cols=1, max_salient_cols=49,
-                          salient_search_order=2, salient_order=2, break_grid="quantile", n_break_candidates=81,
-                          centred=True, scale_dtype="float32"),
-        "plus": {**_PAPER, "intra_block": True, "refit": True},
-        "compact": {**_PAPER, "intra_block": True, "refit": True, "split": "column"},
-        "tiny": {**_PAPER, "intra_block": True, "refit": True, "split": "column", "scale_dtype": "float8_e4m3fn"},
-        "wide": {**_PAPER, "intra_block": True, "refit": True, "split": "column", "scale_dtype": "float8_e4m3fn",
-                 "min_salient_cols": 88, "max_salient_cols": 88},
-    }
-    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
-        **QuantConfig.abbrev, "intra": "intra_block", "refine": "refine_rounds"}
-    storage_estimate: ClassVar[float] = 3.5
-
-    salient_metric: SalientMetric = option(SalientMetric.HESSIAN, "salience of a weight: hessian (w^2 / U_jj^2) "
-                                                                  "or magnitude (|w|)")
-    search_domain: SearchDomain = option(SearchDomain.WEIGHT, "what the two searches score: the weights (paper), "
-                                                              "the salience matrix (reference code) or the block's "
-                                                              "output error under H (what OBC minimises)")
-    min_salient_cols: int = option(3, "fewest salient columns tried per block")
-    max_salient_cols: int = option(30, "most salient columns tried per block")
-    salient_search_order: int = option(1, "binarization order used to score both groups while choosing k")
-    salient_order: int = option(2, "binarization order of the salient columns (2: residual approximation)")
-    break_grid: BreakGrid = option(BreakGrid.LINEAR, "break-point candidates: linear (i * max|w|) or quantile")
-    n_break_candidates: int = option(9, "number of break-point candidates")
-    centred: bool = option(False, "subtract a per-row mean before each binarization (one more stored value per "
-                                  "group and row)")
-    intra_block: bool = option(False, "beyond BiLLM: binarize a block column by column, pushing each column's error "
-                                      "onto the block's remaining columns (groups and scales fixed first)")
-    refine_rounds: int = option(0, "beyond BiLLM: rounds of least-squares scales alternated with re-chosen signs "
-                                   "per group and row (0: off)")
-    refit: bool = option(False, "beyond BiLLM: after the layer is binarized, re-solve every scale (and mean) of each "
-                                "row for the least output error under H, signs fixed")
-    split: str = option("weight", "beyond BiLLM: how the non-salient weights are split in two groups: per weight by "
-                                  "the break point (a bitmap bit per weight), or per column (a bit per column)",
-                        choices=("weight", "column"), record_default=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(0 <= self.min_salient_cols <= self.max_salient_cols,
-               f"need 0 <= min_salient_cols <= max_salient_cols, got {self.min_salient_cols}, {self.max_salient_cols}")
-        _check(self.salient_search_order in (1, 2), "salient_search_order must be 1 or 2")
-        _check(self.salient_order in (1, 2), "salient_order must be 1 or 2")
-        _check(self.n_break_candidates >= 1, "n_break_candidates must be >= 1")
-        _check(0 <= self.refine_rounds <= 20, f"refine_rounds must be in 0..20, got {self.refine_rounds}")
-
-    @classmethod
-    def reference(cls, **overrides: Any) -> "BiLLMConfig":
-        """The public reference implementation's choices (DESIGN.md §5), float32 scales included."""
-        return cls.preset("reference", **overrides)
-
-    @classmethod
-    def paper(cls, **overrides: Any) -> "BiLLMConfig":
-        """The paper's text: weight-domain searches, k in 3..30 scored at order 1, p = 0.1..0.9 * max|w|."""
-        return cls.preset("paper", **overrides)
-
-    @classmethod
-    def plus(cls, **overrides: Any) -> "BiLLMConfig":
-        """Beyond BiLLM at the same storage: the paper's variant + in-block GPTQ + output-error refit of the scales."""
-        return cls.preset("plus", **overrides)
-
-
-@dataclass(frozen=True)
-class _GridConfig(QuantConfig):
-    """Integer-grid methods: ``bits`` per weight, one min-max range per row or per group of columns."""
-
-    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**QuantConfig.abbrev, "w": "bits", "g": "groupsize"}
-
-    bits: int = option(4, "bits per weight (slim: the layer's average, groups use bits-1..bits+1)")
-    groupsize: int = option(-1, "columns per scale group (-1: one range per row)")
-
-    @property
-    def storage_estimate(self) -> float:  # type: ignore[override]
-        return self.bits + 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(1 <= self.bits <= 8, f"bits must be in 1..8, got {self.bits}")
-        _check(self.groupsize == -1 or self.groupsize >= 1, f"groupsize must be -1 or >= 1, got {self.groupsize}")
-
-
-@dataclass(frozen=True)
-class RTNConfig(_GridConfig):
-    """Round-to-nearest, asymmetric min-max, per output channel or per group of ``groupsize`` columns."""
-
-    method: ClassVar[str] = "rtn"
-    uses_hessian: ClassVar[bool] = False
-
-
-@dataclass(frozen=True)
-class GPTQConfig(_GridConfig):
-    """GPTQ: column-by-column rounding with Hessian-based error compensation (lazy block updates)."""
-
-    method: ClassVar[str] = "gptq"
-    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**_GridConfig.abbrev, "a": "act_order"}
-
-    act_order: bool = option(False, "quantize columns in order of descending Hessian diagonal")
-
-
-@dataclass(frozen=True)
-class SliMConfig(_GridConfig):
-    """SliM-LLM: GPTQ with salience-driven mixed precision per group of input columns.
-
-    ``bits`` is the layer's average width; groups of ``groupsize`` columns get ``bits - 1``,
-    ``bits`` or ``bits + 1``. SBA ranks the groups by summed salience ``w^2 / U_jj^2`` and moves a
-    bit from the ``k`` least to the ``k`` most salient, ``k`` chosen for the least ``sba_error`` of
-    the rounding. SQC picks each group row's clipping for the least ``sum omega (w - q)^2``,
-    ``omega = 1 + tau`` on locally salient weights (salience above mean + 3 std), 1 elsewhere.
-    ``sba_error``: ``diag`` (default) scores a choice by the loss GPTQ's compensation cannot remove;
-    ``output`` by the rounding's whole output error, which that compensation then changes.
-    """
-
-    method: ClassVar[str] = "slim"
-
-    bits: int = option(2, "average bits per weight (groups use bits-1..bits+1)")
-    groupsize: int = option(128, "columns per group (each group has one width)")
-    sba: bool = option(True, "salience-determined bit allocation (off: every group at bits, plain GPTQ)")
-    sqc: bool = option(True, "salience-weighted clipping of each group row's range (off: min-max)")
-    tau: float = option(1.0, "extra weight of locally salient weights in the SQC error")
-    clip_steps: int = option(20, "SQC tries clip_steps + 1 ranges")
-    max_shrink: float = option(0.5, "SQC shrinks the range by at most this fraction")
-    sba_error: SBAError = option(SBAError.DIAG, "what SBA minimises: diag (GPTQ's per-column loss) or output "
-                                                "(tr(D H D^T), ignoring the compensation that follows)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(2 <= self.bits <= 7, f"slim needs an average of 2..7 bits (groups use bits-1..bits+1), got {self.bits}")
-        _check(self.groupsize >= 1, f"slim allocates bits per group: groupsize must be >= 1, got {self.groupsize}")
-        _check(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
-        _check(self.clip_steps >= 0, f"clip_steps must be >= 0, got {self.clip_steps}")
-        _check(0 <= self.max_shrink < 1, f"max_shrink must be in [0, 1), got {self.max_shrink}")
-
-
-@dataclass(frozen=True)
-class SignConfig(QuantConfig):
-    """Plain 1-bit binarization with a per-row scale (XNOR-style), optionally with OBC compensation."""
-
-    method: ClassVar[str] = "sign"
-    storage_estimate: ClassVar[float] = 1.5
-
-    centred: bool = option(False, "subtract a per-row mean before binarizing (one more stored value per row)")
-    obc: bool = option(True, "GPTQ-style error compensation (off: no Hessian needed)")
-
-    @property
-    def uses_hessian(self) -> bool:  # type: ignore[override]
-        return self.obc
-
-
-@dataclass(frozen=True)
-class PBLLMConfig(QuantConfig):
-    """PB-LLM (post-training): a fraction of the weights kept at 8 bits, the rest binarized, GPTQ compensation."""
-
-    method: ClassVar[str] = "pbllm"
-    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**QuantConfig.abbrev, "f": "salient_fraction"}
-    storage_estimate: ClassVar[float] = 4.5
-
-    salient_fraction: float = option(0.1, "share of each block's weights kept salient (unstructured)")
-    salient_metric: SalientMetric = option(SalientMetric.HESSIAN, "salience of a weight: hessian or magnitude")
-    salient_bits: int = option(8, "bits of the salient weights (min-max per row over them)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(0.0 <= self.salient_fraction < 1.0, f"salient_fraction must be in [0, 1), got {self.salient_fraction}")
-        _check(2 <= self.salient_bits <= 8, f"salient_bits must be in 2..8, got {self.salient_bits}")
-
-
-_ARB_VARIANTS = ("rc", "x", "plain")
-
-
-@dataclass(frozen=True)
-class ArbConfig(QuantConfig):
-    """ARB-LLM: BiLLM's partition (salient columns + a bitmap splitting the rest) binarized by alternating refinement.
-
-    Every group is binarized and then refined in ``iters`` alternating rounds: ``plain`` (ARB)
-    updates a per-row mean, a per-row scale and the signs in turn; ``x`` (ARB-X) then refits mean
-    and scales for the least output error under the block's Hessian; ``rc`` (ARB-RC) drops the mean
-    and alternates a per-row and a per-column scale. Salient columns keep two sign planes (order 2).
-    Presets: ``rc`` (the default), ``x``, ``plain``, and ``reference`` (the public code's choices:
-    searches scored on the salience matrix, float32 scales; docs/methods.md).
-    """
-
-    method: ClassVar[str] = "arb"
-    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        "rc": dict(variant="rc"),
-        "x": dict(variant="x"),
-        "plain": dict(variant="plain"),
-        "reference": dict(variant="rc", search_domain="salience", scale_dtype="float32"),
-    }
-    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**QuantConfig.abbrev, "t": "iters"}
-    storage_estimate: ClassVar[float] = 3.5
-
-    variant: str = option("rc", "rc: row and column scales, no mean (ARB-RC); x: mean and row scale refit under the "
-                                "Hessian (ARB-X); plain: mean, row scale and signs alternated (ARB)",
-                          choices=_ARB_VARIANTS)
-    iters: int = option(15, "alternating refinement rounds per group (T)")
-    x_iters: int = option(15, "ARB-X: rounds of the Hessian-weighted mean and scale update after the alternation")
-    salient_metric: SalientMetric = option(SalientMetric.HESSIAN, "salience of a weight: hessian (w^2 / U_jj^2) "
-                                                                  "or magnitude (|w|)")
-    search_domain: SearchDomain = option(SearchDomain.WEIGHT, "what the two searches score: the weights or the "
-                                                              "salience matrix (public code)")
-    min_salient_cols: int = option(1, "fewest salient columns tried per block")
-    max_salient_cols: int = option(49, "most salient columns tried per block")
-    n_break_candidates: int = option(81, "break points tried: quantiles of |w| from the 10th to the 90th percentile")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(0 <= self.min_salient_cols <= self.max_salient_cols,
-               f"need 0 <= min_salient_cols <= max_salient_cols, got {self.min_salient_cols}, {self.max_salient_cols}")
-        _check(0 <= self.iters <= 100, f"iters must be in 0..100, got {self.iters}")
-        _check(0 <= self.x_iters <= 100, f"x_iters must be in 0..100, got {self.x_iters}")
-        _check(self.search_domain != SearchDomain.OUTPUT, "search_domain output is BiLLM's (arb: weight or salience)")
-        _check(self.n_break_candidates >= 1, "n_break_candidates must be >= 1")
-
-
-__all__ = [
-    "ArbConfig", "BiLLMConfig", "BreakGrid", "GPTQConfig", "PBLLMConfig", "QuantConfig", "RTNConfig", "SBAError",
-    "SCALE_DTYPES", "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig", "option",
-]
+__all__ = ["SCALE_DTYPES", "BreakGrid", "QuantConfig", "SalientMetric", "SearchDomain", "check", "option"]

@@ -13,7 +13,7 @@ Two layouts cover every built-in format but PB-LLM:
 
 * :class:`BiLLMPlanes`: ``s1``, ``grp`` (1 = sparse group, 0 on salient columns), ``s2`` (0 off
   the salient columns), each (r, nbytes) uint8, a column mask ``sal`` (nbytes,), and per row and
-  block the four scales (and means); see :func:`billm.packing.formats.billm_values`.
+  block the four scales (and means); see :func:`billm.methods.billm.billm_values`.
 * :class:`GridPlanes`: integer codes as bit planes with ``w = scale * code + offset`` per row and
   group of columns: RTN/GPTQ (``offset = -scale * zero``), plain sign (code = sign bit,
   ``scale = 2 alpha``, ``offset = mean - alpha``), and each width of a SliM-LLM layer over its own

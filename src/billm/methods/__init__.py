@@ -1,16 +1,21 @@
-"""Quantization methods: pure tensor math, no model knowledge; each module registers its method."""
+"""Quantization methods: pure tensor math, no model knowledge.
 
-from . import arb as _arb  # noqa: F401  (each module registers its method)
-from . import billm as _billm  # noqa: F401
-from . import gptq as _gptq  # noqa: F401
-from . import pbllm as _pbllm  # noqa: F401
-from . import rtn as _rtn  # noqa: F401
-from . import sign as _sign  # noqa: F401
-from . import slim as _slim  # noqa: F401
+Each method is one module holding its config class, its stored format and its quantizer, and
+registers the last two (importing the module is enough): the plug-in shape of ``tests/test_plugin.py``.
+"""
+
+from .arb import ArbConfig
+from .billm import BiLLMConfig
+from .gptq import GPTQConfig
+from .pbllm import PBLLMConfig
+from .rtn import RTNConfig
+from .sign import SignConfig
+from .slim import SBAError, SliMConfig
 from .registry import (
     Method, WeightResult, available_methods, config_classes, config_from_dict, config_from_spec, get_method, method_of,
     register_method,
 )
 
-__all__ = ["Method", "WeightResult", "available_methods", "config_classes", "config_from_dict", "config_from_spec",
+__all__ = ["ArbConfig", "BiLLMConfig", "GPTQConfig", "Method", "PBLLMConfig", "RTNConfig", "SBAError",
+           "SignConfig", "SliMConfig", "WeightResult", "available_methods", "config_classes", "config_from_dict", "config_from_spec",
            "get_method", "method_of", "register_method"]

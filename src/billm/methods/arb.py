@@ -24,18 +24,154 @@ from them by the format's own decoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ..config import SCALE_DTYPES, ArbConfig, SearchDomain
-from ..packing.formats import StoredWeight, arb_pack, arb_values, round_to_stored
-from .billm import salience
+from ..config import SCALE_DTYPES, QuantConfig, SalientMetric, SearchDomain, check, option
+from ..packing.formats import (FieldSpec, Format, Meta, Shape, StoredWeight, Tensors, block_index, n_blocks,
+                               per_column, pm1, register_format, round_to_stored, scale_dtype)
+from .billm import BILLM_SLOTS, billm_pack, partition_fields, salience, unpack_partition
 from .binarize import sign_pm1
 from .obc import OBCTimes, obc_quantize, prepare_hessian
 from .registry import WeightResult, register_method
 from .search import break_candidates, search_break_point, search_salient_columns, split_masks
+
+
+# ----------------------------------------------------------------------------- config
+
+_ARB_VARIANTS = ("rc", "x", "plain")
+
+
+@dataclass(frozen=True)
+class ArbConfig(QuantConfig):
+    """ARB-LLM: BiLLM's partition (salient columns + a bitmap splitting the rest) binarized by alternating refinement.
+
+    Every group is binarized and then refined in ``iters`` alternating rounds: ``plain`` (ARB)
+    updates a per-row mean, a per-row scale and the signs in turn; ``x`` (ARB-X) then refits mean
+    and scales for the least output error under the block's Hessian; ``rc`` (ARB-RC) drops the mean
+    and alternates a per-row and a per-column scale. Salient columns keep two sign planes (order 2).
+    Presets: ``rc`` (the default), ``x``, ``plain``, and ``reference`` (the public code's choices:
+    searches scored on the salience matrix, float32 scales; docs/methods.md).
+    """
+
+    method: ClassVar[str] = "arb"
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "rc": dict(variant="rc"),
+        "x": dict(variant="x"),
+        "plain": dict(variant="plain"),
+        "reference": dict(variant="rc", search_domain="salience", scale_dtype="float32"),
+    }
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**QuantConfig.abbrev, "t": "iters"}
+    storage_estimate: ClassVar[float] = 3.5
+
+    variant: str = option("rc", "rc: row and column scales, no mean (ARB-RC); x: mean and row scale refit under the "
+                                "Hessian (ARB-X); plain: mean, row scale and signs alternated (ARB)",
+                          choices=_ARB_VARIANTS)
+    iters: int = option(15, "alternating refinement rounds per group (T)")
+    x_iters: int = option(15, "ARB-X: rounds of the Hessian-weighted mean and scale update after the alternation")
+    salient_metric: SalientMetric = option(SalientMetric.HESSIAN, "salience of a weight: hessian (w^2 / U_jj^2) "
+                                                                  "or magnitude (|w|)")
+    search_domain: SearchDomain = option(SearchDomain.WEIGHT, "what the two searches score: the weights or the "
+                                                              "salience matrix (public code)")
+    min_salient_cols: int = option(1, "fewest salient columns tried per block")
+    max_salient_cols: int = option(49, "most salient columns tried per block")
+    n_break_candidates: int = option(81, "break points tried: quantiles of |w| from the 10th to the 90th percentile")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.min_salient_cols <= self.max_salient_cols,
+               f"need 0 <= min_salient_cols <= max_salient_cols, got {self.min_salient_cols}, {self.max_salient_cols}")
+        check(0 <= self.iters <= 100, f"iters must be in 0..100, got {self.iters}")
+        check(0 <= self.x_iters <= 100, f"x_iters must be in 0..100, got {self.x_iters}")
+        check(self.search_domain != SearchDomain.OUTPUT, "search_domain output is BiLLM's (arb: weight or salience)")
+        check(self.n_break_candidates >= 1, "n_break_candidates must be >= 1")
+
+
+# ----------------------------------------------------------------------------- stored format: arb (ARB-LLM)
+#
+# ``signs`` (r, c) first sign plane; ``signs2`` (r, k) second plane of the k salient columns;
+# ``group`` (r, c-k) bitmap of the non-salient entries (1 = sparse group); ``salient_mask`` (c,);
+# ``scales`` (nb, 4, r) row scales per block, slots as :data:`ARB_SLOTS`. Then either (ARB-RC,
+# ``meta['rc']``) ``col_scales`` (2, c): on a non-salient column the concentrated and sparse
+# groups' column scales, on a salient column those of its two passes; or (ARB, ARB-X) ``means``
+# (nb, 3, r): one mean per block, row and group (concentrated, sparse, salient).
+
+ARB_SLOTS = BILLM_SLOTS
+
+
+def arb_values(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Tensor, scales: Tensor, means: Optional[Tensor],
+               col_scales: Optional[Tensor], blocksize: int) -> Tensor:
+    """Decode ARB-LLM from unpacked bits.
+
+    Args:
+        s1, s2: (r, c) bool sign planes (``s2`` used on salient columns only).
+        salient: (c,) bool salient-column flags.
+        sparse: (r, c) bool, True for the sparse group (ignored on salient columns).
+        scales: (nb, 4, r) float32 row scales, slots as :data:`ARB_SLOTS`.
+        means: (nb, 3, r) float32 means (concentrated, sparse, salient) or None (ARB-RC).
+        col_scales: (2, c) float32 column scales (ARB-RC) or None.
+        blocksize: columns per block.
+
+    Returns:
+        (r, c) float32: ``a * s1`` with the entry's group row scale ``a`` (times its column scale), plus
+        the second pass on salient columns, plus the group's mean when there are means.
+    """
+    blk = block_index(s1.shape[1], blocksize, s1.device)
+    sal = salient.unsqueeze(0)  # (1, c)
+
+    def slot(t: Tensor, i: int) -> Tensor:
+        return per_column(t[:, i, :].t(), blk)  # (r, c)
+
+    a1 = torch.where(sal, slot(scales, 2), torch.where(sparse, slot(scales, 1), slot(scales, 0)))
+    a2 = torch.where(sal, slot(scales, 3), 0.0)
+    if col_scales is not None:
+        a1 = a1 * torch.where(sparse & ~sal, col_scales[1:2], col_scales[0:1])
+        a2 = a2 * col_scales[1:2]
+    q = a1 * pm1(s1) + a2 * pm1(s2)
+    if means is not None:
+        q = q + torch.where(sal, slot(means, 2), torch.where(sparse, slot(means, 1), slot(means, 0)))
+    return q
+
+
+def _arb_fields(shape: Shape, meta: Meta) -> dict[str, FieldSpec]:
+    r, c = shape
+    nb, sd = n_blocks(c, meta["blocksize"]), scale_dtype(meta)
+    f = {**partition_fields(shape, meta["n_salient"], order=2), "scales": FieldSpec((nb, 4, r), sd, "scales")}
+    if meta["rc"]:
+        f["col_scales"] = FieldSpec((2, c), sd, "column scales")
+    else:
+        f["means"] = FieldSpec((nb, 3, r), sd, "means")
+    return f
+
+
+def arb_pack(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Tensor, scales: Tensor, means: Optional[Tensor],
+             col_scales: Optional[Tensor], meta: Meta) -> Tensors:
+    """Packed ARB-LLM fields: BiLLM's partition and scales (and means), plus ARB-RC's column scales."""
+    out = billm_pack(s1, salient, sparse, s2, scales, means, meta)
+    if col_scales is not None:
+        out["col_scales"] = col_scales.to(scale_dtype(meta))
+    return out
+
+
+def _arb_decode(t: Tensors, shape: Shape, meta: Meta) -> Tensor:
+    s1, sal, sparse, s2 = unpack_partition(t, shape, meta["n_salient"], order=2)
+    means = None if meta["rc"] else t["means"].float()
+    cols = t["col_scales"].float() if meta["rc"] else None
+    return arb_values(s1, sal, sparse, s2, t["scales"].float(), means, cols, meta["blocksize"])
+
+
+def _arb_weight_bits(shape: Shape, meta: Meta) -> float:
+    return (shape[1] + meta["n_salient"]) / shape[1]  # one sign plane, a second on the salient columns
+
+
+# no layout: column scales (RC) and one mean per group have no fast path yet; every call decodes
+ARB_FORMAT = register_format(Format("arb", _arb_fields, _arb_decode, _arb_weight_bits))
+
+
+# ----------------------------------------------------------------------------- quantizer
+
 
 
 def _ratio(num: Tensor, den: Tensor, old: Optional[Tensor] = None) -> Tensor:
@@ -159,7 +295,7 @@ def rc_order2(x: Tensor, m: Tensor, iters: int) -> tuple[Tensor, Tensor, tuple[T
 
 @dataclass
 class ArbCode:
-    """One block's ARB-LLM code, unpacked (see :func:`billm.packing.formats.arb_values`).
+    """One block's ARB-LLM code, unpacked (see :func:`arb_values`).
 
     Attributes:
         s1, s2: (rows, b) bool sign planes (``s2`` False off the salient columns).
@@ -176,7 +312,7 @@ class ArbCode:
     means: Optional[Tensor]
     col_scales: Optional[Tensor]
 
-    def values(self) -> Tensor:
+    def decode(self) -> Tensor:
         """The block's dequantized weights (rows, b), by the checkpoint's own decoder."""
         return arb_values(self.s1, self.salient, self.sparse, self.s2, self.scales, self.means, self.col_scales,
                           self.s1.shape[1])
@@ -263,7 +399,7 @@ def arb_quantize_weight(W: Tensor, H: Tensor, cfg: ArbConfig, times: Optional[OB
         salient.append(sorted(int(c) + start for c in cols))
         breaks.append(p)
         codes.append(code)
-        return code.values()
+        return code.decode()
 
     Q = obc_quantize(W, prep.U, cfg.blocksize, quantize_block, times)
     return WeightResult(q=Q, stored=stored_arb(codes, tuple(W.shape), cfg), info={

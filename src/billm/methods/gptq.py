@@ -7,16 +7,32 @@ The inner loop takes any per-column quantizer, so plain sign binarization with c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ..config import SCALE_DTYPES, GPTQConfig
-from ..packing.formats import grid_values
+from ..config import SCALE_DTYPES, option
 from .obc import OBCTimes, obc_quantize, prepare_hessian
 from .registry import WeightResult, register_method
-from .rtn import grid_codes, minmax_params, stored_grid
+from .rtn import GridConfig, grid_codes, grid_values, minmax_params, stored_grid
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class GPTQConfig(GridConfig):
+    """GPTQ: column-by-column rounding with Hessian-based error compensation (lazy block updates)."""
+
+    method: ClassVar[str] = "gptq"
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {**GridConfig.abbrev, "a": "act_order"}
+
+    act_order: bool = option(False, "quantize columns in order of descending Hessian diagonal")
+
+
+
+# ----------------------------------------------------------------------------- quantizer
+
 
 ColumnQuantizer = Callable[[int, Tensor], Tensor]
 """``(absolute column index, current column w (rows,)) -> dequantized column (rows,)``."""

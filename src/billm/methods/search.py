@@ -16,7 +16,7 @@ a threshold; :class:`_RankPrefix` answers that with a two-level (sqrt) decomposi
 instead of a (k, position) table per row.
 
 All candidates are scored in a few dozen batched tensor operations (float64, row-chunked to
-bound memory). ``billm.methods.oracle`` keeps the plain loop versions these are tested against.
+bound memory). ``tests/oracle.py`` keeps the plain loop versions these are tested against.
 """
 
 from __future__ import annotations
@@ -275,8 +275,6 @@ def search_salient_columns(M: Tensor, col_score: Tensor, k_min: int, k_max: int,
     rows, cols = M.shape
     ks = salient_candidates(cols, k_min, k_max, M.device)
     ranking = torch.argsort(col_score, descending=True, stable=True)  # (cols,)
-    col_rank = torch.empty_like(ranking)
-    col_rank[ranking] = torch.arange(cols, device=M.device)
     x = M.detach().to(DT)
     if order == 1 and not centred:  # the error needs only prefix sums along the column ranking
         cum = _abs_sq_prefix(x[:, ranking])  # (2, rows, cols+1)
@@ -286,7 +284,6 @@ def search_salient_columns(M: Tensor, col_score: Tensor, k_min: int, k_max: int,
         k = int(ks[int(torch.argmin(errors))])
         return SalientSearch(k=k, columns=ranking[:k], candidates=ks, errors=errors)
     vals, perm = torch.sort(x, dim=1)  # (rows, cols), both
-    sorted_rank = col_rank[perm]  # (rows, cols): rank of the column of each sorted entry
     errors = torch.zeros(len(ks), dtype=DT, device=M.device)
     B = len(ks)
     # Only the top-kmax columns can ever be salient: build the per-candidate prefixes on that
@@ -295,7 +292,6 @@ def search_salient_columns(M: Tensor, col_score: Tensor, k_min: int, k_max: int,
     top = ranking[:kmax]
     for sl in _row_chunks(rows, (cols + 1) * 4 + B * 64):
         v = vals[sl].contiguous()  # (r, cols)
-        r = v.shape[0]
         P_sal = _RankPrefix(v, x[sl][:, top], ks)
         P_non = _Prefix(v, minus=P_sal)
         e = group_error(P_sal, v, None, order, centred) + group_error(P_non, v, None, order, centred)  # (r, B)

@@ -2,18 +2,75 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from ..config import SCALE_DTYPES, SignConfig
-from ..kernels.bitpack import pack_bits
-from ..packing.formats import StoredWeight, sign_values
+from ..config import SCALE_DTYPES, QuantConfig, option
+from ..kernels.bitpack import pack_bits, packed_len, unpack_bits
+from ..kernels.layout import Layout, grid_planes
+from ..packing.formats import FieldSpec, Format, Meta, Shape, StoredWeight, Tensors, pm1, register_format, scale_dtype
 from .binarize import binarize_once
 from .gptq import gptq_weight
 from .obc import OBCTimes
 from .registry import WeightResult, register_method
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class SignConfig(QuantConfig):
+    """Plain 1-bit binarization with a per-row scale (XNOR-style), optionally with OBC compensation."""
+
+    method: ClassVar[str] = "sign"
+    storage_estimate: ClassVar[float] = 1.5
+
+    centred: bool = option(False, "subtract a per-row mean before binarizing (one more stored value per row)")
+    obc: bool = option(True, "GPTQ-style error compensation (off: no Hessian needed)")
+
+    @property
+    def uses_hessian(self) -> bool:  # type: ignore[override]
+        return self.obc
+
+
+
+# ----------------------------------------------------------------------------- stored format: sign
+
+def sign_values(s: Tensor, scale: Tensor, mean: Optional[Tensor]) -> Tensor:
+    """``scale * (+-1) (+ mean)``; scale and mean broadcast against the (r, c) bool signs."""
+    q = scale * pm1(s)
+    return q + mean if mean is not None else q
+
+
+def _sign_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
+    r, c = shape
+    f = {"signs": FieldSpec((r, packed_len(c)), torch.uint8, "signs"),
+         "scales": FieldSpec((1, r), scale_dtype(meta), "scales")}
+    if meta["centred"]:
+        f["means"] = FieldSpec((1, r), scale_dtype(meta), "means")
+    return f
+
+
+def _sign_decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
+    mean = t["means"].float().t() if meta["centred"] else None
+    return sign_values(unpack_bits(t["signs"], shape[1]), t["scales"].float().t(), mean)
+
+
+def _sign_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
+    s = unpack_bits(t["signs"], shape[1]).to(torch.int32)
+    alpha = t["scales"].float().t()  # (r, 1)
+    mean = t["means"].float().t() if meta["centred"] else torch.zeros_like(alpha)
+    return [grid_planes(s, 1, 2 * alpha, mean - alpha, shape[1], stored_planes=t["signs"].unsqueeze(0))]
+
+
+SIGN_FORMAT = register_format(Format("sign", _sign_fields, _sign_decode, lambda shape, meta: 1.0, _sign_layout))
+
+
+
+# ----------------------------------------------------------------------------- quantizer
+
 
 
 class SignColumns:

@@ -22,17 +22,146 @@ Widths are per group of columns, so the bit map costs one small integer per ``gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+import enum
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from ..config import SCALE_DTYPES, SliMConfig
-from ..packing.formats import StoredWeight, grid_index, mixed_pack
+from ..config import SCALE_DTYPES, check, option
+from ..kernels.bitpack import pack_codes, packed_len, unpack_codes
+from ..kernels.layout import Layout, grid_planes
+from ..packing.formats import FieldSpec, Format, Meta, Shape, StoredWeight, Tensors, per_column, register_format, scale_dtype
 from .gptq import Calibrate, GridColumns, gptq_weight
 from .obc import OBCTimes
 from .registry import WeightResult, register_method
-from .rtn import minmax_params, quantize_minmax, range_params
+from .rtn import GridConfig, grid_groups, grid_index, grid_values, minmax_params, quantize_minmax, range_params
+
+
+# ----------------------------------------------------------------------------- config
+
+class SBAError(str, enum.Enum):
+    """What SliM-LLM's bit allocation minimises when it chooses how many groups move."""
+
+    DIAG = "diag"  # GPTQ's per-column loss sum (w - q)^2 / U_jj^2 of the rounded weights
+    OUTPUT = "output"  # the full tr(D H D^T) of the rounded weights
+
+
+
+
+@dataclass(frozen=True)
+class SliMConfig(GridConfig):
+    """SliM-LLM: GPTQ with salience-driven mixed precision per group of input columns.
+
+    ``bits`` is the layer's average width; groups of ``groupsize`` columns get ``bits - 1``,
+    ``bits`` or ``bits + 1``. SBA ranks the groups by summed salience ``w^2 / U_jj^2`` and moves a
+    bit from the ``k`` least to the ``k`` most salient, ``k`` chosen for the least ``sba_error`` of
+    the rounding. SQC picks each group row's clipping for the least ``sum omega (w - q)^2``,
+    ``omega = 1 + tau`` on locally salient weights (salience above mean + 3 std), 1 elsewhere.
+    ``sba_error``: ``diag`` (default) scores a choice by the loss GPTQ's compensation cannot remove;
+    ``output`` by the rounding's whole output error, which that compensation then changes.
+    """
+
+    method: ClassVar[str] = "slim"
+
+    bits: int = option(2, "average bits per weight (groups use bits-1..bits+1)")
+    groupsize: int = option(128, "columns per group (each group has one width)")
+    sba: bool = option(True, "salience-determined bit allocation (off: every group at bits, plain GPTQ)")
+    sqc: bool = option(True, "salience-weighted clipping of each group row's range (off: min-max)")
+    tau: float = option(1.0, "extra weight of locally salient weights in the SQC error")
+    clip_steps: int = option(20, "SQC tries clip_steps + 1 ranges")
+    max_shrink: float = option(0.5, "SQC shrinks the range by at most this fraction")
+    sba_error: SBAError = option(SBAError.DIAG, "what SBA minimises: diag (GPTQ's per-column loss) or output "
+                                                "(tr(D H D^T), ignoring the compensation that follows)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(2 <= self.bits <= 7, f"slim needs an average of 2..7 bits (groups use bits-1..bits+1), got {self.bits}")
+        check(self.groupsize >= 1, f"slim allocates bits per group: groupsize must be >= 1, got {self.groupsize}")
+        check(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
+        check(self.clip_steps >= 0, f"clip_steps must be >= 0, got {self.clip_steps}")
+        check(0 <= self.max_shrink < 1, f"max_shrink must be in [0, 1), got {self.max_shrink}")
+
+
+
+# ----------------------------------------------------------------------------- stored format: mixed (SliM-LLM)
+
+def _column_lists(group_bits: list[int], cols: int, groupsize: int) -> dict[int, list[int]]:
+    """For each width in ``group_bits``: the columns of the groups at that width, in order."""
+    out: dict[int, list[int]] = {}
+    for g, b in enumerate(group_bits):
+        out.setdefault(b, []).extend(range(g * groupsize, min((g + 1) * groupsize, cols)))
+    return dict(sorted(out.items()))
+
+
+def mixed_columns(group_bits: list[int], cols: int, groupsize: int, device=None) -> dict[int, Tensor]:
+    """For each width in ``group_bits``: (n,) the columns of the groups at that width, in order, on ``device``."""
+    return {b: torch.tensor(c, dtype=torch.long, device=device)
+            for b, c in _column_lists(group_bits, cols, groupsize).items()}
+
+
+def _mixed_fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
+    r, c = shape
+    gb, gs = meta["group_bits"], meta["groupsize"]
+    if len(gb) != grid_groups(c, gs) or not all(isinstance(b, int) and 1 <= b <= 8 for b in gb):
+        raise ValueError(f"group_bits must list {grid_groups(c, gs)} widths in 1..8, got {gb!r}")
+    f = {"scales": FieldSpec((r, len(gb)), scale_dtype(meta), "scales"),
+         "zeros": FieldSpec((max(gb), r, packed_len(len(gb))), torch.uint8, "zero points")}
+    for b, cols in _column_lists(gb, c, gs).items():
+        f[f"codes{b}"] = FieldSpec((b, r, packed_len(len(cols))), torch.uint8, f"{b}-bit codes")
+    return f
+
+
+def _mixed_decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
+    r, c = shape
+    gb, gs = meta["group_bits"], meta["groupsize"]
+    dev = t["scales"].device
+    codes = torch.zeros(r, c, dtype=torch.uint8, device=dev)
+    for b, cols in mixed_columns(gb, c, gs, dev).items():
+        codes[:, cols] = unpack_codes(t[f"codes{b}"], len(cols))
+    zeros = unpack_codes(t["zeros"], len(gb))  # (r, G)
+    if bool((zeros >= 2 ** torch.tensor(gb, device=dev)).any()):
+        raise ValueError("a zero point lies outside its group's grid")
+    idx = grid_index(c, gs, dev)
+    return grid_values(codes, per_column(t["scales"].float(), idx), per_column(zeros, idx))
+
+
+def mixed_pack(codes: Tensor, scales: Tensor, zeros: Tensor, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """Packed mixed-precision fields: each group's (r, n) codes at its own width, the zeros at the widest."""
+    gb, gs = meta["group_bits"], meta["groupsize"]
+    codes, zeros = codes.round().to(torch.int32), zeros.round().to(torch.int32)
+    out = {"scales": scales.to(scale_dtype(meta)), "zeros": pack_codes(zeros, max(gb))}
+    for b, cols in mixed_columns(gb, codes.shape[1], gs, codes.device).items():
+        out[f"codes{b}"] = pack_codes(codes[:, cols].contiguous(), b)
+    return out
+
+
+def _mixed_weight_bits(shape: Shape, meta: Meta) -> float:
+    gs, cols = meta["groupsize"], shape[1]
+    return sum(min(gs, cols - g * gs) * b for g, b in enumerate(meta["group_bits"])) / cols
+
+
+def _mixed_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
+    gb, gs = meta["group_bits"], meta["groupsize"]
+    zeros = unpack_codes(t["zeros"], len(gb)).float()  # (r, G)
+    scale = t["scales"].float()
+    out = []
+    # a width's columns are its groups in order; only the layer's last group, last in its list, may be short
+    for b, cols in mixed_columns(gb, shape[1], gs, scale.device).items():
+        groups = torch.tensor([g for g, w in enumerate(gb) if w == b], dtype=torch.long, device=scale.device)
+        s, z = scale[:, groups], zeros[:, groups]
+        out.append(grid_planes(unpack_codes(t[f"codes{b}"], len(cols)), b, s, -s * z, gs, cols.to(scale.device),
+                               stored_planes=t[f"codes{b}"]))
+    return out
+
+
+MIXED_FORMAT = register_format(Format("mixed", _mixed_fields, _mixed_decode, _mixed_weight_bits, _mixed_layout,
+                                      map_bytes=lambda meta: len(meta["group_bits"])))
+
+
+
+# ----------------------------------------------------------------------------- quantizer
+
 
 LOCAL_SIGMAS = 3.0  # a weight is locally salient above mean + 3 std of its group row's salience
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..io import atomic_dir, check_output_dir, write_json_atomic
 from .formats import FORMATS, StoredWeight, get_format, layer_fields, storage_bits
-from .hf import guard_config_file, register as register_with_transformers
+from .guard import QUANT_METHOD, guard_config_file
 from .linear import PREFIX, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def quantization_record(method: str, config: dict[str, Any], layers: Optional[di
     In ``config.json`` it also lists each packed layer's structure (``layers``: what transformers
     needs to build the empty :class:`PackedLinear` layers before the weights load).
     """
-    record = {"quant_method": "billm", "method": method, "format_version": FORMAT_VERSION, "config": config}
+    record = {"quant_method": QUANT_METHOD, "method": method, "format_version": FORMAT_VERSION, "config": config}
     return {**record, "layers": layers} if layers is not None else record
 
 
@@ -116,7 +116,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if hasattr(qc, "to_dict"):  # loaded by transformers: its quantization config object
         qc = qc.to_dict()
-    if not isinstance(qc, dict) or qc.get("quant_method") != "billm" or "config" not in qc:
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or "config" not in qc:
         raise CheckpointError("the model carries no billm quantization config (quantize it with billm.quantize, or "
                               "load it with billm.load)")
     return qc
@@ -349,7 +349,6 @@ def _skeleton(path: Path, qmap: dict[str, Any], dtype: Optional[torch.dtype]) ->
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    register_with_transformers()  # config.json names the guard model type
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises OSError / ValueError for a bad config.json

@@ -18,48 +18,13 @@ and by the ``save_pretrained`` of a model this quantizer loaded.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import CheckpointError
-
-#: The ``model_type`` of a billm folder's config.json; plain transformers quotes it when it refuses the folder.
-GUARD_MODEL_TYPE = "billm: a bit-packed billm checkpoint; pip install billm, then import billm before loading"
-#: Where the guarded config keeps the real model type.
-REAL_TYPE_KEY = "billm_model_type"
-QUANT_METHOD = "billm"
-
-
-# ----------------------------------------------------------------------------- the guard on config.json
-
-def guard_config_dict(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` (a config.json dict) with the guard model type; the real one moves to ``billm_model_type``."""
-    if cfg.get("model_type") == GUARD_MODEL_TYPE:
-        return dict(cfg)
-    out = {k: v for k, v in cfg.items() if k != "model_type"}
-    return {"model_type": GUARD_MODEL_TYPE, REAL_TYPE_KEY: cfg["model_type"], **out}
-
-
-def unguard_config_dict(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config.json dict as the real family reads it (the inverse of :func:`guard_config_dict`)."""
-    if cfg.get("model_type") != GUARD_MODEL_TYPE:
-        return dict(cfg)
-    if not isinstance(cfg.get(REAL_TYPE_KEY), str):
-        raise CheckpointError(f"a billm config.json without {REAL_TYPE_KEY!r}: the model's real type is unknown")
-    out = {k: v for k, v in cfg.items() if k != REAL_TYPE_KEY}
-    out["model_type"] = cfg[REAL_TYPE_KEY]
-    return out
-
-
-def guard_config_file(path: Union[str, Path]) -> None:
-    """Rewrite ``path`` (a config.json) with the guard model type, atomically."""
-    from ..io import write_json_atomic
-
-    path = Path(path)
-    write_json_atomic(path, guard_config_dict(json.loads(path.read_text())))
-
+from .checkpoint import QUANT_MAP, read_map, swap_in_packed
+from .guard import GUARD_MODEL_TYPE, QUANT_METHOD, guard_config_file, unguard_config_dict
 
 # ----------------------------------------------------------------------------- registration
 
@@ -152,8 +117,6 @@ def _build_classes():
                 raise CheckpointError("billm quantizes with billm.quantize (or `billm quantize`), not while loading")
 
         def _process_model_before_weight_loading(self, model, **kwargs: Any):
-            from .checkpoint import swap_in_packed
-
             layers = self.quantization_config.layers
             if layers is None:  # folders written before the layers were kept in config.json
                 layers = _layers_beside(kwargs.get("checkpoint_files"))
@@ -176,8 +139,6 @@ def _build_classes():
 
 def _layers_beside(checkpoint_files) -> dict[str, Any]:
     """The layer table of the quantization map next to the weight files (folders of format version <= 2)."""
-    from .checkpoint import QUANT_MAP, read_map
-
     folder = Path(checkpoint_files[0]).parent if checkpoint_files else None
     if folder is None or not (folder / QUANT_MAP).is_file():
         raise CheckpointError(f"{folder}: an older billm checkpoint whose config.json lists no layers, without its "

@@ -107,7 +107,7 @@ class PackedLinear(nn.Module):
     def weight(self) -> Tensor:
         """The decoded (out, in) weight in the input's own basis, float32 (``Ŵ Rᵀ`` for a rotated layer;
         computed on every access; for inspection)."""
-        w = self.stored().values()
+        w = self.stored().decode()
         rot = self.rotation()
         return w if rot is None else rot.unrotate(w)
 
@@ -132,7 +132,7 @@ class PackedLinear(nn.Module):
         return self._layout
 
     def keep_decoded(self, w: Tensor) -> None:
-        """Hold ``w``, this layer's decoded (out, in) float32 weight (``stored().values()``, e.g. from a check
+        """Hold ``w``, this layer's decoded (out, in) float32 weight (``stored().decode()``, e.g. from a check
         just made), for the next :func:`decode_once`; dropped by it, or by any move of the layer.
 
         Raises:
@@ -153,7 +153,7 @@ class PackedLinear(nn.Module):
         path = choose_path(requested, x, layout is not None)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         if path == "dequant":
-            w = self._decoded if self._decoded is not None else self.stored().values()  # (out, in) float32
+            w = self._decoded if self._decoded is not None else self.stored().decode()  # (out, in) float32
             return F.linear(x, w.to(x.dtype), b)
         y = packed_matmul(x, layout, path)
         return y + b if b is not None else y
@@ -175,7 +175,7 @@ def decode_once(layers: Iterable[PackedLinear]) -> Iterator[None]:
     try:
         for m in layers:
             if m._decoded is None:
-                m._decoded = m.stored().values()
+                m._decoded = m.stored().decode()
         yield
     finally:
         for m in layers:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .binarize import binarize, sq_error
-from .search import salient_candidates
+from billm.methods.binarize import binarize, sq_error
+from billm.methods.search import salient_candidates
 
 
 def salient_search_loop(M: Tensor, col_score: Tensor, k_min: int, k_max: int, order: int = 2,

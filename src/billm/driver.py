@@ -174,7 +174,7 @@ class _Run:
         return f"{self.blocks_name}.{i}.{linear}"
 
 
-def plan(model: nn.Module, config: QuantConfig, seqlen: int, device: Optional[Device]) -> _Run:
+def _plan(model: nn.Module, config: QuantConfig, seqlen: int, device: Optional[Device]) -> _Run:
     """Check the model, the config and the calibration length; find the linears to quantize. No work yet."""
     method = method_of(config)
     max_pos = max_positions(getattr(model, "config", None))
@@ -235,7 +235,7 @@ def _check_finite(w: Tensor, name: str) -> None:
         raise QuantizationError(f"{name}: the weight has NaN/Inf entries; refusing to quantize it")
 
 
-def fill_block(run: _Run, i: int) -> None:
+def _fill_block(run: _Run, i: int) -> None:
     """An empty model's block ``i``: read its tensors (in the model's dtype) and check its linears' weights."""
     if run.weights is None:
         return
@@ -244,13 +244,13 @@ def fill_block(run: _Run, i: int) -> None:
         _check_finite(get_weight(mod), run.name(i, name))
 
 
-def replicas(run: _Run, i: int) -> list[nn.Module]:
+def _replicas(run: _Run, i: int) -> list[nn.Module]:
     """Block ``i`` (on the first device) and a copy of it on every further device."""
     block = run.blocks[i]
     return [block] + [copy.deepcopy(block).to(d) for d in run.devices[1:]]
 
 
-def over_batches(run: _Run, reps: list[nn.Module], each: Callable[[int, int], Any]) -> Iterator[tuple[int, Any]]:
+def _over_batches(run: _Run, reps: list[nn.Module], each: Callable[[int, int], Any]) -> Iterator[tuple[int, Any]]:
     """``each(replica_index, batch)`` for every calibration batch, round robin over the replicas; (batch, result)
     in batch order, so whatever is accumulated from the results is accumulated in the same order on any device list."""
     nb, n = len(run.inputs.hidden), len(reps)
@@ -263,7 +263,7 @@ def over_batches(run: _Run, reps: list[nn.Module], each: Callable[[int, int], An
             yield from ((r0 + k, f.result()) for k, f in enumerate(futures))
 
 
-def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
+def _accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
     """Step 1: one pass of the calibration inputs through the (full-precision) block ``i``; a Hessian per linear.
 
     Linears fed the very same tensor (q/k/v, gate/up) share one accumulator. With several devices
@@ -280,7 +280,7 @@ def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
         acc = HessianAccumulator(get_weight(linears[group[0]]).shape[1], run.device,
                                  name=" / ".join(run.name(i, n) for n in group))
         accs.update({n: acc for n in group})
-    reps = replicas(run, i)
+    reps = _replicas(run, i)
     seen: list[dict[str, Tensor]] = [{} for _ in reps]  # per replica: the group leaders' inputs of its batch
     handles = [rep.get_submodule(g[0]).register_forward_hook(
         lambda _m, inp, _out, k=k, n=g[0]: seen[k].__setitem__(n, inp[0].detach())) for k, rep in enumerate(reps)
@@ -292,7 +292,7 @@ def accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
         return out
 
     try:
-        for _b, xs in over_batches(run, reps, each):
+        for _b, xs in _over_batches(run, reps, each):
             for n, x in xs.items():
                 accs[n].add_batch(x)
     except QuantizationError as e:
@@ -326,7 +326,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     except BillmError as e:
         raise QuantizationError(f"{full}: {e}") from e
     st = (res.stored if rot is None else rot.attach(res.stored)).to(W.device)
-    Q = st.values()  # (out, in): what every later forward computes with
+    Q = st.decode()  # (out, in): what every later forward computes with
     if res.q is not None and not torch.equal(res.q, Q):
         raise QuantizationError(f"{full}: the {method.name} stored form does not decode to the weights it simulated "
                                 f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
@@ -342,7 +342,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
                                info=res.info)
 
 
-def quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> list[LayerReport]:
+def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> list[LayerReport]:
     """Step 2 for every selected linear of block ``i``: each is replaced by its PackedLinear in place.
 
     With several devices the linears are spread over them (the j-th on device j mod n) and quantized at once.
@@ -372,7 +372,7 @@ def quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> li
     return done
 
 
-def propagate(run: _Run, i: int) -> None:
+def _propagate(run: _Run, i: int) -> None:
     """Step 3: the packed block ``i`` on the calibration inputs, through its decode path; its outputs feed block i+1.
 
     Each batch's output replaces its input as soon as it is known (one copy of the activations alive).
@@ -383,17 +383,17 @@ def propagate(run: _Run, i: int) -> None:
     for m in packed:
         m.kernel = "dequant"  # exactly the simulated weights, whatever the token count
     try:
-        reps = replicas(run, i)
+        reps = _replicas(run, i)
         each = lambda k, b: to_host(run_batch(reps[k], run.inputs, b, run.devices[k], i), run.activations)  # noqa: E731
         with decode_once(m for rep in reps for m in rep.modules() if isinstance(m, PackedLinear)):
-            for b, out in over_batches(run, reps, each):
+            for b, out in _over_batches(run, reps, each):
                 run.inputs.hidden[b] = out
     finally:
         for m, k in zip(packed, kernels):
             m.kernel = k
 
 
-def replay(run: _Run, store: "ProgressStore") -> int:
+def _replay(run: _Run, store: "ProgressStore") -> int:
     """Resume: swap in the packed layers an earlier run finished; returns the first block still to do."""
     state = store.load()
     if state is None:
@@ -408,7 +408,7 @@ def replay(run: _Run, store: "ProgressStore") -> int:
                                                                  source=type(old).__name__))
     for i in range(state.next_block):
         run.targets[i] = {}
-        fill_block(run, i)  # what the store does not hold (norms) of an empty model's finished blocks
+        _fill_block(run, i)  # what the store does not hold (norms) of an empty model's finished blocks
     run.layers = [LayerReport(**{**d, "shape": tuple(d["shape"])}) for d in state.layers]
     for k, v in state.phases.items():
         run.phases[k] += v
@@ -418,7 +418,7 @@ def replay(run: _Run, store: "ProgressStore") -> int:
     return state.next_block
 
 
-def record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", before: dict[str, float]) -> None:
+def _record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", before: dict[str, float]) -> None:
     """Write block ``i``'s packed layers, reports and output activations to the progress store."""
     prefix = f"{run.blocks_name}.{i}."
     stored = {prefix + n: m.stored() for n, m in run.blocks[i].named_modules() if isinstance(m, PackedLinear)}
@@ -427,7 +427,7 @@ def record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", b
                        {k: run.phases[k] - before[k] for k in run.phases})
 
 
-def mark_quantized(model: nn.Module, config: QuantConfig) -> None:
+def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     """Record the method's config on the model (``model.config.quantization_config``), where :func:`billm.save` reads it."""
     if getattr(model, "config", None) is not None:
         model.config.quantization_config = quantization_record(config.method, config.to_dict())
@@ -469,12 +469,12 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     if weights is None and is_lazy(model):
         raise ModelError("the model has parameters on the meta device and no source for them: pass "
                          "weights=billm.model.LazyWeights.from_folder(folder) (see billm.model.load_skeleton)")
-    run = plan(model, config, batches[0].shape[1], device)
+    run = _plan(model, config, batches[0].shape[1], device)
     run.weights = weights
     run.activations = run.device if activations_on_device else run.offload
     if weights is not None:
         fill_outside_blocks(model, run.blocks_name, weights)
-        fill_block(run, 0)  # the capture's probe runs block 0
+        _fill_block(run, 0)  # the capture's probe runs block 0
     was_training = model.training
     model.eval()
     current: Optional[nn.Module] = None
@@ -482,33 +482,33 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         t0 = time.perf_counter()
         run.inputs = capture_inputs(model, batches, device=run.device, offload=run.activations)
         run.phases["capture"] += time.perf_counter() - t0
-        start = replay(run, store) if store is not None else 0
+        start = _replay(run, store) if store is not None else 0
         bar = tqdm(range(start, len(run.blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block",
                    initial=start, total=len(run.blocks))
         for i in bar:
             before = dict(run.phases)
-            fill_block(run, i)
+            _fill_block(run, i)
             current = run.blocks[i].to(run.device)
             t0 = time.perf_counter()
-            accs = accumulate_hessians(run, i)
+            accs = _accumulate_hessians(run, i)
             run.phases["hessian"] += time.perf_counter() - t0
-            done = quantize_block(run, i, accs)
+            done = _quantize_block(run, i, accs)
             del accs
             t0 = time.perf_counter()
             if i + 1 < len(run.blocks):
-                propagate(run, i)
+                _propagate(run, i)
             current.to(run.offload)
             return_freed_memory()
             run.phases["propagation"] += time.perf_counter() - t0
             run.layers.extend(done)
             if store is not None:
-                record(run, i, done, store, before)
+                _record(run, i, done, store, before)
             if done:
                 bar.set_postfix(err=f"{done[-1].hessian_rel_err:.3f}")
     finally:  # on any failure: the block back where it was, the mode restored
         if current is not None:
             current.to(run.offload)
         model.train(was_training)
-    mark_quantized(model, config)
+    _mark_quantized(model, config)
     return QuantReport(config=config.to_dict(), layers=run.layers, phases=run.phases,
                        nsamples=sum(b.shape[0] for b in batches), seqlen=batches[0].shape[1], resumed_blocks=start)

@@ -1,0 +1,75 @@
+"""SHA-256 of the checkpoint every registered method and preset writes for one fixed small model.
+
+A refactor that must not change a byte a user gets is checked by running this before and after
+and comparing the two lists (``diff``): each line is ``spec  digest``, the digest taken over the
+checkpoint's tensors file and quantization map (the report, which holds timings, is left out).
+
+    python scripts/checkpoint_digests.py > before.txt
+    ... change the code ...
+    python scripts/checkpoint_digests.py | diff before.txt -
+
+The model is a 2-block random LLaMA (hidden 256, so OBC blocks of 128 columns and the salient
+search see more than one block), calibrated on 4 windows of 64 random token ids (seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import billm
+from billm.methods import config_classes
+
+EXTRA_SPECS = ("gptq:w2g128a", "gptq:w3g64", "rtn:w2", "billm:plus+hadamard", "billm:tiny+hadamard",
+               "slim:w2+hadamard", "arb:hadamard", "billm:reference+b64")
+
+
+def specs() -> list[str]:
+    """Every registered method with its default config, each of its presets, and a few combined options."""
+    out = []
+    for cls in config_classes():
+        out.append(cls.method)
+        out += [f"{cls.method}:{p}" for p in cls.presets]
+    return out + [s for s in EXTRA_SPECS if s not in out]
+
+
+def tiny_llama():
+    """The fixed 2-block random LLaMA the digests are taken on."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def digest(spec: str, ids: torch.Tensor) -> str:
+    """The SHA-256 over the tensors file and the quantization map of ``spec``'s checkpoint."""
+    model = tiny_llama()
+    billm.quantize(model, ids, billm.config_from_spec(spec), progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(billm.save(model, Path(tmp) / "ck"))
+        h = hashlib.sha256()
+        for name in sorted(p.name for p in out.iterdir() if p.name != "billm_report.json"):
+            h.update(name.encode() + b"\0" + (out / name).read_bytes())
+        return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated specs (default: every method and preset)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # the same GEMM reductions on every run
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    for spec in (args.only.split(",") if args.only else specs()):
+        print(f"{spec:24s} {digest(spec, ids)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
