@@ -1,7 +1,7 @@
 """Write tests/data/billm_reference_q_proj.safetensors.xz: the q_proj part of the shared reference file.
 
 The reference-fidelity test (tests/test_reference.py) checks that our ``reference`` preset
-reproduces the public BiLLM implementation on real SmolLM2 block-0 layers (DESIGN.md §5). The
+reproduces the public BiLLM implementation on real SmolLM2 block-0 layers (docs/methods.md, "Paper and reference variants"). The
 full file, ``../shared/data/reference/billm_reference_block0.safetensors`` (20 MB), lives outside
 the repository, so a plain clone would skip the test. This script copies the smaller of its two
 layers, ``q_proj`` (576x576), into the repository: three float32 tensors, unchanged bit for bit,

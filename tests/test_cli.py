@@ -92,13 +92,27 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_billm_output(tiny_folder, t
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--nsamples", "0"], "--nsamples must be >= 1"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
-])
-def test_bad_numbers_and_devices_fail_before_loading(tmp_path, capsys, argv, msg):
-    rc = main(["quantize", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "o")] + argv)
-    assert rc == 2 and msg in capsys.readouterr().err
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--nsamples", "0"], "argument --nsamples: must be >= 1, got 0"),
+    (["--seqlen", "1"], "argument --seqlen: must be >= 2, got 1"),
+    (["--nsamples", "many"], "argument --nsamples: an integer, got 'many'"),
+], ids=["batch-size", "nsamples", "seqlen", "not-a-number"])
+def test_bad_numbers_fail_while_parsing(tmp_path, capsys, argv, msg):
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "o")] + argv)
+    assert exit_.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_device_fails_before_loading(tmp_path, capsys):
+    dev = "cuda" if not torch.cuda.is_available() else "nonsense"
+    rc = main(["quantize", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "o"), "--device", dev])
+    assert rc == 2 and "--device" in capsys.readouterr().err
+
+
+def test_several_devices_only_where_the_work_spreads(tmp_path, capsys):
+    rc = main(["eval", str(tmp_path / "never-loaded"), "--device", "cpu,cpu"])
+    assert rc == 2 and "one device here" in capsys.readouterr().err
 
 
 def test_baseline_methods_from_the_command_line(tiny_folder, tmp_path, capsys):

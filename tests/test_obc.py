@@ -25,7 +25,7 @@ def test_accumulator_refuses_non_finite_inputs_when_read(bad):
     acc.add_batch(torch.tensor([[1.0, bad, 0.0, 0.0]]))
     acc.add_batch(torch.randn(3, 4))
     with pytest.raises(QuantizationError, match="non-finite values.*blocks.0.q"):
-        acc.H
+        _ = acc.H
 
 
 def _spd(n, seed=0):

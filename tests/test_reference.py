@@ -1,4 +1,4 @@
-"""Our reference-compatible variant must reproduce the public BiLLM implementation (DESIGN.md §5).
+"""Our reference-compatible variant must reproduce the public BiLLM implementation (docs/methods.md, "Paper and reference variants").
 
 ``q_proj`` (576x576) is checked from the copy bundled in ``tests/data`` (the whole layer, written by
 ``scripts/make_reference_subset.py``), so it runs in any clone; ``down_proj`` (576x1536) only from

@@ -31,6 +31,7 @@ def test_smollm2_quantizes_end_to_end(smollm2, tmp_path):
     test_ids = get_eval_tokens("pydoc", tok, seqlen=256)
     fp = perplexity(model, test_ids, seqlen=256, max_windows=4)
     n_params = sum(p.numel() for p in model.parameters())
+    emb, head = model.get_input_embeddings().weight.clone(), model.get_output_embeddings().weight.clone()
     report = billm.quantize(model, calib, billm.BiLLMConfig(), progress=False)
     q = perplexity(model, test_ids, seqlen=256, max_windows=4)
 
@@ -39,7 +40,10 @@ def test_smollm2_quantizes_end_to_end(smollm2, tmp_path):
     assert all(0 < r.hessian_rel_err < 1 for r in report.layers)
     assert math.isfinite(q.ppl) and q.ppl > fp.ppl
     assert q.ppl < 1e5  # degraded (1 bit on 135M parameters), not destroyed
-    # embeddings and lm_head untouched, every block linear binarized (few levels per row)
+    # embeddings and lm_head untouched, every block linear packed and binarized (few levels per row)
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    assert torch.equal(model.get_output_embeddings().weight, head)
+    assert sum(isinstance(m, billm.PackedLinear) for m in model.modules()) == 30 * 7
     w = model.model.layers[3].mlp.up_proj.weight[0, :128]
     assert len(torch.unique(w)) <= 8
 

@@ -15,7 +15,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .io import write_json_atomic
 
@@ -134,19 +134,31 @@ def _evaluate(model, tokenizer, tasks: Sequence[str], seqlen: int, max_windows: 
 
 # ----------------------------------------------------------------------------- subcommands
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (a bad number fails while parsing, before anything slow)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_positive = _at_least(1)
+_seqlen = _at_least(2)
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    """Reject impossible numbers and devices before anything slow (loading a model) starts."""
+    """Reject impossible devices before anything slow (loading a model) starts (numbers are checked by the parser)."""
     import torch
 
     from .errors import BillmError
 
-    for name in ("nsamples", "seqlen", "batch_size", "eval_seqlen", "eval_batch_size", "max_windows", "calib_seqlen",
-                 "max_new_tokens", "limit", "zeroshot_batch_size", "cpus_per_job"):
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise BillmError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if getattr(args, "seqlen", None) is not None and args.seqlen < 2:
-        raise BillmError("--seqlen must be >= 2")
     dev = getattr(args, "device", None)
     if dev is not None:
         from .driver import parse_devices
@@ -155,7 +167,7 @@ def _check_args(args: argparse.Namespace) -> None:
             devices = parse_devices(dev)
         except BillmError as e:
             raise BillmError(f"--device {dev!r}: {e}") from None
-        if len(devices) != 1 and getattr(args, "fn", None) not in (cmd_quantize, cmd_compare):
+        if len(devices) != 1 and not getattr(args, "many_devices", False):
             raise BillmError(f"--device {dev!r}: one device here (only quantize and compare spread over several)")
         for d in devices:
             elsewhere = getattr(args, "cluster", "local") != "local" or getattr(args, "print_commands", False)
@@ -402,7 +414,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .sweep import Job, Sweep, check_cluster, job_commands, run_jobs
 
     _check_args(args)
-    pareto = getattr(args, "fn", None) is cmd_pareto
+    pareto = args.through_files
     specs = [s for s in args.methods.split(",") if s]
     for s in specs:
         parse_method(s)  # a typo fails now, not after an hour
@@ -469,10 +481,6 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return seeds
 
 
-def cmd_pareto(args: argparse.Namespace) -> int:
-    return cmd_compare(args)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -523,13 +531,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"same model in fp16: {_mb(info.fp16_bytes)} ({info.n_params:,} parameters); this checkpoint is "
               f"{info.file_bytes / info.fp16_bytes:.3f}x of it ({info.fp16_bytes / info.file_bytes:.2f}x smaller)")
         if args.json:
-            write_json_atomic(Path(args.json), {
-                "path": str(info.path), "weight_bits": info.weight_bits, "storage_bits": info.storage_bits,
-                "file_bytes": info.file_bytes, "fp16_bytes": info.fp16_bytes, "other_bytes": info.other_bytes,
-                "n_params": info.n_params, "n_quantized": info.n_quantized, "bytes_by_kind": info.bytes_by_kind(),
-                "layers": [{"name": l.name, "shape": list(l.shape), "format": l.format, "weight_bits": l.weight_bits,
-                            "storage_bits": l.storage_bits,
-                            "bytes_by_kind": l.bytes_by_kind} for l in info.layers]})
+            write_json_atomic(Path(args.json), info.to_dict())
         return 0
     report_path = path / REPORT_NAME if path.is_dir() else path
     if not report_path.is_file():
@@ -555,13 +557,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2, ptb, pydoc, or a path")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--nsamples", type=_positive, default=128)
+    p.add_argument("--seqlen", type=_seqlen, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None,
                    help="where each block is quantized, e.g. cuda, or several at once: cuda:0,cuda:1 (calibration "
                         "batches and the block's linears are spread over them; default: the model's device)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--batch-size", type=_positive, default=8, help="calibration sequences per forward")
 
 
 def _add_sweep(p: argparse.ArgumentParser) -> None:
@@ -571,7 +573,7 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
                    help="where the jobs run: local (here, one after another), ray (this machine's Ray cluster, or a "
                         "new local one) or ray://host:port; needs pip install 'billm[ray]' and an output folder every "
                         "node sees (docs/sweeps.md)")
-    p.add_argument("--cpus-per-job", type=int, default=1,
+    p.add_argument("--cpus-per-job", type=_positive, default=1,
                    help="CPUs each Ray task asks for and uses (a CUDA job asks for one GPU as well)")
     p.add_argument("--print-commands", action="store_true",
                    help="print the jobs as plain billm commands (one per job, then the one that gathers the table) "
@@ -596,14 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(q)
     _add_calibration(q)
     q.add_argument("--eval", default=None, help="comma-separated perplexity tasks to run after quantizing")
-    q.add_argument("--eval-seqlen", type=int, default=None)
-    q.add_argument("--eval-batch-size", type=int, default=1)
-    q.add_argument("--max-windows", type=int, default=None)
+    q.add_argument("--eval-seqlen", type=_positive, default=None)
+    q.add_argument("--eval-batch-size", type=_positive, default=1)
+    q.add_argument("--max-windows", type=_positive, default=None)
     q.add_argument("--quiet", action="store_true", help="no per-layer table")
     q.add_argument("--restart", action="store_true",
                    help="ignore the progress an interrupted run left (by default the same command resumes it)")
     q.add_argument("--force", action="store_true", help="replace an output folder holding a checkpoint of another model")
-    q.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+    q.add_argument("--checkpoint-every", type=_positive, default=1, metavar="N",
                    help="save the calibration activations for resuming after every N-th block only (they weigh "
                         "nsamples x seqlen x hidden x 2 bytes: 4 GB a save at 70B); a resumed run redoes up to N-1 blocks")
     q.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES,
@@ -616,21 +618,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the whole model up front (default for safetensors folders and hub models: an empty "
                         "model whose blocks are read one at a time, so memory holds about one block)")
     _add_data(q)
-    q.set_defaults(fn=cmd_quantize)
+    q.set_defaults(fn=cmd_quantize, many_devices=True)
 
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and zero-shot accuracy of a model or checkpoint")
     e.add_argument("model", help="hub name, local folder (a billm output too), or .gguf file")
     e.add_argument("--tasks", default="wikitext2",
                    help="comma-separated perplexity sets (wikitext2, ptb, c4, pydoc, or paths) and zero-shot tasks "
                         "(piqa, boolq, openbookqa, winogrande, arc_easy, arc_challenge, hellaswag)")
-    e.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N items of each task")
-    e.add_argument("--zeroshot-batch-size", type=int, default=16, help="zero-shot: requests per forward")
+    e.add_argument("--limit", type=_positive, default=None, help="zero-shot: score only the first N items of each task")
+    e.add_argument("--zeroshot-batch-size", type=_positive, default=16, help="zero-shot: requests per forward")
     e.add_argument("--harness", action="store_true",
                    help="hand the model to lm-evaluation-harness (its own task names)")
     e.add_argument("--include-path", default=None, help="--harness: a folder of extra YAML task definitions")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None, help="cap on evaluated windows (default: all)")
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--seqlen", type=_seqlen, default=2048)
+    e.add_argument("--max-windows", type=_positive, default=None, help="cap on evaluated windows (default: all)")
+    e.add_argument("--batch-size", type=_positive, default=1)
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", default="auto", choices=SAVE_DTYPES,
                    help="dtype to run in (auto: float32, or a billm checkpoint's saved dtype)")
@@ -642,10 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="BiLLM and BiLLM plus on the embedded SmolLM2-135M against full precision")
     d.add_argument("--tasks", default="wikitext2,pydoc", help="evaluation sets (missing ones are skipped)")
     d.add_argument("--calib", default="pydoc")
-    d.add_argument("--nsamples", type=int, default=32)
-    d.add_argument("--calib-seqlen", type=int, default=512)
-    d.add_argument("--seqlen", type=int, default=512, help="evaluation window")
-    d.add_argument("--max-windows", type=int, default=40)
+    d.add_argument("--nsamples", type=_positive, default=32)
+    d.add_argument("--calib-seqlen", type=_positive, default=512)
+    d.add_argument("--seqlen", type=_seqlen, default=512, help="evaluation window")
+    d.add_argument("--max-windows", type=_positive, default=40)
     d.add_argument("--out", default="billm-demo.json")
     _add_data(d)
     d.set_defaults(fn=cmd_demo)
@@ -657,13 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "sign:noobc, pbllm:f0.05, billm:plus+b256, any-method:field=value (see docs/cli.md)")
     c.add_argument("--tasks", default="wikitext2")
     _add_calibration(c)
-    c.add_argument("--eval-seqlen", type=int, default=None)
-    c.add_argument("--max-windows", type=int, default=None)
+    c.add_argument("--eval-seqlen", type=_positive, default=None)
+    c.add_argument("--max-windows", type=_positive, default=None)
     c.add_argument("--out", default="compare", help="output folder")
     _add_sweep(c)
     _add_dtype(c)
     _add_data(c)
-    c.set_defaults(fn=cmd_compare)
+    c.set_defaults(fn=cmd_compare, many_devices=True, through_files=False)
 
     pa = sub.add_parser("pareto", help="perplexity against true storage bits: every method's checkpoint written, "
                                        "loaded back and measured; the front marked")
@@ -673,15 +675,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "own settings)")
     pa.add_argument("--tasks", default="wikitext2", help="the first is the one plotted and whose front is marked")
     _add_calibration(pa)
-    pa.add_argument("--eval-seqlen", type=int, default=None)
-    pa.add_argument("--max-windows", type=int, default=None)
+    pa.add_argument("--eval-seqlen", type=_positive, default=None)
+    pa.add_argument("--max-windows", type=_positive, default=None)
     pa.add_argument("--out", default="pareto", help="output folder (compare.json, compare.md, pareto.png)")
     pa.add_argument("--keep-checkpoints", default=None, metavar="DIR",
                     help="keep every method's checkpoint in DIR (default: a temporary folder, removed)")
     _add_sweep(pa)
     _add_dtype(pa)
     _add_data(pa)
-    pa.set_defaults(fn=cmd_pareto)
+    pa.set_defaults(fn=cmd_compare, many_devices=True, through_files=True)
 
     i = sub.add_parser("inspect", help="where a checkpoint's bytes go: per-layer storage bits measured from the file")
     i.add_argument("path", help="a billm checkpoint folder (or a billm_report.json)")
@@ -691,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a model or a billm checkpoint")
     g.add_argument("model", help="a billm checkpoint folder, hub name, local folder or .gguf file")
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--max-new-tokens", type=_positive, default=40)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--device", default=None)
     g.add_argument("--kernel", choices=KERNEL_CHOICES, default=None, help=KERNEL_HELP)

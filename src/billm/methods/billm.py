@@ -34,7 +34,7 @@ class BiLLMConfig(QuantConfig):
 
     Defaults = the paper's text (compared with the reference code's choices in
     ``docs/results/pareto``). Presets: ``paper`` (the same), ``reference`` (the public reference code's
-    choices, float32 scales included: DESIGN §5), ``plus`` (beyond BiLLM at the same storage:
+    choices, float32 scales included: docs/methods.md, "Paper and reference variants"), ``plus`` (beyond BiLLM at the same storage:
     the paper's variant with ``intra_block`` and ``refit``), ``compact`` (``plus`` with the
     non-salient split per column: about 1.7 storage bits), ``tiny`` (``compact`` with fp8
     scales: about 1.45) and ``wide`` (``tiny`` with the second sign plane on 88 of every 128
@@ -91,7 +91,7 @@ class BiLLMConfig(QuantConfig):
 
     @classmethod
     def reference(cls, **overrides: Any) -> "BiLLMConfig":
-        """The public reference implementation's choices (DESIGN.md §5), float32 scales included."""
+        """The public reference implementation's choices (docs/methods.md), float32 scales included."""
         return cls.preset("reference", **overrides)
 
     @classmethod

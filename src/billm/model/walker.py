@@ -141,7 +141,7 @@ def _move_outside_blocks(model: nn.Module, blocks_name: str, device: Device) -> 
     for name, mod in model.named_modules():
         if name == blocks_name or name.startswith(prefix):
             continue
-        for pname, p in list(mod.named_parameters(recurse=False)):
+        for _, p in list(mod.named_parameters(recurse=False)):
             p.data = p.data.to(device)
         for bname, b in list(mod.named_buffers(recurse=False)):
             mod._buffers[bname] = b.to(device)

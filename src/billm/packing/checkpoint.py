@@ -523,6 +523,14 @@ class CheckpointInfo:
                 out[k] = out.get(k, 0) + v
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """The measurements as JSON (what ``billm inspect --json`` writes)."""
+        return {"path": str(self.path), "weight_bits": self.weight_bits, "storage_bits": self.storage_bits,
+                "file_bytes": self.file_bytes, "fp16_bytes": self.fp16_bytes, "other_bytes": self.other_bytes,
+                "n_params": self.n_params, "n_quantized": self.n_quantized, "bytes_by_kind": self.bytes_by_kind(),
+                "layers": [{"name": l.name, "shape": list(l.shape), "format": l.format, "weight_bits": l.weight_bits,
+                            "storage_bits": l.storage_bits, "bytes_by_kind": l.bytes_by_kind} for l in self.layers]}
+
 
 def inspect(path: Union[str, Path]) -> CheckpointInfo:
     """Measure a checkpoint from its files alone (no tensor is loaded)."""
