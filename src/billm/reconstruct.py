@@ -43,8 +43,8 @@ class Settings:
     """
 
     steps: int
-    lr: float = 1e-3
-    batch: int = 4
+    lr: float = 1e-2
+    batch: int = 1
     seed: int = 0
 
 
