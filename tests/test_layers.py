@@ -23,7 +23,7 @@ ALLOWED = {
     "methods": {"errors", "config", "kernels", "packing"},
     "model": {"errors", "config", "io", "packing"},
 }
-CORE = ["kernels", "packing", "methods", "model", "quantize.py", "resume.py", "config.py"]
+CORE = ["kernels", "packing", "methods", "model", "quantize.py", "reconstruct.py", "resume.py", "config.py"]
 
 
 def _billm_imports(path: Path) -> set[str]:

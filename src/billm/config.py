@@ -126,7 +126,7 @@ class QuantConfig:
     reconstruct: int = option(0, "block reconstruction: Adam steps per block tuning the stored scales and means "
                                  "(in their stored dtype) so the quantized block reproduces the full-precision "
                                  "block's output (0: off)", record_default=False)
-    reconstruct_lr: float = option(1e-2, "block reconstruction: learning rate, relative to each tuned tensor's mean "
+    reconstruct_lr: float = option(1e-2, "block reconstruction: Adam learning rate, relative to each tuned value's "
                                          "magnitude", record_default=False)
     reconstruct_batch: int = option(1, "block reconstruction: calibration sequences per step", record_default=False)
     reconstruct_target: str = option("qinputs", "block reconstruction: the full-precision block's output on the "
