@@ -128,6 +128,33 @@ def _byte_tokenizer_fixture():
     return byte_tokenizer
 
 
+def quantized_block(spec: str = "billm", seed: int = 0):
+    """Block 0 of a tiny random LLaMA quantized by ``spec`` (``method:options``, its other block left float), with
+    what block reconstruction needs: ``(block, hidden, kwargs, targets)``, the block's inputs and keyword
+    arguments per calibration batch (2 batches of 4 x 32 tokens) and the full-precision block's outputs on them."""
+    import copy
+
+    import billm
+    from billm.methods import get_method
+    from billm.model.walker import capture_inputs, find_blocks, run_block
+
+    model = tiny_model("llama", seed)
+    fp = copy.deepcopy(model)
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(seed))
+    method, _, opts = spec.partition(":")
+    config = get_method(method).config.from_spec(opts).replace(include=("model.layers.0.*",), blocksize=32)
+    billm.quantize(model, ids, config, batch_size=4, progress=False)
+    inputs = capture_inputs(fp, [ids[:4], ids[4:]])
+    targets = run_block(find_blocks(fp)[1][0], inputs, "cpu", "cpu", 0)
+    kwargs = [inputs.for_block(b, 0) for b in range(len(targets))]
+    return find_blocks(model)[1][0], inputs.hidden, kwargs, targets
+
+
+@pytest.fixture(scope="session", name="quantized_block")
+def _quantized_block_fixture():
+    return quantized_block
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A tiny random LLaMA model with the byte tokenizer, saved with save_pretrained (a model name for the CLI)."""

@@ -24,7 +24,7 @@ ALLOWED = {
     "methods": {"errors", "config", "kernels", "packing"},
     "model": {"errors", "config", "io", "packing"},
 }
-CORE = ["kernels", "packing", "methods", "model", "driver.py", "resume.py", "config.py"]
+CORE = ["kernels", "packing", "methods", "model", "driver.py", "reconstruct.py", "resume.py", "config.py"]
 
 
 def _billm_imports(path: Path) -> set[str]:

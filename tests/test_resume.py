@@ -87,6 +87,27 @@ def test_sigkill_then_resume_gives_byte_identical_files(tiny4, baseline, tmp_pat
     assert not _progress(out).exists()  # progress is removed once the checkpoint is safe
 
 
+REC = ("--reconstruct", "4", "--reconstruct-lr", "0.05", "--reconstruct-batch", "2", "--reconstruct-target", "fpinputs")
+
+
+@pytest.mark.parametrize("faults", [["before-block:2"], ["mid-hidden:1", "after-hidden:2"]])
+def test_reconstruction_with_a_second_stream_resumes_to_the_same_bytes(tiny4, tmp_path, faults):
+    # the full-precision stream is saved beside the activations: a resumed run tunes the next block toward the
+    # same targets, and the same command gives the same bytes
+    base = tmp_path / "base"
+    assert _run(_argv(tiny4, base, *REC)).returncode == 0
+    again = tmp_path / "again"
+    assert _run(_argv(tiny4, again, *REC)).returncode == 0
+    assert _files(again) == _files(base)
+    assert json.loads((base / "billm_quant.json").read_text())["config"]["reconstruct"] == 4
+    out = tmp_path / "q"
+    for fault in faults:
+        assert _run(_argv(tiny4, out, *REC), fault).returncode == -signal.SIGKILL
+    r = _run(_argv(tiny4, out, *REC))
+    assert r.returncode == 0, r.stderr
+    assert _files(out) == _files(base)
+
+
 def test_activations_saved_every_n_blocks_resume_to_the_same_bytes(tiny4, baseline, tmp_path):
     out = tmp_path / "q"
     r = _run(_argv(tiny4, out, "--checkpoint-every", "2"), fault="before-block:3")

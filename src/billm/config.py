@@ -99,7 +99,7 @@ class QuantConfig:
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     """Named option sets (``--preset NAME``, ``method:NAME`` in compare specs); ``default`` is the class defaults."""
     abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
-        "b": "blocksize", "fp8": {"scale_dtype": "float8_e4m3fn"}}
+        "b": "blocksize", "fp8": {"scale_dtype": "float8_e4m3fn"}, "rec": "reconstruct"}
     """Short spellings in compare specs: a letter followed by a number sets that field (``b256``), a
     bare name of a boolean field sets it (``a``), and a name mapped to a dict sets those options."""
     storage_estimate: ClassVar[float] = 16.0
@@ -116,6 +116,19 @@ class QuantConfig:
                                  "block Hadamard of the input width, and the layer rotates its input at run time",
                          choices=("none", "hadamard"), record_default=False)
     rotate_seed: int = option(0, "seed of the rotation's random signs", record_default=False)
+    # --- block reconstruction (billm.reconstruct): tune each quantized block's stored scales/means to its target
+    reconstruct: int = option(0, "block reconstruction: Adam steps per block tuning the stored scales and means "
+                                 "(in their stored dtype) so the quantized block reproduces the full-precision "
+                                 "block's output (0: off)", record_default=False)
+    reconstruct_lr: float = option(1e-2, "block reconstruction: Adam learning rate, relative to each tuned value's "
+                                         "magnitude", record_default=False)
+    reconstruct_batch: int = option(1, "block reconstruction: calibration sequences per step", record_default=False)
+    reconstruct_target: str = option("qinputs", "block reconstruction: the full-precision block's output on the "
+                                                "quantized model's inputs (qinputs) or on the full-precision "
+                                                "model's own inputs (fpinputs, a second activation stream)",
+                                     choices=("qinputs", "fpinputs"), record_default=False)
+    reconstruct_seed: int = option(0, "block reconstruction: seed of the mini-batch draws", record_default=False)
+    # --- end block reconstruction
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # JSON lists -> tuples, values -> enums; then the declared choices
@@ -127,6 +140,10 @@ class QuantConfig:
         check(0.0 <= self.percdamp < 10.0, f"percdamp must be in [0, 10), got {self.percdamp}")
         check(len(self.include) > 0, "include needs at least one pattern")
         check(self.rotate_seed >= 0, f"rotate_seed must be >= 0, got {self.rotate_seed}")
+        check(self.reconstruct >= 0, f"reconstruct must be >= 0 steps, got {self.reconstruct}")
+        check(self.reconstruct_lr > 0, f"reconstruct_lr must be > 0, got {self.reconstruct_lr}")
+        check(self.reconstruct_batch >= 1, f"reconstruct_batch must be >= 1, got {self.reconstruct_batch}")
+        check(self.reconstruct_seed >= 0, f"reconstruct_seed must be >= 0, got {self.reconstruct_seed}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``method`` and ``version``."""

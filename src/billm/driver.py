@@ -35,6 +35,7 @@ from .model.walker import (
 from .packing.checkpoint import quantization_record
 from .packing.linear import PackedLinear, decode_once
 from .packing.rotation import Rotation
+from .reconstruct import Settings, reconstruct_block
 
 if TYPE_CHECKING:
     from .resume import ProgressStore
@@ -169,6 +170,7 @@ class _Run:
     layers: list[LayerReport] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     groups: Optional[list[list[str]]] = None  # linears sharing one input, probed once
+    fp_hidden: Optional[list[Tensor]] = None  # reconstruct_target fpinputs: the full-precision model's activations
 
     def name(self, i: int, linear: str) -> str:
         return f"{self.blocks_name}.{i}.{linear}"
@@ -393,6 +395,41 @@ def _propagate(run: _Run, i: int) -> None:
             m.kernel = k
 
 
+# ----------------------------------------------------------------------------- block reconstruction (billm.reconstruct)
+
+def _reconstruction_targets(run: _Run, i: int) -> Optional[list[Tensor]]:
+    """Before block ``i`` is quantized: its full-precision outputs, per batch, on the quantized model's inputs or
+    (``reconstruct_target`` fpinputs) on the full-precision stream, which they then replace. None when off."""
+    if not run.config.reconstruct:
+        return None
+    t0 = time.perf_counter()
+    fp = run.config.reconstruct_target == "fpinputs"
+    src = BlockInputs(run.fp_hidden if fp else run.inputs.hidden, run.inputs.kwargs, run.inputs.layer_kwargs)
+    outs = src.hidden if fp else []
+    for b in range(len(src.hidden)):
+        out = to_host(run_batch(run.blocks[i], src, b, run.device, i), run.activations)
+        if fp:
+            outs[b] = out  # the full-precision stream moves on: one copy alive
+        else:
+            outs.append(out)
+    run.phases["reconstruct"] += time.perf_counter() - t0
+    return outs
+
+
+def _reconstruct(run: _Run, i: int, targets: list[Tensor], done: list[LayerReport]) -> None:
+    """After block ``i`` is quantized: tune its stored scales and means toward ``targets``; figures in its reports."""
+    c = run.config
+    stats = reconstruct_block(run.blocks[i], run.inputs.hidden, [run.inputs.for_block(b, i) for b in range(len(targets))],
+                              targets, Settings(c.reconstruct, c.reconstruct_lr, c.reconstruct_batch, c.reconstruct_seed),
+                              run.device, i)
+    run.phases["reconstruct"] += stats.seconds
+    for r in done:
+        r.info["reconstruct"] = {"block_rel_err_first": stats.loss_first, "block_rel_err_last": stats.loss_last,
+                                 "steps": stats.steps}
+
+
+# ----------------------------------------------------------------------------- resume
+
 def _replay(run: _Run, store: "ProgressStore") -> int:
     """Resume: swap in the packed layers an earlier run finished; returns the first block still to do."""
     state = store.load()
@@ -414,6 +451,8 @@ def _replay(run: _Run, store: "ProgressStore") -> int:
         run.phases[k] += v
     if state.hidden is not None:
         run.inputs.hidden = [h.to(run.activations) for h in state.hidden]
+    if state.fp_hidden is not None:
+        run.fp_hidden = [h.to(run.activations) for h in state.fp_hidden]
     log.info("resumed: blocks 0..%d were finished by an earlier run", state.next_block - 1)
     return state.next_block
 
@@ -424,7 +463,7 @@ def _record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", 
     stored = {prefix + n: m.stored() for n, m in run.blocks[i].named_modules() if isinstance(m, PackedLinear)}
     last = i + 1 == len(run.blocks)
     store.record_block(i, done, stored, None if last else run.inputs.hidden,
-                       {k: run.phases[k] - before[k] for k in run.phases})
+                       {k: run.phases[k] - before[k] for k in run.phases}, None if last else run.fp_hidden)
 
 
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
@@ -482,6 +521,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         t0 = time.perf_counter()
         run.inputs = capture_inputs(model, batches, device=run.device, offload=run.activations)
         run.phases["capture"] += time.perf_counter() - t0
+        if config.reconstruct:
+            run.phases["reconstruct"] = 0.0
+            if config.reconstruct_target == "fpinputs":  # the second stream starts from the same captured inputs
+                run.fp_hidden = [h.clone() for h in run.inputs.hidden]
         start = _replay(run, store) if store is not None else 0
         bar = tqdm(range(start, len(run.blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block",
                    initial=start, total=len(run.blocks))
@@ -492,8 +535,12 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             t0 = time.perf_counter()
             accs = _accumulate_hessians(run, i)
             run.phases["hessian"] += time.perf_counter() - t0
+            targets = _reconstruction_targets(run, i)  # None unless config.reconstruct
             done = _quantize_block(run, i, accs)
             del accs
+            if targets is not None:
+                _reconstruct(run, i, targets, done)
+                del targets
             t0 = time.perf_counter()
             if i + 1 < len(run.blocks):
                 _propagate(run, i)

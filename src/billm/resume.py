@@ -80,6 +80,7 @@ class ResumeState:
         stored: the finished layers' packed weights, by full name.
         hidden: the next block's inputs, per calibration batch (None when every block is done).
         phases: the phase timings spent so far.
+        fp_hidden: block reconstruction's full-precision stream at the same point (None when not kept).
     """
 
     next_block: int
@@ -87,6 +88,7 @@ class ResumeState:
     stored: dict[str, StoredWeight]
     hidden: Optional[list[Tensor]]
     phases: dict[str, float]
+    fp_hidden: Optional[list[Tensor]] = None
 
 
 def _save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str], stage: str, block: int) -> None:
@@ -138,11 +140,13 @@ class ProgressStore:
         hidden_file = self.folder / "hidden.safetensors"
         done_file = self.folder / "done.json"
         if done_file.is_file():
-            last, hidden = json.loads(done_file.read_text())["after_block"], None
+            last, hidden, fp_hidden = json.loads(done_file.read_text())["after_block"], None, None
         elif hidden_file.is_file():
             with safe_open(str(hidden_file), "pt") as f:
                 last = int(f.metadata()["after_block"])
                 hidden = [f.get_tensor(str(b)) for b in range(int(f.metadata()["batches"]))]
+                fp_hidden = [f.get_tensor(f"fp{b}") for b in range(int(f.metadata()["batches"]))] \
+                    if "fp0" in f.keys() else None
         else:
             return None
         layers: list[dict[str, Any]] = []
@@ -162,13 +166,14 @@ class ProgressStore:
             for k, v in meta["phases"].items():
                 phases[k] = phases.get(k, 0.0) + v
         log.info("resuming after block %d (%d layers done) from %s", last, len(layers), self.folder)
-        return ResumeState(last + 1, layers, stored, hidden, phases)
+        return ResumeState(last + 1, layers, stored, hidden, phases, fp_hidden)
 
     def record_block(self, i: int, layers: list, stored: dict[str, StoredWeight], hidden: Optional[list[Tensor]],
-                     phases: dict[str, float]) -> None:
+                     phases: dict[str, float], fp_hidden: Optional[list[Tensor]] = None) -> None:
         """Record block ``i`` as finished: its packed weights and reports, then its output activations.
 
-        ``hidden`` is None for the last block (nothing follows it).
+        ``hidden`` is None for the last block (nothing follows it). ``fp_hidden``: block reconstruction's
+        full-precision stream, saved beside ``hidden`` (keys ``fp0``, ``fp1``, ...).
         """
         meta = {"layers": [asdict(r) for r in layers], "phases": phases,
                 "stored": {n: {"format": s.format, "shape": list(s.shape), "meta": s.meta, "fields": sorted(s.tensors)}
@@ -182,7 +187,9 @@ class ProgressStore:
         elif (i + 1) % self.every:
             return  # activations saved every `every` blocks: a resumed run redoes the blocks since
         else:
-            _save_atomic({str(b): h.detach().cpu().contiguous() for b, h in enumerate(hidden)}, self.folder / "hidden.safetensors",
+            acts = {str(b): h.detach().cpu().contiguous() for b, h in enumerate(hidden)}
+            acts.update({f"fp{b}": h.detach().cpu().contiguous() for b, h in enumerate(fp_hidden or [])})
+            _save_atomic(acts, self.folder / "hidden.safetensors",
                          {"after_block": str(i), "batches": str(len(hidden))}, "hidden", i)
         fault_point("after-hidden", i)
 

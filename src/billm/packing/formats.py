@@ -57,6 +57,8 @@ class Format:
             paths read (:mod:`billm.kernels.layout`); None: every call decodes the whole weight.
         map_bytes: ``meta -> int``, bytes of side information the layer keeps in the JSON map
             rather than in tensors (counted in its storage bits).
+        tunable: the fields holding continuous values that block reconstruction may tune
+            (:mod:`billm.reconstruct`); None: every floating-point field (scales, means).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Format:
     weight_bits: Callable[[Shape, Meta], float]
     layout: Optional[Callable[[Tensors, Shape, Meta], Optional[Layout]]] = None
     map_bytes: Callable[[Meta], int] = lambda meta: 0
+    tunable: Optional[tuple[str, ...]] = None
 
 
 FORMATS: dict[str, Format] = {}

@@ -103,6 +103,23 @@ class PackedLinear(nn.Module):
         tensors = {n[len(PREFIX):]: b for n, b in self.named_buffers(recurse=False) if n.startswith(PREFIX)}
         return StoredWeight(self.format, self.shape, self.meta, tensors)
 
+    def replace_fields(self, tensors: dict[str, Tensor]) -> None:
+        """Replace some packed fields by new tensors of the same shape, dtype and device (block reconstruction's
+        tuned scales); everything derived from the buffers (the kept decoded weight, the fast paths' layout, the
+        rotation) is rebuilt on next use. ``replace_fields({})`` only drops those (e.g. ones built in inference
+        mode, which autograd cannot use).
+
+        Raises:
+            ValueError: a field the layer does not have, or a tensor unlike the one it replaces.
+        """
+        for name, t in tensors.items():
+            old = getattr(self, PREFIX + name, None)
+            if old is None or t.shape != old.shape or t.dtype != old.dtype or t.device != old.device:
+                raise ValueError(f"replace_fields: {name!r} must replace a packed field of the same shape, dtype "
+                                 f"and device")
+            setattr(self, PREFIX + name, t)
+        self._decoded, self._layout, self._layout_key, self._rotation, self._rotation_key = None, None, None, None, None
+
     @property
     def weight(self) -> Tensor:
         """The decoded (out, in) weight in the input's own basis, float32 (``Ŵ Rᵀ`` for a rotated layer;

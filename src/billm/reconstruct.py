@@ -1,0 +1,223 @@
+"""Block reconstruction: tune a quantized block's stored continuous values so it reproduces a target output.
+
+After every linear of a decoder block is quantized (each a :class:`~billm.packing.linear.PackedLinear`),
+the block as a whole is run on calibration inputs and its stored continuous values (scales, means,
+offsets: the format's :func:`tunable_fields`) are tuned with Adam so that its output comes close
+to a target (the full-precision block's output). The values are trained in the form they are
+stored: the forward decodes the weight from the tuned values *rounded to the stored dtype*
+(fp16, fp8, ...), the backward passes the gradient straight through that rounding
+(:func:`stored_round`). The tuned values are written back in the stored dtype, so the layer
+decodes to exactly the weights of the tuned forward. Signs, bitmaps and codes are not changed.
+
+Pure torch: no ``transformers`` import. The driver (:mod:`billm.driver`) hands the block, its
+inputs and keyword arguments per calibration batch, and the target outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .packing.formats import StoredWeight, get_format
+from .packing.linear import PackedLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one block is tuned.
+
+    Attributes:
+        steps: Adam steps (0: nothing is tuned).
+        lr: learning rate relative to each tuned value's magnitude (Adam's steps are about ``lr``
+            times the size of the value, whatever the field's scale: a value ``v0`` is tuned as
+            ``v0 + s u``, ``s = max(|v0|, mean |v0| / 100)`` of its tensor, with Adam on ``u``).
+        batch: calibration sequences per step (at most one calibration batch's).
+        seed: seeds the choice of mini-batches (with the block index).
+    """
+
+    steps: int
+    lr: float = 1e-2
+    batch: int = 1
+    seed: int = 0
+
+
+@dataclass
+class Stats:
+    """What tuning one block did (figures for the report).
+
+    Attributes:
+        steps: Adam steps taken (0 when nothing was tunable or steps was 0).
+        values: stored values tuned.
+        loss_first: relative squared error ``|out - target|^2 / |target|^2`` of the first mini-batch, before tuning.
+        loss_last: the same, averaged over the last (up to 10) mini-batches, before each one's step.
+        seconds: wall time.
+    """
+
+    steps: int = 0
+    values: int = 0
+    loss_first: float = float("nan")
+    loss_last: float = float("nan")
+    seconds: float = 0.0
+
+
+def tunable_fields(stored: StoredWeight) -> list[str]:
+    """The fields of a stored weight that hold continuous values: the format's ``tunable`` list, or by default
+    every floating-point field (scales, means, column scales; never bit planes, codes or indices)."""
+    declared = get_format(stored.format).tunable
+    if declared is not None:
+        return [f for f in declared if f in stored.tensors]
+    return [f for f, t in stored.tensors.items() if t.is_floating_point()]
+
+
+def stored_round(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` (float32) rounded to what ``dtype`` holds, clamped into its range first, as float32; no gradient."""
+    if dtype == x.dtype:
+        return x.detach()
+    big = torch.finfo(dtype).max
+    return x.detach().clamp(-big, big).to(dtype).to(x.dtype)
+
+
+def straight_through(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Forward: exactly :func:`stored_round` of ``x``; backward: the identity (straight-through estimator)."""
+    return stored_round(x, dtype) + (x - x.detach())  # r + 0.0 is r exactly
+
+
+def _fresh(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor copied to ``device`` as a normal tensor (an inference-mode tensor cannot be
+    saved for backward)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device).clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_fresh(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _fresh(v, device) for k, v in obj.items()}
+    return obj
+
+
+def select_rows(obj: Any, rows: Tensor, n: int) -> Any:
+    """``obj`` (a block's keyword arguments) with the given ``rows`` of every tensor whose first dimension is the
+    batch's ``n`` sequences (tensors of rank >= 2 only: attention masks, per-sequence positions); other tensors
+    (shared by the batch, broadcast over it) as they are."""
+    if isinstance(obj, Tensor):
+        return obj.index_select(0, rows.to(obj.device)) if obj.dim() >= 2 and obj.shape[0] == n and n > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(select_rows(o, rows, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: select_rows(v, rows, n) for k, v in obj.items()}
+    return obj
+
+
+def relative_step(v0: Tensor) -> Tensor:
+    """The per-value step size of :class:`Settings`' ``lr``: ``max(|v0|, mean |v0| / 100)`` (a value at 0 still moves)."""
+    a = v0.abs()
+    return a.clamp(min=float(a.mean()) / 100 + 1e-12)
+
+
+class _Layer:
+    """One packed layer under tuning: each tunable field as ``v0 + step * u``, ``u`` (zeros at first) the parameter."""
+
+    def __init__(self, module: PackedLinear) -> None:
+        self.module = module
+        st = module.stored()
+        self.fixed = dict(st.tensors)
+        self.dtypes = {f: st.tensors[f].dtype for f in tunable_fields(st)}
+        self.start = {f: st.tensors[f].detach().float() for f in self.dtypes}
+        self.step = {f: relative_step(v) for f, v in self.start.items()}
+        self.params = {f: nn.Parameter(torch.zeros_like(v)) for f, v in self.start.items()}
+
+    def values(self, f: str) -> Tensor:
+        """Field ``f``'s tuned float32 values (not yet rounded to the stored dtype)."""
+        return self.start[f] + self.step[f] * self.params[f]
+
+    def decode(self) -> Tensor:
+        """(out, in) float32 weight decoded from the tuned values as stored (straight-through rounding)."""
+        m = self.module
+        tensors = {**self.fixed, **{f: straight_through(self.values(f), d) for f, d in self.dtypes.items()}}
+        return get_format(m.format).decode(tensors, m.shape, m.meta)
+
+    def write_back(self) -> None:
+        """Store the tuned values in their stored dtypes (the layer then decodes to exactly what was tuned)."""
+        self.module.replace_fields({f: stored_round(self.values(f), d).to(d) for f, d in self.dtypes.items()})
+
+
+def _draws(sizes: Sequence[int], batch: int, steps: int, gen: torch.Generator) -> list[tuple[int, Tensor]]:
+    """For each step, (calibration batch, the rows of it to use): batches drawn in proportion to their sequences."""
+    weights = torch.tensor(sizes, dtype=torch.float64)
+    out = []
+    for _ in range(steps):
+        b = int(torch.multinomial(weights, 1, generator=gen))
+        rows = torch.randperm(sizes[b], generator=gen)[:batch]  # (min(batch, sizes[b]),)
+        out.append((b, rows.sort().values))
+    return out
+
+
+def reconstruct_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequence[dict[str, Any]],
+                      targets: Sequence[Tensor], settings: Settings, device: torch.device,
+                      index: int = 0) -> Stats:
+    """Tune the stored continuous values of every :class:`PackedLinear` of ``block`` in place.
+
+    Args:
+        block: the decoder block (on ``device``), its quantized linears already PackedLinear.
+        hidden: per calibration batch, the block's input hidden states (n_b, seq, dim), anywhere.
+        kwargs: per calibration batch, the block's other keyword arguments.
+        targets: per calibration batch, the output (n_b, seq, dim) the block should reproduce.
+        settings: steps, learning rate, mini-batch size and seed.
+        device: where the block runs; mini-batches are moved there one at a time.
+        index: the block's number (seeds its mini-batches with ``settings.seed``).
+
+    Returns:
+        :class:`Stats`. With 0 steps, or no tunable field in the block, nothing changes (not one byte).
+    """
+    t0 = time.perf_counter()
+    layers = [_Layer(m) for m in block.modules() if isinstance(m, PackedLinear)]
+    layers = [la for la in layers if la.params]
+    if settings.steps <= 0 or not layers:
+        return Stats()
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+    draws = _draws([h.shape[0] for h in hidden], settings.batch, settings.steps, gen)
+    opt = torch.optim.Adam([p for la in layers for p in la.params.values()], lr=settings.lr)
+    frozen = {p: p.requires_grad for p in block.parameters()}
+    kernels = {la.module: la.module.kernel for la in layers}
+    losses: list[float] = []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for la in layers:
+            la.module.kernel = "dequant"  # the forward multiplies with the decoded weight (module._decoded)
+            la.module.replace_fields({})  # caches built in inference mode (a rotation's signs) are rebuilt for autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            for b, rows in draws:
+                n = hidden[b].shape[0]
+                x = _fresh(hidden[b].index_select(0, rows), device)  # (batch, seq, dim)
+                kw = _fresh(select_rows(kwargs[b], rows, n), device)
+                target = targets[b].index_select(0, rows).to(device, torch.float32)  # (batch, seq, dim)
+                for la in layers:
+                    la.module._decoded = la.decode()
+                out = block(x, **kw)
+                out = (out[0] if isinstance(out, (tuple, list)) else out).float()
+                err = (out - target).pow(2).sum()
+                losses.append(float(err.detach()) / max(float(target.pow(2).sum()), 1e-30))
+                opt.zero_grad(set_to_none=True)
+                err.backward()
+                opt.step()
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        for la in layers:
+            la.module.kernel = kernels[la.module]
+            la.module._decoded = None
+    for la in layers:
+        la.write_back()
+    stats = Stats(steps=len(draws), values=sum(p.numel() for la in layers for p in la.params.values()),
+                  loss_first=losses[0], loss_last=sum(losses[-10:]) / len(losses[-10:]),
+                  seconds=time.perf_counter() - t0)
+    log.info("block %d reconstructed: %d steps, %d values, rel. error %.4f -> %.4f, %.1fs", index, stats.steps,
+             stats.values, stats.loss_first, stats.loss_last, stats.seconds)
+    return stats

@@ -1,0 +1,136 @@
+"""Block reconstruction (billm.reconstruct): the stored scales and means of a quantized block tuned toward the
+full-precision block's output, in their stored dtype, seeded, a no-op where nothing is tunable."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import billm
+from billm import BiLLMConfig, GPTQConfig
+from billm.packing import formats
+from billm.packing.linear import PackedLinear
+from billm.reconstruct import Settings, reconstruct_block, select_rows, straight_through, tunable_fields
+
+
+def _packed(block):
+    return {n: m for n, m in block.named_modules() if isinstance(m, PackedLinear)}
+
+
+def _buffers(block):
+    return {f"{n}.{k}": v.clone() for n, m in _packed(block).items() for k, v in m.stored().tensors.items()}
+
+
+def _block_error(block, hidden, kwargs, targets):
+    """Relative squared error |out - target|^2 / |target|^2 of the block over every calibration batch."""
+    num = den = 0.0
+    with torch.no_grad():
+        for h, kw, t in zip(hidden, kwargs, targets):
+            out = block(h.clone(), **kw)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            num += float((out - t).pow(2).sum())
+            den += float(t.pow(2).sum())
+    return num / den
+
+
+@pytest.mark.parametrize("spec", ["billm", "billm:tiny", "billm:tiny+hadamard", "sign:centred", "gptq:w2g32",
+                                  "rtn:w2g32", "pbllm", "arb"])
+def test_reconstruction_lowers_the_block_output_error(quantized_block, spec):
+    block, hidden, kwargs, targets = quantized_block(spec)
+    before = _block_error(block, hidden, kwargs, targets)
+    stats = reconstruct_block(block, hidden, kwargs, targets, Settings(steps=40, lr=1e-2, batch=2), torch.device("cpu"))
+    after = _block_error(block, hidden, kwargs, targets)
+    assert stats.steps == 40 and stats.values > 0
+    assert after < 0.95 * before, (spec, before, after)
+
+
+@pytest.mark.parametrize("spec", ["billm:tiny", "billm", "billm:reference"])  # fp8, fp16, fp32 scales
+def test_tuned_fields_keep_their_stored_dtype_and_the_layer_decodes_to_them(quantized_block, spec):
+    block, hidden, kwargs, targets = quantized_block(spec)
+    old = _buffers(block)
+    reconstruct_block(block, hidden, kwargs, targets, Settings(steps=5, lr=1e-2, batch=2), torch.device("cpu"))
+    new = _buffers(block)
+    assert {k: (v.dtype, v.shape) for k, v in old.items()} == {k: (v.dtype, v.shape) for k, v in new.items()}
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(old[k].is_floating_point() for k in changed)  # only scales / means moved, never bits
+    for m in _packed(block).values():  # the module's forward uses exactly its stored form
+        x = torch.randn(3, m.in_features)
+        st = m.stored()
+        w = st.decode()
+        rot = billm.packing.rotation.Rotation.of(st)
+        ref = (x if rot is None else rot.input(x)) @ w.T
+        m.kernel = "dequant"
+        assert torch.equal(m(x), ref)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(quantized_block):
+    block, hidden, kwargs, targets = quantized_block("billm:tiny")
+    runs = []
+    for seed in (0, 0, 1):
+        b = copy.deepcopy(block)
+        reconstruct_block(b, hidden, kwargs, targets, Settings(steps=6, lr=1e-2, batch=2, seed=seed),
+                          torch.device("cpu"))
+        runs.append(_buffers(b))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_zero_steps_and_formats_without_tunable_fields_change_nothing(quantized_block, monkeypatch):
+    block, hidden, kwargs, targets = quantized_block("sign")
+    old = _buffers(block)
+    assert reconstruct_block(block, hidden, kwargs, targets, Settings(steps=0), torch.device("cpu")).steps == 0
+    monkeypatch.setitem(formats.FORMATS, "sign", dataclasses.replace(formats.get_format("sign"), tunable=()))
+    assert reconstruct_block(block, hidden, kwargs, targets, Settings(steps=5), torch.device("cpu")).steps == 0
+    new = _buffers(block)
+    assert all(torch.equal(old[k], new[k]) for k in old)
+
+
+def test_tunable_fields_default_to_the_floating_point_ones(quantized_block):
+    block = quantized_block("gptq:w2g32")[0]
+    st = next(iter(_packed(block).values())).stored()
+    assert tunable_fields(st) == ["scales"]  # codes and zero points are integer bit planes
+
+
+def test_straight_through_rounds_forward_exactly_and_passes_gradients():
+    x = torch.tensor([0.1, -3.3, 1000.0, 1e-4], requires_grad=True)
+    y = straight_through(x, torch.float8_e4m3fn)
+    assert torch.equal(y.detach(), x.detach().clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(4))
+
+
+def test_select_rows_slices_per_sequence_tensors_only():
+    kw = {"mask": torch.arange(4 * 5).reshape(4, 1, 5), "pos": torch.zeros(1, 5), "cache": torch.arange(4),
+          "rope": (torch.ones(1, 5, 2), torch.ones(1, 5, 2)), "flag": True}
+    out = select_rows(kw, torch.tensor([1, 3]), 4)
+    assert torch.equal(out["mask"], kw["mask"][[1, 3]])
+    assert out["pos"] is kw["pos"] and out["cache"] is kw["cache"] and out["flag"] is True  # 1-D: never a batch
+
+
+# ----------------------------------------------------------------------------- the options and the driver
+
+def test_options_are_spec_tokens_and_default_records_are_unchanged():
+    c = BiLLMConfig.from_spec("tiny+hadamard+rec200+fpinputs")
+    assert (c.reconstruct, c.reconstruct_target) == (200, "fpinputs")
+    assert c.to_dict()["reconstruct"] == 200 and BiLLMConfig.from_dict(c.to_dict()) == c
+    assert "reconstruct" not in BiLLMConfig.from_spec("tiny+rec0").to_dict()  # 0 = off: today's record, byte for byte
+    assert GPTQConfig.from_spec("w2g128+rec50+reconstruct_lr=0.01").reconstruct_lr == 0.01
+    with pytest.raises(billm.BillmError):
+        BiLLMConfig(reconstruct=-1)
+
+
+@pytest.mark.parametrize("target", ["qinputs", "fpinputs"])
+def test_quantize_with_reconstruction_records_it_and_changes_only_scales(tiny_model, target):
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    models = [tiny_model("llama"), tiny_model("llama")]
+    configs = [BiLLMConfig.from_spec("tiny+b32"), BiLLMConfig.from_spec(f"tiny+b32+rec8+{target}+reconstruct_lr=0.05")]
+    reports = [billm.quantize(m, ids, c, batch_size=4, progress=False) for m, c in zip(models, configs)]
+    rec = reports[1]
+    assert rec.config["reconstruct"] == 8 and rec.config.get("reconstruct_target", "qinputs") == target
+    assert models[1].config.quantization_config["config"]["reconstruct"] == 8  # what billm.save records
+    assert "reconstruct" in rec.phases and "reconstruct" not in reports[0].phases
+    assert all(r.info["reconstruct"]["steps"] == 8 for r in rec.layers)
+    first = [_buffers(m.model.layers[0]) for m in models]  # block 0 sees the same inputs in both runs
+    assert all(torch.equal(first[0][k], first[1][k]) for k in first[0] if not first[0][k].is_floating_point())
+    assert any(not torch.equal(first[0][k], first[1][k]) for k in first[0])
