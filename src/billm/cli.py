@@ -14,10 +14,29 @@ import logging
 import sys
 import time
 import typing
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .io import write_json_atomic
+import torch
+
+import billm
+
+from .compare import compare, pareto_markdown, pareto_plot, parse_method, to_markdown
+from .data import DATASETS, get_calibration_batches, get_eval_tokens
+from .driver import estimate_run_bytes, parse_devices
+from .errors import BillmError, DataError
+from .eval import perplexity
+from .eval.harness import harness_lm, harness_lm_pretrained, run_harness
+from .eval.zeroshot import TASKS as ZEROSHOT, zeroshot
+from .io import check_disk_space, check_output_dir, write_json_atomic
+from .methods import available_methods, config_classes, get_method
+from .model.loading import checkpoint_dtype, load_model, load_model_lazily
+from .model.walker import find_blocks, find_linears, get_weight, select_linears
+from .packing.checkpoint import inspect as inspect_checkpoint, is_billm_folder, is_checkpoint, read_map
+from .packing.linear import set_kernel
+from .resume import ProgressStore, progress_dir, quantize_fingerprint
+from .sweep import Job, Sweep, check_cluster, job_commands, run_jobs
 
 log = logging.getLogger("billm")
 
@@ -48,8 +67,6 @@ def format_table(rows: list[list[Any]], header: list[str]) -> str:
 
 def _config_fields() -> dict[str, tuple[Any, dataclasses.Field, list[str]]]:
     """Every option of every registered method: field name -> (type, field, methods that have it)."""
-    from .methods import config_classes
-
     out: dict[str, tuple[Any, dataclasses.Field, list[str]]] = {}
     for cls in config_classes():
         hints = typing.get_type_hints(cls)
@@ -63,8 +80,6 @@ def _config_fields() -> dict[str, tuple[Any, dataclasses.Field, list[str]]]:
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
     """``--method``, ``--preset`` and one flag per config field of every registered method (default: unset)."""
-    from .methods import available_methods, config_classes
-
     p.add_argument("--method", default="billm", choices=available_methods())
     presets = sorted({"default", *(n for c in config_classes() for n in c.presets)})
     p.add_argument("--preset", default="default", choices=presets,
@@ -88,9 +103,6 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The config of ``--method``: its ``--preset``, with every flag the user gave on top."""
-    from .errors import BillmError
-    from .methods import get_method
-
     cls = get_method(args.method).config
     own = {f.name for f in dataclasses.fields(cls)}
     given = {n: getattr(args, n) for n in _config_fields() if getattr(args, n, None) not in (None, [])}
@@ -104,7 +116,6 @@ def config_from_args(args: argparse.Namespace):
 def _apply_kernel(model, kernel: Optional[str]) -> None:
     """``--kernel``: force how the packed linears of ``model`` multiply (no-op for a full-precision model)."""
     if kernel:
-        from .packing.linear import set_kernel
 
         n = set_kernel(model, kernel)
         log.info("kernel %s on %d packed linears", kernel, n)
@@ -112,9 +123,6 @@ def _apply_kernel(model, kernel: Optional[str]) -> None:
 
 def _evaluate(model, tokenizer, tasks: Sequence[str], seqlen: int, max_windows: Optional[int], data_dir,
               device, batch_size: int, skip_missing: bool = False) -> dict[str, dict]:
-    from .data import get_eval_tokens
-    from .errors import DataError
-    from .eval import perplexity
 
     results: dict[str, dict] = {}
     for task in tasks:
@@ -155,13 +163,10 @@ _seqlen = _at_least(2)
 
 def _check_args(args: argparse.Namespace) -> None:
     """Reject impossible devices before anything slow (loading a model) starts (numbers are checked by the parser)."""
-    import torch
 
-    from .errors import BillmError
 
     dev = getattr(args, "device", None)
     if dev is not None:
-        from .driver import parse_devices
 
         try:
             devices = parse_devices(dev)
@@ -179,22 +184,8 @@ def _check_args(args: argparse.Namespace) -> None:
                 raise BillmError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _estimate_output_bytes(model, cfg, quantized: list, nsamples: int, seqlen: int) -> int:
-    """A generous estimate of the disk a quantize run needs: the checkpoint, the progress folder, a margin."""
-    per_weight_bits = cfg.storage_estimate
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    packed = int(sum(w.numel() for w in quantized) * per_weight_bits / 8)
-    other = max(0, total - sum(w.numel() * w.element_size() for w in quantized))
-    emb = model.get_input_embeddings()
-    hidden = nsamples * seqlen * emb.embedding_dim * emb.weight.element_size()
-    return 2 * packed + other + 2 * hidden + 50_000_000
-
-
 def _check_existing_output(out: Path, model_name: str, force: bool) -> None:
     """Refuse to replace a checkpoint of a different model unless forced."""
-    from .errors import BillmError
-    from .packing.checkpoint import is_checkpoint, read_map
-
     if not (out.is_dir() and is_checkpoint(out)) or force:
         return
     try:
@@ -208,32 +199,19 @@ def _check_existing_output(out: Path, model_name: str, force: bool) -> None:
 
 def _first_device(args: argparse.Namespace):
     """The first of ``--device``'s devices (evaluation runs on one), or None."""
-    from .driver import parse_devices
-
     devices = parse_devices(args.device)
     return devices[0] if devices else None
 
 
 def _model_dtype(args: argparse.Namespace):
     """``--dtype``: auto is the dtype the model is saved in (float32 for a .gguf file such as the embedded default)."""
-    import torch
 
-    from .model.loading import checkpoint_dtype
 
     return checkpoint_dtype(args.model) if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import billm
-    from .data import get_calibration_batches
-    from .io import check_disk_space, check_output_dir
-    from .model.loading import load_model, load_model_lazily
-    from .model.walker import find_blocks, find_linears, get_weight, select_linears
-    from .packing.checkpoint import is_billm_folder
-    from .packing.checkpoint import tensor_sha256
-    from .resume import ProgressStore, progress_dir
 
-    import torch
 
     _check_args(args)
     cfg = config_from_args(args)
@@ -245,15 +223,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     blocks_name, blocks = find_blocks(model)
     quantized = [get_weight(m) for i, b in enumerate(blocks)
                  for m in select_linears(find_linears(b), f"{blocks_name}.{i}", cfg.include, cfg.exclude).values()]
-    check_disk_space(out.parent, _estimate_output_bytes(model, cfg, quantized, args.nsamples, args.seqlen),
+    check_disk_space(out.parent, estimate_run_bytes(model, cfg, quantized, args.nsamples, args.seqlen),
                      f"the checkpoint in {out}")
     t0 = time.perf_counter()
     calib = get_calibration_batches(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                     data_dir=args.data_dir)
     calibration = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-    fingerprint = {"model": args.model, "model_config": model.config.to_dict(), "config": cfg.to_dict(),
-                   "calibration": {**calibration, "sha256": tensor_sha256(calib)}, "batch_size": args.batch_size,
-                   "dtype": str(dtype), "billm": billm.__version__, "torch": torch.__version__}
+    fingerprint = quantize_fingerprint(args.model, model.config.to_dict(), cfg.to_dict(), calibration, calib,
+                                       args.batch_size, dtype)
     store = ProgressStore(progress_dir(out), fingerprint, restart=args.restart, every=args.checkpoint_every)
     report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store,
                             weights=weights, activations_on_device=args.activations_on_device)
@@ -281,8 +258,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _run_harness(lm, tasks: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    from .eval.harness import run_harness
-
     res = run_harness(lm, tasks, args.limit, args.include_path)
     rows = [[t, m, v, r.get(f"{m}_stderr", float("nan"))] for t, r in res.items() for m, v in r.items()
             if not m.endswith("_stderr")]
@@ -292,9 +267,6 @@ def _run_harness(lm, tasks: list[str], args: argparse.Namespace) -> dict[str, di
 
 def _eval_loaded(args: argparse.Namespace, ppl_tasks: list[str], zs_tasks: list[str], dtype) -> dict[str, Any]:
     """Perplexity and zero-shot tasks of a model billm loads (load_model: checkpoint, folder, hub name, .gguf)."""
-    from .eval.zeroshot import zeroshot
-    from .model.loading import load_model
-
     out: dict[str, Any] = {}
     model, tok = load_model(args.model, dtype=dtype)
     _apply_kernel(model, args.kernel)
@@ -305,7 +277,6 @@ def _eval_loaded(args: argparse.Namespace, ppl_tasks: list[str], zs_tasks: list[
         print(format_table(rows, ["task", "perplexity", "windows", "seqlen", "sec"]))
         out["perplexity"] = results
     if zs_tasks and args.harness:
-        from .eval.harness import harness_lm
 
         out["harness"] = _run_harness(harness_lm(model, tok, args.zeroshot_batch_size, args.device), zs_tasks, args)
     elif zs_tasks:
@@ -318,18 +289,13 @@ def _eval_loaded(args: argparse.Namespace, ppl_tasks: list[str], zs_tasks: list[
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
-    from .eval.zeroshot import TASKS as ZEROSHOT
-    from .packing.checkpoint import is_checkpoint
 
     _check_args(args)
     tasks = [t for t in args.tasks.split(",") if t]
     if args.harness:
         ppl_tasks, zs_tasks = [], tasks
     else:
-        from .data import DATASETS
-        from .errors import BillmError
 
         ppl_tasks, zs_tasks = [t for t in tasks if t not in ZEROSHOT], [t for t in tasks if t in ZEROSHOT]
         for t in ppl_tasks:  # fail before loading the model
@@ -340,7 +306,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"model": args.model}
     if zs_tasks and args.harness and is_checkpoint(Path(args.model or "").expanduser()):
         # the harness user's route, --model hf --model_args pretrained=FOLDER: from_pretrained builds it packed
-        from .eval.harness import harness_lm_pretrained
 
         lm = harness_lm_pretrained(str(Path(args.model).expanduser()), args.zeroshot_batch_size, args.device, dtype)
         _apply_kernel(lm.model, args.kernel)
@@ -359,12 +324,7 @@ DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plu
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
 
-    from .compare import compare
-    from .data import get_calibration_batches, get_eval_tokens
-    from .errors import DataError
-    from .model.loading import load_model
 
     _check_args(args)
     t_start = time.perf_counter()
@@ -407,11 +367,7 @@ def argv_used(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
 
-    from .compare import pareto_markdown, pareto_plot, parse_method, to_markdown
-    from .errors import BillmError
-    from .sweep import Job, Sweep, check_cluster, job_commands, run_jobs
 
     _check_args(args)
     pareto = args.through_files
@@ -468,8 +424,6 @@ def _absolute_if_path(name: str) -> str:
 
 def _seeds(args: argparse.Namespace) -> list[int]:
     """``--seeds 0,1,2`` (default: ``--seed``)."""
-    from .errors import BillmError
-
     if args.seeds is None:
         return [args.seed]
     try:
@@ -482,9 +436,7 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
-    from .model.loading import load_model
 
     _check_args(args)
     model, tok = load_model(args.model)
@@ -509,9 +461,6 @@ def _mb(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .errors import BillmError
-    from .packing.checkpoint import inspect as inspect_checkpoint, is_checkpoint
-
     path = Path(args.path)
     if path.is_dir() and is_checkpoint(path):
         info = inspect_checkpoint(path)
@@ -703,8 +652,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``billm`` command; returns the exit code."""
-    from .errors import BillmError
-
     args = build_parser().parse_args(argv)
     args._argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

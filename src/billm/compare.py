@@ -98,9 +98,9 @@ def model_digest(model) -> str:
 def job_fingerprint(spec: str, model, model_name: str, calibration: torch.Tensor, eval_ids: dict[str, torch.Tensor],
                     seqlen: int, max_windows: Optional[int], batch_size: int, device, from_file: bool) -> dict[str, Any]:
     """What makes one method's row: a stored row (or recorded progress) is reused only when all of this is equal."""
-    import billm
-    from .packing.checkpoint import tensor_sha256
     from .driver import parse_devices
+    from .packing.checkpoint import tensor_sha256
+    from .resume import software_versions
 
     digest = lambda t: f"{tensor_sha256(t)}:{tuple(t.shape)}:{t.dtype}"  # noqa: E731
     cfg = parse_method(spec)
@@ -111,7 +111,7 @@ def job_fingerprint(spec: str, model, model_name: str, calibration: torch.Tensor
             "calibration_sha256": digest(calibration),
             "eval_sha256": {t: digest(ids) for t, ids in eval_ids.items()}, "eval_seqlen": seqlen,
             "max_windows": max_windows, "batch_size": batch_size, "from_file": from_file,
-            "billm": billm.__version__, "torch": torch.__version__}
+            **software_versions()}
 
 
 def stored_row(folder: Path, fingerprint: dict[str, Any]) -> Optional[Row]:

@@ -197,6 +197,24 @@ def _plan(model: nn.Module, config: QuantConfig, seqlen: int, device: Optional[D
     return _Run(model, config, method, blocks_name, blocks, targets, devices[0], home, devices)
 
 
+def estimate_run_bytes(model: nn.Module, config: QuantConfig, quantized: Sequence[Tensor], nsamples: int,
+                       seqlen: int) -> int:
+    """A generous estimate of the disk a quantize run needs: the checkpoint, the progress folder, a margin.
+
+    Args:
+        model: the model (its parameters may be on ``meta``: only sizes are read).
+        config: the method's config (its ``storage_estimate`` bits per quantized weight).
+        quantized: the weights that will be quantized.
+        nsamples, seqlen: the calibration windows (the progress folder keeps their activations).
+    """
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    packed = int(sum(w.numel() for w in quantized) * config.storage_estimate / 8)
+    other = max(0, total - sum(w.numel() * w.element_size() for w in quantized))
+    emb = model.get_input_embeddings()
+    hidden = nsamples * seqlen * emb.embedding_dim * emb.weight.element_size()
+    return 2 * packed + other + 2 * hidden + 50_000_000
+
+
 def parse_devices(device: Union[None, Device, Sequence[Device]]) -> list[torch.device]:
     """``"cuda:0,cuda:1"`` (or a list) as devices; ``[]`` for None.
 

@@ -64,6 +64,36 @@ def fault_point(stage: str, block: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def software_versions() -> dict[str, str]:
+    """The billm and torch versions a result was made with (part of every fingerprint)."""
+    import torch
+
+    from . import __version__
+
+    return {"billm": __version__, "torch": torch.__version__}
+
+
+def quantize_fingerprint(model_name: str, model_config: dict[str, Any], config: dict[str, Any],
+                         calibration: dict[str, Any], calibration_ids: Tensor, batch_size: int,
+                         dtype: Any) -> dict[str, Any]:
+    """What a ``billm quantize`` run's progress is valid for: recorded progress is resumed only when all is equal.
+
+    Args:
+        model_name: the model as named on the command line.
+        model_config: ``model.config.to_dict()``.
+        config: the method's config record (``QuantConfig.to_dict()``).
+        calibration: source, nsamples, seqlen and seed of the calibration windows.
+        calibration_ids: the (n, seqlen) calibration token ids themselves (digested).
+        batch_size: calibration sequences per forward.
+        dtype: the dtype the model runs in.
+    """
+    from .packing.checkpoint import tensor_sha256
+
+    return {"model": model_name, "model_config": model_config, "config": config,
+            "calibration": {**calibration, "sha256": tensor_sha256(calibration_ids)}, "batch_size": batch_size,
+            "dtype": str(dtype), **software_versions()}
+
+
 def progress_dir(out: Path) -> Path:
     """The progress folder of output folder ``out``."""
     out = Path(out)
