@@ -70,9 +70,10 @@ def _progress(out):
     return out.parent / f".{out.name}.billm-progress"
 
 
-@pytest.mark.parametrize("faults", [
-    ["before-block:1"], ["mid-block:2"], ["mid-hidden:1"], ["after-hidden:3"],
-    ["after-block:0", "mid-hidden:2"],  # killed twice, resumed twice
+@pytest.mark.parametrize("faults", [  # the default run kills mid-block; the other moments are slow
+    pytest.param(["before-block:1"], marks=pytest.mark.slow), ["mid-block:2"],
+    pytest.param(["mid-hidden:1"], marks=pytest.mark.slow), pytest.param(["after-hidden:3"], marks=pytest.mark.slow),
+    pytest.param(["after-block:0", "mid-hidden:2"], marks=pytest.mark.slow),  # killed twice, resumed twice
 ])
 def test_sigkill_then_resume_gives_byte_identical_files(tiny4, baseline, tmp_path, faults):
     out = tmp_path / "q"
@@ -87,6 +88,7 @@ def test_sigkill_then_resume_gives_byte_identical_files(tiny4, baseline, tmp_pat
     assert not _progress(out).exists()  # progress is removed once the checkpoint is safe
 
 
+@pytest.mark.slow
 def test_activations_saved_every_n_blocks_resume_to_the_same_bytes(tiny4, baseline, tmp_path):
     out = tmp_path / "q"
     r = _run(_argv(tiny4, out, "--checkpoint-every", "2"), fault="before-block:3")
@@ -101,6 +103,7 @@ def test_activations_saved_every_n_blocks_resume_to_the_same_bytes(tiny4, baseli
     assert _files(out) == baseline
 
 
+@pytest.mark.slow
 def test_kill_at_random_moments(tiny4, baseline, tmp_path):
     rng = random.Random(1234)
     out = tmp_path / "q"
@@ -119,6 +122,7 @@ def test_kill_at_random_moments(tiny4, baseline, tmp_path):
     assert _files(out) == baseline
 
 
+@pytest.mark.slow
 def test_restart_ignores_progress_and_other_runs_progress_is_refused(tiny4, baseline, tmp_path):
     out = tmp_path / "q"
     assert _run(_argv(tiny4, out), "after-hidden:1").returncode == -signal.SIGKILL
