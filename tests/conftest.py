@@ -170,6 +170,33 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def quantized_tiny(tiny_model):
+    """``quantized_tiny(family, cfg, seed=0)``: (model, report) of ``tiny_model(family, seed)`` quantized by ``cfg``
+    on 4 random windows of 32 tokens (generator seed ``seed``), computed once per session.
+
+    The model is shared: a test reads it (forward, save), and one that changes it (casts, kernels) takes
+    ``copy.deepcopy(model)``. Each call leaves torch's global random state as quantizing it did, so a test draws
+    the same unseeded inputs as when it quantized the model itself.
+    """
+    import billm
+
+    cache = {}
+
+    def _quantized_tiny(family, cfg, seed=0):
+        key = (family, type(cfg), cfg, seed)
+        if key not in cache:
+            model = tiny_model(family, seed)
+            calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(seed))
+            report = billm.quantize(model, calib, cfg, progress=False)
+            cache[key] = model, report, torch.get_rng_state()
+        model, report, rng = cache[key]
+        torch.set_rng_state(rng)
+        return model, report
+
+    return _quantized_tiny
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

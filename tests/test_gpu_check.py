@@ -37,6 +37,7 @@ def _smoke(out: Path, steps: str) -> dict:
     return json.loads((out / "gpu_check.json").read_text())
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_step_but_the_benchmark(tmp_path):
     res = _smoke(tmp_path, "tests,quantize,eval,crossover")
     assert res["ok"] and res["environment"]["device"] == "cpu" and res["environment"]["gpu"] is None

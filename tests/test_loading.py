@@ -119,6 +119,7 @@ def test_cache_write_is_atomic_and_tolerates_a_concurrent_writer(tiny_llama_and_
     assert sorted(p.name for p in target.parent.iterdir()) == ["entry"]  # no temp folders left
 
 
+@pytest.mark.slow  # reads the real .gguf (~20 s) and loads SmolLM2 three times
 def test_smollm2_gguf_then_cached_load_are_identical(tmp_path):
     """The real default model: the first load reads the .gguf (~20 s), the second the cache."""
     start = time.perf_counter()

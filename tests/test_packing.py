@@ -1,7 +1,10 @@
 """Bit packing, stored forms, PackedLinear and the checkpoint folder (save, load, inspect, bad files)."""
 
+import copy
 import json
+import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,8 +171,8 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_round_trip_logits_every_family(family, tmp_path):
-    model, report = _quantized(family, BiLLMConfig(blocksize=32))
+def test_round_trip_logits_every_family(family, quantized_tiny, tmp_path):
+    model, report = quantized_tiny(family, BiLLMConfig(blocksize=32))
     out = save(model, tmp_path / "ck", report=report)
     loaded = load(out)
     ids = torch.randint(3, 120, (2, 24))
@@ -182,15 +185,15 @@ def test_round_trip_logits_every_family(family, tmp_path):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[3:], ids=CONFIG_IDS[3:])
-def test_round_trip_logits_every_method(cfg, tmp_path):
-    model, report = _quantized("opt", cfg.replace(blocksize=32))  # OPT: biases on every linear
+def test_round_trip_logits_every_method(cfg, quantized_tiny, tmp_path):
+    model, report = quantized_tiny("opt", cfg.replace(blocksize=32))  # OPT: biases on every linear
     loaded = load(save(model, tmp_path / "ck", report=report))
     ids = torch.randint(3, 120, (2, 24))
     assert (_logits(loaded, ids) - _logits(model, ids)).abs().max() <= 1e-4
 
 
-def test_gpt2_conv1d_and_tied_embeddings(tmp_path):
-    model, report = _quantized("gpt2", BiLLMConfig(blocksize=32))
+def test_gpt2_conv1d_and_tied_embeddings(quantized_tiny, tmp_path):
+    model, report = quantized_tiny("gpt2", BiLLMConfig(blocksize=32))
     out = save(model, tmp_path / "ck", report=report)
     qmap = json.loads((out / QUANT_MAP).read_text())
     assert qmap["tied"] == {"lm_head.weight": "transformer.wte.weight"}
@@ -201,8 +204,9 @@ def test_gpt2_conv1d_and_tied_embeddings(tmp_path):
     assert (_logits(loaded, ids) - _logits(model, ids)).abs().max() <= 1e-4
 
 
-def test_fp16_checkpoint_runs_in_fp16(tmp_path):
-    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+def test_fp16_checkpoint_runs_in_fp16(quantized_tiny, tmp_path):
+    model, report = quantized_tiny("llama", BiLLMConfig(blocksize=32))
+    model = copy.deepcopy(model)  # cast to fp16 below
     out = save(model, tmp_path / "ck", report=report, dtype=torch.float16)
     loaded = load(out)
     assert loaded.model.embed_tokens.weight.dtype == torch.float16
@@ -215,8 +219,8 @@ def test_fp16_checkpoint_runs_in_fp16(tmp_path):
     assert load(out, dtype=torch.float32).model.embed_tokens.weight.dtype == torch.float32
 
 
-def test_inspect_measures_the_file(tmp_path):
-    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+def test_inspect_measures_the_file(quantized_tiny, tmp_path):
+    model, report = quantized_tiny("llama", BiLLMConfig(blocksize=32))
     out = save(model, tmp_path / "ck", report=report)
     info = inspect(out)
     assert info.file_bytes == (out / WEIGHTS).stat().st_size
@@ -231,10 +235,16 @@ def test_inspect_measures_the_file(tmp_path):
 
 # ----------------------------------------------------------------------------- bad files and folders
 
+@pytest.fixture(scope="module")
+def saved_checkpoint(quantized_tiny, tmp_path_factory):
+    model, report = quantized_tiny("llama", BiLLMConfig(blocksize=32))
+    return save(model, tmp_path_factory.mktemp("saved") / "ck", report=report)
+
+
 @pytest.fixture
-def checkpoint(tmp_path):
-    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
-    return save(model, tmp_path / "ck", report=report)
+def checkpoint(saved_checkpoint, tmp_path):
+    """A copy of the saved tiny LLaMA checkpoint, for the test to damage."""
+    return Path(shutil.copytree(saved_checkpoint, tmp_path / "ck"))
 
 
 def _rewrite_map(folder, fn):
@@ -319,8 +329,8 @@ def test_map_naming_a_layer_the_model_lacks(checkpoint):
         load(checkpoint)
 
 
-def test_save_refuses_foreign_folders_and_failures_leave_nothing(tmp_path, monkeypatch):
-    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+def test_save_refuses_foreign_folders_and_failures_leave_nothing(quantized_tiny, tmp_path, monkeypatch):
+    model, report = quantized_tiny("llama", BiLLMConfig(blocksize=32))
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
@@ -339,8 +349,8 @@ def test_save_refuses_foreign_folders_and_failures_leave_nothing(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no partial folder, no temp left
 
 
-def test_save_replaces_a_previous_checkpoint_atomically(tmp_path):
-    model, report = _quantized("llama", BiLLMConfig(blocksize=32))
+def test_save_replaces_a_previous_checkpoint_atomically(quantized_tiny, tmp_path):
+    model, report = quantized_tiny("llama", BiLLMConfig(blocksize=32))
     out = save(model, tmp_path / "ck", report=report)
     model2, report2 = _quantized("llama", RTNConfig(bits=2), seed=1)
     save(model2, out, report=report2)

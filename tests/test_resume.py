@@ -70,9 +70,10 @@ def _progress(out):
     return out.parent / f".{out.name}.billm-progress"
 
 
-@pytest.mark.parametrize("faults", [
-    ["before-block:1"], ["mid-block:2"], ["mid-hidden:1"], ["after-hidden:3"],
-    ["after-block:0", "mid-hidden:2"],  # killed twice, resumed twice
+@pytest.mark.parametrize("faults", [  # the default run kills mid-block; the other moments are slow
+    pytest.param(["before-block:1"], marks=pytest.mark.slow), ["mid-block:2"],
+    pytest.param(["mid-hidden:1"], marks=pytest.mark.slow), pytest.param(["after-hidden:3"], marks=pytest.mark.slow),
+    pytest.param(["after-block:0", "mid-hidden:2"], marks=pytest.mark.slow),  # killed twice, resumed twice
 ])
 def test_sigkill_then_resume_gives_byte_identical_files(tiny4, baseline, tmp_path, faults):
     out = tmp_path / "q"
@@ -90,6 +91,7 @@ def test_sigkill_then_resume_gives_byte_identical_files(tiny4, baseline, tmp_pat
 REC = ("--reconstruct", "4", "--reconstruct-lr", "0.05", "--reconstruct-batch", "2", "--reconstruct-target", "fpinputs")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("faults", [["before-block:2"], ["mid-hidden:1", "after-hidden:2"]])
 def test_reconstruction_with_a_second_stream_resumes_to_the_same_bytes(tiny4, tmp_path, faults):
     # the full-precision stream is saved beside the activations: a resumed run tunes the next block toward the
@@ -108,6 +110,7 @@ def test_reconstruction_with_a_second_stream_resumes_to_the_same_bytes(tiny4, tm
     assert _files(out) == _files(base)
 
 
+@pytest.mark.slow
 def test_activations_saved_every_n_blocks_resume_to_the_same_bytes(tiny4, baseline, tmp_path):
     out = tmp_path / "q"
     r = _run(_argv(tiny4, out, "--checkpoint-every", "2"), fault="before-block:3")
@@ -122,6 +125,7 @@ def test_activations_saved_every_n_blocks_resume_to_the_same_bytes(tiny4, baseli
     assert _files(out) == baseline
 
 
+@pytest.mark.slow
 def test_kill_at_random_moments(tiny4, baseline, tmp_path):
     rng = random.Random(1234)
     out = tmp_path / "q"
@@ -140,6 +144,7 @@ def test_kill_at_random_moments(tiny4, baseline, tmp_path):
     assert _files(out) == baseline
 
 
+@pytest.mark.slow
 def test_restart_ignores_progress_and_other_runs_progress_is_refused(tiny4, baseline, tmp_path):
     out = tmp_path / "q"
     assert _run(_argv(tiny4, out), "after-hidden:1").returncode == -signal.SIGKILL

@@ -60,6 +60,7 @@ def test_smollm2_quantizes_end_to_end(smollm2, tmp_path):
     assert info.file_bytes < 0.6 * info.fp16_bytes  # fp32 embeddings included
 
 
+@pytest.mark.slow
 def test_demo_command_runs_on_the_embedded_model(tmp_path, capsys):
     # The README's main command, shrunk: calibration, quantization, side-by-side table, JSON.
     from billm.cli import main

@@ -53,6 +53,7 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_sweep_gives_the_local_rows_and_checkpoint_bytes(ray_cluster, local_run, tiny_folder, tmp_path):
     out, kept = local_run
     assert main(_argv(tiny_folder, tmp_path / "out", tmp_path / "ckpt", "--cluster", "ray")) == 0
@@ -63,6 +64,7 @@ def test_ray_sweep_gives_the_local_rows_and_checkpoint_bytes(ray_cluster, local_
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_ray_retries_a_killed_worker_and_the_job_resumes_to_identical_bytes(ray_cluster, tiny_folder, tmp_path):
     ray_cluster.write_text("after-hidden:0")  # the job dies once block 0 and its outputs are recorded
     assert main(_argv(tiny_folder, tmp_path / "ray", tmp_path / "ray-ckpt", "--cluster", "ray",
@@ -114,6 +116,7 @@ def test_bad_cluster_and_seeds_are_refused_before_any_work(tiny_folder, tmp_path
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_ray_job_is_named_and_the_others_still_finish(ray_cluster, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     rc = main(_argv(missing, tmp_path / "out", tmp_path / "ckpt", "--cluster", "ray", specs="fp,rtn:w2"))

@@ -31,10 +31,8 @@ FORMAT_CONFIGS = {
 }
 
 
-def _checkpoint(tiny_model, family, cfg, folder, seed=0, tokenizer=None):
-    model = tiny_model(family, seed)
-    calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(seed))
-    report = billm.quantize(model, calib, cfg, progress=False)
+def _checkpoint(quantized_tiny, family, cfg, folder, seed=0, tokenizer=None):
+    model, report = quantized_tiny(family, cfg, seed)
     return billm.save(model, folder, tokenizer, report=report)
 
 
@@ -48,10 +46,10 @@ IDS = torch.randint(3, 120, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_from_pretrained_equals_billm_load_every_family(family, tiny_model, tmp_path):
+def test_from_pretrained_equals_billm_load_every_family(family, quantized_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = _checkpoint(tiny_model, family, BiLLMConfig(blocksize=32), tmp_path / "ck")
+    out = _checkpoint(quantized_tiny, family, BiLLMConfig(blocksize=32), tmp_path / "ck")
     hf = AutoModelForCausalLM.from_pretrained(out)
     ours = billm.load(out)
     assert [n for n, m in hf.named_modules() if isinstance(m, billm.PackedLinear)] == \
@@ -60,10 +58,10 @@ def test_from_pretrained_equals_billm_load_every_family(family, tiny_model, tmp_
 
 
 @pytest.mark.parametrize("cfg", FORMAT_CONFIGS.values(), ids=FORMAT_CONFIGS.keys())
-def test_from_pretrained_equals_billm_load_every_format(cfg, tiny_model, tmp_path):
+def test_from_pretrained_equals_billm_load_every_format(cfg, quantized_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = _checkpoint(tiny_model, "opt", cfg, tmp_path / "ck")  # OPT: a bias on every linear
+    out = _checkpoint(quantized_tiny, "opt", cfg, tmp_path / "ck")  # OPT: a bias on every linear
     hf = AutoModelForCausalLM.from_pretrained(out)
     ours = billm.load(out)
     for (name, a), (_, b) in zip(hf.named_buffers(), ours.named_buffers()):
@@ -71,10 +69,10 @@ def test_from_pretrained_equals_billm_load_every_format(cfg, tiny_model, tmp_pat
     assert torch.equal(_decode_logits(hf, IDS), _decode_logits(ours, IDS))
 
 
-def test_from_pretrained_in_bf16_keeps_the_packed_dtypes(tiny_model, tmp_path):
+def test_from_pretrained_in_bf16_keeps_the_packed_dtypes(quantized_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = _checkpoint(tiny_model, "llama", BiLLMConfig.reference(blocksize=32), tmp_path / "ck")
+    out = _checkpoint(quantized_tiny, "llama", BiLLMConfig.reference(blocksize=32), tmp_path / "ck")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map="cpu")
     ours = billm.load(out, dtype=torch.bfloat16)
     layer = hf.model.layers[0].self_attn.q_proj
@@ -84,8 +82,8 @@ def test_from_pretrained_in_bf16_keeps_the_packed_dtypes(tiny_model, tmp_path):
     assert torch.equal(_decode_logits(hf, IDS), _decode_logits(ours, IDS))
 
 
-def test_config_json_is_guarded_and_lists_the_layers(tiny_model, tmp_path):
-    out = _checkpoint(tiny_model, "llama", BiLLMConfig(blocksize=32), tmp_path / "ck")
+def test_config_json_is_guarded_and_lists_the_layers(quantized_tiny, tmp_path):
+    out = _checkpoint(quantized_tiny, "llama", BiLLMConfig(blocksize=32), tmp_path / "ck")
     cfg = json.loads((out / "config.json").read_text())
     qmap = json.loads((out / QUANT_MAP).read_text())
     assert cfg["model_type"] == GUARD_MODEL_TYPE and cfg[REAL_TYPE_KEY] == "llama"
@@ -97,10 +95,10 @@ def test_config_json_is_guarded_and_lists_the_layers(tiny_model, tmp_path):
         assert layer.items() <= qmap["layers"][name].items()
 
 
-def test_save_pretrained_writes_a_folder_that_loads_again(tiny_model, tmp_path):
+def test_save_pretrained_writes_a_folder_that_loads_again(quantized_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = _checkpoint(tiny_model, "llama", SliMConfig(bits=2, groupsize=16, blocksize=32), tmp_path / "ck")
+    out = _checkpoint(quantized_tiny, "llama", SliMConfig(bits=2, groupsize=16, blocksize=32), tmp_path / "ck")
     hf = AutoModelForCausalLM.from_pretrained(out)
     hf.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == GUARD_MODEL_TYPE
@@ -122,10 +120,10 @@ sys.exit(1)
 """
 
 
-def test_plain_transformers_refuses_the_folder_naming_billm(tiny_model, tmp_path):
+def test_plain_transformers_refuses_the_folder_naming_billm(quantized_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = _checkpoint(tiny_model, "llama", BiLLMConfig(blocksize=32), tmp_path / "ck")
+    out = _checkpoint(quantized_tiny, "llama", BiLLMConfig(blocksize=32), tmp_path / "ck")
     AutoModelForCausalLM.from_pretrained(out).save_pretrained(tmp_path / "resaved")
     for folder in (out, tmp_path / "resaved"):
         r = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder)], capture_output=True, text=True,
@@ -146,10 +144,10 @@ def _to_format_version_2(folder):
     (folder / QUANT_MAP).write_text(json.dumps(qmap))
 
 
-def test_folders_written_before_the_guard_still_load(tiny_model, tmp_path):
+def test_folders_written_before_the_guard_still_load(quantized_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = _checkpoint(tiny_model, "qwen2", BiLLMConfig(blocksize=32), tmp_path / "ck")
+    out = _checkpoint(quantized_tiny, "qwen2", BiLLMConfig(blocksize=32), tmp_path / "ck")
     want = _decode_logits(billm.load(out), IDS)
     _to_format_version_2(out)
     assert torch.equal(_decode_logits(billm.load(out), IDS), want)
@@ -187,6 +185,7 @@ def packed_smollm2(tmp_path_factory):
     return billm.save(model, tmp_path_factory.mktemp("smollm2") / "rtn-w4", tok), model
 
 
+@pytest.mark.slow
 def test_pipeline_generates_from_the_packed_smollm2(packed_smollm2):
     from transformers import pipeline
 
@@ -202,6 +201,7 @@ def test_pipeline_generates_from_the_packed_smollm2(packed_smollm2):
     assert pipe.tokenizer.decode(want[0], skip_special_tokens=True) == out
 
 
+@pytest.mark.slow
 def test_lm_eval_hf_route_scores_like_billms_scorer(packed_smollm2, shared_data):
     import lm_eval
 
