@@ -173,3 +173,15 @@ def test_quantizers_run_on_cuda_as_on_cpu(cfg, random_problem):
     cpu = get_method(cfg.method)(W.clone(), H.clone(), cfg)
     err_gpu, err_cpu = hessian_error(W, res.q.cpu(), H)[1], hessian_error(W, cpu.q, H)[1]
     assert err_gpu <= err_cpu * 1.25 + 1e-6  # the same quality (float rounding may flip a few choices)
+
+
+def test_phase_clock_waits_for_every_cuda_device(monkeypatch):
+    # CUDA calls return once queued: an unsynchronised phase time counted launches only (0.02 s for a 7B propagation)
+    from billm.quantize import clock
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: waited.append(d))
+    clock([torch.device("cpu")])
+    assert waited == []
+    clock([torch.device("cuda", 0), torch.device("cpu"), torch.device("cuda", 1)])
+    assert waited == [torch.device("cuda", 0), torch.device("cuda", 1)]

@@ -230,6 +230,19 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
         return None
 
 
+def clock(devices: Sequence[torch.device]) -> float:
+    """``time.perf_counter()`` once every CUDA device in ``devices`` has finished its queued work.
+
+    CUDA calls return as soon as their kernels are queued, so a phase timed without a synchronise
+    counts only the launches (a 7B block's propagation over 262k tokens read 0.02 s). Every phase
+    boundary reads this clock; on the CPU it is ``perf_counter`` alone.
+    """
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+    return time.perf_counter()
+
+
 def _check_finite(w: Tensor, name: str) -> None:
     if not w.is_meta and not torch.isfinite(w).all():
         raise QuantizationError(f"{name}: the weight has NaN/Inf entries; refusing to quantize it")
@@ -317,7 +330,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     """
     home = get_weight(mod).device
     W = get_weight(mod).to(device=device or home, dtype=torch.float32)  # (out, in): float32 whatever the model's dtype
-    t0 = time.perf_counter()
+    t0 = clock([W.device])
     rot = Rotation.make(config.rotate, W.shape[1], config.rotate_seed, W.device)  # None unless config.rotate
     if rot is not None:  # incoherence processing: the method (and the errors below) see W R and R^T H R
         W, H = rot.weight(W), rot.hessian(H)
@@ -332,7 +345,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
                                 f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
     packed = PackedLinear.from_stored(st.to(home), getattr(mod, "bias", None), source=type(mod).__name__)
     packed.keep_decoded(Q.to(home))  # the propagation forward reuses it (decode_once)
-    took = time.perf_counter() - t0
+    took = clock([W.device]) - t0
     rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
     wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
     log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits (%.3f stored), %.2fs",
@@ -479,9 +492,9 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     model.eval()
     current: Optional[nn.Module] = None
     try:
-        t0 = time.perf_counter()
+        t0 = clock(run.devices)
         run.inputs = capture_inputs(model, batches, device=run.device, offload=run.activations)
-        run.phases["capture"] += time.perf_counter() - t0
+        run.phases["capture"] += clock(run.devices) - t0
         start = replay(run, store) if store is not None else 0
         bar = tqdm(range(start, len(run.blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block",
                    initial=start, total=len(run.blocks))
@@ -489,17 +502,17 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             before = dict(run.phases)
             fill_block(run, i)
             current = run.blocks[i].to(run.device)
-            t0 = time.perf_counter()
+            t0 = clock(run.devices)
             accs = accumulate_hessians(run, i)
-            run.phases["hessian"] += time.perf_counter() - t0
+            run.phases["hessian"] += clock(run.devices) - t0
             done = quantize_block(run, i, accs)
             del accs
-            t0 = time.perf_counter()
+            t0 = clock(run.devices)
             if i + 1 < len(run.blocks):
                 propagate(run, i)
             current.to(run.offload)
             return_freed_memory()
-            run.phases["propagation"] += time.perf_counter() - t0
+            run.phases["propagation"] += clock(run.devices) - t0
             run.layers.extend(done)
             if store is not None:
                 record(run, i, done, store, before)
