@@ -142,7 +142,7 @@ def _kernel_device_ready(path: str) -> None:
             pytest.skip("Triton was imported without TRITON_INTERPRET=1: its kernels cannot run on CPU here")
 
 
-@pytest.mark.parametrize("path", ["dequant", "lut", "triton"])
+@pytest.mark.parametrize("path", ["dequant", "dense", "lut", "triton"])
 @pytest.mark.parametrize("cfg", PATH_CASES)
 def test_packed_linear_paths_create_every_tensor_on_the_inputs_device(cfg, path, random_problem):
     _kernel_device_ready(path)

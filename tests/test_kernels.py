@@ -271,7 +271,8 @@ def test_auto_path_on_cuda_decodes_once_for_long_prompts():
     few = torch.empty(1, TRITON_MAX_TOKENS, 8).as_subclass(_CudaLooking)
     many = torch.empty(1, TRITON_MAX_TOKENS + 1, 8).as_subclass(_CudaLooking)
     assert choose_path("auto", few, True) == ("triton" if triton_available() else "dequant")
-    assert choose_path("auto", many, True) == "dequant"  # one decode, then cuBLAS
+    assert choose_path("auto", many, True) == "dense"  # one decode, then cuBLAS
+    assert choose_path("auto", many, True, decodable=False) == "dequant"  # no exact layout decode: the format's
     assert choose_path("auto", many, False) == "dequant"
     if triton_available():
         assert choose_path("triton", many, True) == "triton"  # a forced path is taken at any length
@@ -290,7 +291,8 @@ def test_aligned_layouts_share_the_stored_planes(stored):
 def test_auto_path_choice():
     x1, xp = torch.randn(1, 1, 8), torch.randn(1, LUT_MAX_TOKENS + 1, 8)
     assert choose_path("auto", x1, True) == "lut"
-    assert choose_path("auto", xp, True) == "dequant"
+    assert choose_path("auto", xp, True) == "dense"
+    assert choose_path("dense", x1, True, decodable=False) == "dequant"
     assert choose_path("auto", x1, False) == "dequant"  # no fast layout
     assert choose_path("dequant", x1, True) == "dequant"
     assert choose_path("lut", xp, True) == "lut"
@@ -406,4 +408,4 @@ def test_auto_path_on_a_real_cuda_tensor():
     few = torch.empty(1, 1, 8, device="cuda")
     many = torch.empty(1, 2048, 8, device="cuda")
     assert choose_path("auto", few, True) == ("triton" if triton_available() else "dequant")
-    assert choose_path("auto", many, True) == "dequant"
+    assert choose_path("auto", many, True) == "dense"

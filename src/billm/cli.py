@@ -35,9 +35,10 @@ def _add_dtype(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-KERNEL_CHOICES = ("auto", "dequant", "lut", "triton")
+KERNEL_CHOICES = ("auto", "dequant", "dense", "lut", "triton")
 KERNEL_HELP = ("how packed linears multiply (default $BILLM_KERNEL or auto: Triton for up to 16 tokens on CUDA, lookup tables for a few "
-               "tokens on CPU, else decode then matmul)")
+               "tokens on CPU, else decode then matmul: 'dense' decodes with byte tables, 'dequant' with the format's "
+               "own decoder)")
 
 
 def format_table(rows: list[list[Any]], header: list[str]) -> str:

@@ -59,6 +59,25 @@ class BiLLMPlanes:
 
 
 @dataclass
+class GridValues:
+    """A grid format's weights exactly as its decoder computes them, in float32:
+    ``mult * (v - zero) + shift`` per row and group, ``v`` the code, or ``2 code - 1`` (a sign) when
+    ``signed``; ``zero`` and ``shift`` are skipped when None. (``scale * code + offset`` of
+    :class:`GridPlanes` is the same weight, but rounded differently: the kernels' form.)
+
+    Attributes:
+        mult: (r, G) float32.
+        zero, shift: (r, G) float32 or None.
+        signed: 1-bit codes stand for -1 / +1.
+    """
+
+    mult: Tensor
+    zero: Optional[Tensor] = None
+    shift: Optional[Tensor] = None
+    signed: bool = False
+
+
+@dataclass
 class GridPlanes:
     """``w_ij = scale[i, g(j)] * code_ij + offset[i, g(j)]`` over the columns ``cols`` of the input.
 
@@ -69,6 +88,8 @@ class GridPlanes:
         groupsize: columns per group (the last may be shorter).
         cols: (n,) long, the input columns these planes cover (None: all, in order).
         n: number of covered columns.
+        values: the format's exact decode (:class:`GridValues`), for the byte-table decoder
+            (:mod:`.decode`); None: the weight is decoded by the format alone.
     """
 
     planes: Tensor
@@ -77,6 +98,7 @@ class GridPlanes:
     groupsize: int
     cols: Optional[Tensor]
     n: int
+    values: Optional[GridValues] = None
 
     @property
     def rows(self) -> int:
@@ -107,12 +129,16 @@ def grouped_planes(codes: Tensor, bits: int, groupsize: int) -> Tensor:
 
 
 def grid_planes(codes: Tensor, bits: int, scale: Tensor, offset: Tensor, groupsize: int,
-                cols: Optional[Tensor] = None, stored_planes: Optional[Tensor] = None) -> GridPlanes:
+                cols: Optional[Tensor] = None, stored_planes: Optional[Tensor] = None,
+                values: Optional[GridValues] = None) -> GridPlanes:
     """A :class:`GridPlanes` from (r, n) codes and (r, G) scale/offset.
 
     ``stored_planes``: the stored bit planes of the same codes, shared instead of copied when their
-    groups already start on bytes.
+    groups already start on bytes. ``values``: the format's exact decode (see :class:`GridPlanes`).
     """
     n = codes.shape[1]
     planes = stored_planes if stored_planes is not None and aligned(n, groupsize) else grouped_planes(codes, bits, groupsize)
-    return GridPlanes(planes, scale.float().contiguous(), offset.float().contiguous(), groupsize, cols, n)
+    if values is not None:
+        values = GridValues(*(t.float().contiguous() if t is not None else None
+                              for t in (values.mult, values.zero, values.shift)), values.signed)
+    return GridPlanes(planes, scale.float().contiguous(), offset.float().contiguous(), groupsize, cols, n, values)

@@ -45,7 +45,7 @@ from torch import Tensor
 from ..config import SCALE_DTYPES
 from ..errors import QuantizationError
 from ..kernels.bitpack import pack_bits, pack_codes, packed_len, unpack_bits, unpack_codes
-from ..kernels.layout import BiLLMPlanes, Layout, aligned, grid_planes, grouped_planes
+from ..kernels.layout import BiLLMPlanes, GridValues, Layout, aligned, grid_planes, grouped_planes
 
 Shape = tuple[int, int]
 Meta = dict[str, Any]
@@ -421,7 +421,8 @@ def _grid_layout(t: Tensors, shape: Shape, meta: Meta) -> Optional[Layout]:
     gs = c if meta["groupsize"] == -1 else meta["groupsize"]
     zeros = unpack_codes(t["zeros"], -(-c // gs)).float()  # (r, G)
     scale = t["scales"].float()
-    return [grid_planes(unpack_codes(t["codes"], c), meta["bits"], scale, -scale * zeros, gs, stored_planes=t["codes"])]
+    return [grid_planes(unpack_codes(t["codes"], c), meta["bits"], scale, -scale * zeros, gs, stored_planes=t["codes"],
+                        values=GridValues(scale, zeros))]
 
 
 GRID_FORMAT = register_format(Format("grid", _grid_fields, _grid_decode, lambda shape, meta: float(meta["bits"]),
@@ -489,7 +490,7 @@ def _mixed_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
         groups = torch.tensor([g for g, w in enumerate(gb) if w == b], dtype=torch.long, device=scale.device)
         s, z = scale[:, groups], zeros[:, groups]
         out.append(grid_planes(unpack_codes(t[f"codes{b}"], len(cols)), b, s, -s * z, gs, cols.to(scale.device),
-                               stored_planes=t[f"codes{b}"]))
+                               stored_planes=t[f"codes{b}"], values=GridValues(s, z)))
     return out
 
 
@@ -523,7 +524,8 @@ def _sign_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
     s = unpack_bits(t["signs"], shape[1]).to(torch.int32)
     alpha = t["scales"].float().t()  # (r, 1)
     mean = t["means"].float().t() if meta["centred"] else torch.zeros_like(alpha)
-    return [grid_planes(s, 1, 2 * alpha, mean - alpha, shape[1], stored_planes=t["signs"].unsqueeze(0))]
+    return [grid_planes(s, 1, 2 * alpha, mean - alpha, shape[1], stored_planes=t["signs"].unsqueeze(0),
+                        values=GridValues(alpha, shift=mean if meta["centred"] else None, signed=True))]
 
 
 SIGN_FORMAT = register_format(Format("sign", _sign_fields, _sign_decode, lambda shape, meta: 1.0, _sign_layout))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import choose_path, packed_matmul, requested_kernel
+from ..kernels.decode import can_decode
 from .formats import ROTATION_FIELD, StoredWeight, layer_fields
 from .rotation import Rotation
 
@@ -150,13 +151,12 @@ class PackedLinear(nn.Module):
             x = rot.input(x)  # x R: the stored weight is W R quantized
         requested = requested_kernel(self.kernel)
         layout = self.layout() if requested != "dequant" else None
-        path = choose_path(requested, x, layout is not None)
+        path = choose_path(requested, x, layout is not None, can_decode(layout))
         b = self.bias.to(x.dtype) if self.bias is not None else None
         if path == "dequant":
             w = self._decoded if self._decoded is not None else self.stored().values()  # (out, in) float32
             return F.linear(x, w.to(x.dtype), b)
-        y = packed_matmul(x, layout, path)
-        return y + b if b is not None else y
+        return packed_matmul(x, layout, path, b)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.bias is not None}"
