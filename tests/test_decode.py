@@ -10,7 +10,7 @@ import torch
 
 import billm.kernels.decode as dec
 from billm.config import BiLLMConfig, GPTQConfig, RTNConfig, SignConfig, SliMConfig
-from billm.kernels.decode import can_decode, decode_weight, lookup, pair
+from billm.kernels.decode import can_decode, decode_weight, lookup
 from billm.kernels.layout import GridPlanes
 from billm.methods import get_method
 
@@ -62,14 +62,12 @@ def test_any_row_chunking_gives_the_same_weight(stored, cfg, chunk, monkeypatch)
 
 
 def test_byte_tables_spread_bits_least_significant_first():
-    lo = torch.tensor([[0b00000101]], dtype=torch.uint8)
-    hi = torch.tensor([[0b00000100]], dtype=torch.uint8)
-    assert lookup("sign", lo.long()).tolist() == [[1, -1, 1, -1, -1, -1, -1, -1]]
-    assert lookup("code2", pair(lo, hi)).tolist() == [[1, 0, 3, 0, 0, 0, 0, 0]]
-    assert lookup("conc", pair(lo, hi)).tolist() == [[1, -1, 0, -1, -1, -1, -1, -1]]  # signs off the sparse group
-    assert lookup("sparse", pair(lo, hi)).tolist() == [[0, 0, 1, 0, 0, 0, 0, 0]]
+    b = torch.tensor([[0b00000101, 0b10000000]])
+    assert lookup("sign", b).tolist() == [[1, -1, 1, -1, -1, -1, -1, -1] + [-1] * 7 + [1]]
+    assert lookup("code1", b).tolist() == [[1, 0, 1, 0, 0, 0, 0, 0] + [0] * 7 + [1]]
+    assert lookup("not1", b).tolist() == [[0, 1, 0, 1, 1, 1, 1, 1] + [1] * 7 + [0]]
     with pytest.raises(KeyError, match="no byte table 'nibble'"):
-        lookup("nibble", lo.long())
+        lookup("nibble", b)
 
 
 def test_decoder_refuses_what_it_cannot_decode_exactly(stored):
@@ -100,3 +98,19 @@ def test_dense_path_multiplies_by_the_same_weight_as_dequant(stored, cfg):
         layer.kernel = None
         assert torch.equal(layer(x), y)  # auto: 300 tokens on the CPU take the dense path
     torch.testing.assert_close(y, ref, rtol=0, atol=0)  # the same weight bits, the same F.linear
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_chunks_decoded_on_threads_keep_the_callers_mode(stored, mode, monkeypatch):
+    # perplexity() runs under inference_mode, which is thread-local: the decode threads must run under it too
+    monkeypatch.setattr(dec, "CHUNK_ELEMENTS", 512)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        st = stored(BiLLMConfig(blocksize=32), (64, 128))
+        ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+        with ctx():
+            w = decode_weight(st.layout(), 128)
+        assert torch.equal(w, st.values()) and w.is_inference() == (mode == "inference_mode")
+    finally:
+        torch.set_num_threads(torch_threads)

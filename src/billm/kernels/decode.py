@@ -5,9 +5,8 @@ bit to a bool, expand every per-block scale to a full (rows, cols) tensor and se
 a dozen passes over the weight. For a long prompt that decode dominates the call (60 % of a
 perplexity run). This decoder reads the column-aligned planes of the layout (:mod:`.layout`) and:
 
-* turns bytes into 8 values at once with ``F.embedding`` over small tables (a byte, or the same
-  byte of two planes, indexes a row of 8 float32 values): one pass that reads 1 bit a weight a
-  plane and writes 4 bytes;
+* turns bytes into 8 values at once with ``F.embedding`` over tables of 256 rows (a byte indexes a
+  row of 8 float32 values): one pass that reads 1 bit a weight a plane and writes 4 bytes;
 * applies per-row, per-group scales as broadcast views (rows, groups, 1), never expanded;
 * works on chunks of rows of about :data:`CHUNK_ELEMENTS` weights on the CPU, so the temporaries of a
   chunk stay in cache (one chunk: every row, on CUDA).
@@ -31,7 +30,8 @@ cache. Salient columns (a few percent) are computed apart and written over.
 
 from __future__ import annotations
 
-from typing import Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,43 +39,29 @@ from torch import Tensor
 
 from .layout import BiLLMPlanes, GridPlanes
 
-CHUNK_ELEMENTS = 1 << 16
-"""Weights decoded at a time on the CPU (its temporaries, about 20 bytes a weight, fit a 2 MiB L2 cache)."""
+CHUNK_ELEMENTS = 1 << 15
+"""Weights decoded at a time on the CPU: PyTorch's parallel grain, so a chunk's operations run serially
+(see :func:`for_chunks`), and its temporaries (about 20 bytes a weight) stay in the L2 cache."""
 
 _TABLES: dict[tuple[str, torch.device], Tensor] = {}
 
 
-def _bits(values: Tensor, shift: int = 0) -> Tensor:
-    """(V, 8) long: bit ``shift + j`` of each value."""
-    return (values.unsqueeze(1) >> (torch.arange(8, device=values.device) + shift)) & 1
+def _bits(values: Tensor) -> Tensor:
+    """(V, 8) long: bit ``j`` of each value."""
+    return (values.unsqueeze(1) >> torch.arange(8, device=values.device)) & 1
 
 
 def table(name: str, device: torch.device) -> Tensor:
-    """A byte table, made once per device. Rows are indexed by one byte (256 rows) or two (65536: low byte | high << 8).
+    """A byte table (256, 8) float32, made once per device: row ``v`` holds a value for each bit ``j`` of byte ``v``.
 
-    ``sign`` (256, 8): +-1 from each bit. ``code1`` (256, 8): each bit as 0. / 1. ``code2`` (65536, 8): the
-    2-bit codes of two planes (low plane bit + 2 high plane bit). ``conc`` / ``sparse`` (65536, 8): +-1 from
-    the low byte's bit where the high byte's bit is 0 / 1, else 0. ``not_g`` / ``g`` (65536, 8): 1. where the
-    high byte's bit is 0 / 1, else 0.
+    ``sign``: +1. where the bit is set, else -1. ``code1``: 1. / 0. ``not1``: 0. / 1.
     """
     key = (name, device)
     if key not in _TABLES:
-        one = torch.arange(256, device=device)
-        two = torch.arange(65536, device=device)
-        lo, hi = _bits(two), _bits(two, 8)
-        make = {
-            "sign": lambda: _bits(one) * 2 - 1,
-            "code1": lambda: _bits(one),
-            "not1": lambda: 1 - _bits(one),
-            "code2": lambda: lo + 2 * hi,
-            "conc": lambda: (lo * 2 - 1) * (1 - hi),
-            "sparse": lambda: (lo * 2 - 1) * hi,
-            "not_g": lambda: 1 - hi,
-            "g": lambda: hi,
-        }
+        make = {"sign": lambda b: b * 2 - 1, "code1": lambda b: b, "not1": lambda b: 1 - b}
         if name not in make:
             raise KeyError(f"no byte table {name!r}")
-        _TABLES[key] = make[name]().float().contiguous()
+        _TABLES[key] = make[name](_bits(torch.arange(256, device=device))).float().contiguous()
     return _TABLES[key]
 
 
@@ -85,16 +71,44 @@ def lookup(name: str, index: Tensor) -> Tensor:
     return out.view(*index.shape[:-1], index.shape[-1] * 8)
 
 
-def pair(lo: Tensor, hi: Tensor) -> Tensor:
-    """The two-byte index of two uint8 planes: ``lo | hi << 8`` (long)."""
-    return lo.long() | (hi.long() << 8)
-
-
 def chunk_rows(rows: int, width: int, device: torch.device) -> int:
     """Rows a chunk holds: about :data:`CHUNK_ELEMENTS` weights on the CPU, all of them elsewhere."""
     if device.type != "cpu":
         return max(rows, 1)
     return max(1, min(rows, CHUNK_ELEMENTS // max(width, 1)))
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_SIZE = 0
+
+
+def for_chunks(rows: int, width: int, device: torch.device, fn: Callable[[int, int], None]) -> None:
+    """``fn(r0, r1)`` for each chunk of rows (:func:`chunk_rows`); on the CPU the chunks are spread over
+    ``torch.get_num_threads()`` Python threads.
+
+    A chunk is no larger than PyTorch's parallel grain (32768 elements), so each of its operations runs
+    on its own thread, and the chunks run side by side. The other way, every operation split over the
+    threads, waits at a barrier per operation: on a loaded machine that made the decode 6x slower on
+    two threads than on one (``benchmarks/bench_prompt.py``).
+    """
+    global _POOL, _POOL_SIZE
+    step = chunk_rows(rows, width, device)
+    starts = range(0, rows, step)
+    workers = min(torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
+    if workers <= 1:
+        for r0 in starts:
+            fn(r0, min(rows, r0 + step))
+        return
+    if _POOL is None or _POOL_SIZE < workers:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="billm-decode"), workers
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(r0: int) -> None:  # the caller's modes are thread-local: a tensor made under inference_mode is
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):  # written under it too
+            fn(r0, min(rows, r0 + step))
+
+    for f in [_POOL.submit(run, r0) for r0 in starts]:
+        f.result()  # re-raises a chunk's error
 
 
 def padded_columns(cols: int, group: int, group_bytes: int, device: torch.device) -> Optional[Tensor]:
@@ -117,9 +131,8 @@ def billm_weight(p: BiLLMPlanes) -> Tensor:
     sal = torch.nonzero(lookup("code1", p.sal.long()) > 0).squeeze(1)  # (k,) padded salient columns
     sal_byte, sal_bit, sal_blk = sal // 8, sal % 8, sal // (bb * 8)
     out = torch.empty(r, width, dtype=torch.float32, device=dev)  # padded columns; the real ones returned
-    step = chunk_rows(r, width, dev)
-    for r0 in range(0, r, step):
-        r1 = min(r, r0 + step)
+
+    def chunk(r0: int, r1: int) -> None:
         R = r1 - r0
         sc = p.scales[r0:r1].float()  # (R, nb, 4)
         mu = p.means[r0:r1].float() if p.means is not None else None
@@ -140,6 +153,8 @@ def billm_weight(p: BiLLMPlanes) -> Tensor:
                 first.add_(mu[:, :, 2].index_select(1, sal_blk))
                 second.add_(mu[:, :, 3].index_select(1, sal_blk))
             out[r0:r1].index_copy_(1, sal, first.add_(second))
+
+    for_chunks(r, width, dev, chunk)
     return out[:, :p.cols] if pos is None else out.index_select(1, pos)
 
 
@@ -158,8 +173,9 @@ def grid_weight(layout: list[GridPlanes], cols: int) -> Tensor:
     p0 = layout[0]
     dev = p0.planes.device
     if len(layout) == 1 and p0.cols is None:  # one width over every column: decoded in place, padding cut by a view
-        out = torch.empty(p0.rows, p0.planes.shape[2] * 8, dtype=torch.float32, device=dev)
-        _grid_rows(out, p0)
+        width = p0.planes.shape[2] * 8
+        out = torch.empty(p0.rows, width, dtype=torch.float32, device=dev)
+        for_chunks(p0.rows, width, dev, lambda r0, r1: _grid_chunk(out[r0:r1], p0, r0, r1))
         pos = padded_columns(p0.n, p0.groupsize, p0.group_bytes, dev)
         return out[:, :cols] if pos is None else out.index_select(1, pos)
     groups = [whole_groups(p, cols) for p in layout]
@@ -179,27 +195,21 @@ def _codes(planes: Tensor) -> Tensor:
     """(bits, R, m) uint8 bit planes -> (R, 8 m) float32 codes, a lookup a plane."""
     codes = lookup("code1", planes[0].long())
     for b in range(1, planes.shape[0]):
-        codes.addcmul_(lookup("code1", planes[b].long()), codes.new_tensor(float(1 << b)))  # small integers: exact
+        codes.add_(lookup("code1", planes[b].long()), alpha=float(1 << b))  # small integers: exact
     return codes
 
 
-def _grid_rows(out: Tensor, p: GridPlanes, rows: Optional[slice] = None) -> None:
-    """Decode ``p`` into ``out`` (rows, padded columns of p), all rows or a slice of rows, chunk by chunk."""
-    r, nbytes = p.planes.shape[1:]
-    gb, G, v = p.group_bytes, p.scale.shape[1], p.values
-    rows = rows or slice(0, r)
-    step = chunk_rows(rows.stop - rows.start, nbytes * 8, out.device)
-    for r0 in range(rows.start, rows.stop, step):
-        r1 = min(rows.stop, r0 + step)
-        R = r1 - r0
-        planes = p.planes[:, r0:r1]
-        w = out[r0 - rows.start:r1 - rows.start].view(R, G, gb * 8)
-        w.copy_((lookup("sign", planes[0].long()) if v.signed else _codes(planes)).view(R, G, gb * 8))
-        if v.zero is not None:
-            w.sub_(v.zero[r0:r1, :, None])
-        w.mul_(v.mult[r0:r1, :, None])
-        if v.shift is not None:
-            w.add_(v.shift[r0:r1, :, None])
+def _grid_chunk(out: Tensor, p: GridPlanes, r0: int, r1: int) -> None:
+    """Decode rows ``r0:r1`` of ``p`` into ``out`` (r1 - r0, padded columns of p)."""
+    R, G, gb, v = r1 - r0, p.scale.shape[1], p.group_bytes, p.values
+    planes = p.planes[:, r0:r1]
+    w = out.view(R, G, gb * 8)
+    w.copy_((lookup("sign", planes[0].long()) if v.signed else _codes(planes)).view(R, G, gb * 8))
+    if v.zero is not None:
+        w.sub_(v.zero[r0:r1, :, None])
+    w.mul_(v.mult[r0:r1, :, None])
+    if v.shift is not None:
+        w.add_(v.shift[r0:r1, :, None])
 
 
 def whole_groups(p: GridPlanes, cols: int) -> Optional[Tensor]:
@@ -219,13 +229,13 @@ def _grid_groups(out: Tensor, p: GridPlanes, groups: Tensor) -> None:
     """Decode ``p`` into its whole groups of ``out`` (rows, groups x groupsize), a chunk of rows at a time."""
     r, nbytes = p.planes.shape[1:]
     gs = p.groupsize
-    step = chunk_rows(r, nbytes * 8, out.device)
-    buf = torch.empty(min(step, r), nbytes * 8, dtype=torch.float32, device=out.device)
-    for r0 in range(0, r, step):
-        r1 = min(r, r0 + step)
-        w = buf[:r1 - r0]
-        _grid_rows(w, p, slice(r0, r1))
+
+    def chunk(r0: int, r1: int) -> None:
+        w = torch.empty(r1 - r0, nbytes * 8, dtype=torch.float32, device=out.device)
+        _grid_chunk(w, p, r0, r1)
         out[r0:r1].view(r1 - r0, -1, gs).index_copy_(1, groups, w.view(r1 - r0, -1, gs))  # a run of gs floats each
+
+    for_chunks(r, nbytes * 8, out.device, chunk)
 
 
 def _grid_columns(out: Tensor, p: GridPlanes) -> None:
@@ -233,13 +243,13 @@ def _grid_columns(out: Tensor, p: GridPlanes) -> None:
     r, nbytes = p.planes.shape[1:]
     pos = padded_columns(p.n, p.groupsize, p.group_bytes, out.device)
     cols = p.cols if p.cols is not None else torch.arange(p.n, device=out.device)
-    step = chunk_rows(r, nbytes * 8, out.device)
-    buf = torch.empty(min(step, r), nbytes * 8, dtype=torch.float32, device=out.device)
-    for r0 in range(0, r, step):
-        r1 = min(r, r0 + step)
-        w = buf[:r1 - r0]
-        _grid_rows(w, p, slice(r0, r1))
+
+    def chunk(r0: int, r1: int) -> None:
+        w = torch.empty(r1 - r0, nbytes * 8, dtype=torch.float32, device=out.device)
+        _grid_chunk(w, p, r0, r1)
         out[r0:r1].index_copy_(1, cols, w[:, :p.n] if pos is None else w.index_select(1, pos))
+
+    for_chunks(r, nbytes * 8, out.device, chunk)
 
 
 def can_decode(layout) -> bool:

@@ -142,3 +142,59 @@ def grid_planes(codes: Tensor, bits: int, scale: Tensor, offset: Tensor, groupsi
         values = GridValues(*(t.float().contiguous() if t is not None else None
                               for t in (values.mult, values.zero, values.shift)), values.signed)
     return GridPlanes(planes, scale.float().contiguous(), offset.float().contiguous(), groupsize, cols, n, values)
+
+
+def flatten(layout: Layout) -> tuple[dict, list[Tensor]]:
+    """A layout as (a JSON-able description, its tensors in order): what a custom op can take
+    (:func:`billm.packing.linear.packed_linear`). :func:`unflatten` is the inverse."""
+    if isinstance(layout, BiLLMPlanes):
+        tensors = [layout.s1, layout.grp, layout.s2, layout.sal, layout.scales]
+        if layout.means is not None:
+            tensors.append(layout.means)
+        return {"kind": "billm", "blocksize": layout.blocksize, "cols": layout.cols,
+                "means": layout.means is not None}, tensors
+    parts, tensors = [], []
+    for p in layout:
+        v = p.values
+        parts.append({"groupsize": p.groupsize, "n": p.n, "cols": p.cols is not None,
+                      "values": None if v is None else {"zero": v.zero is not None, "shift": v.shift is not None,
+                                                        "signed": v.signed}})
+        tensors += [p.planes, p.scale, p.offset] + ([p.cols] if p.cols is not None else [])
+        if v is not None:
+            tensors += [v.mult] + [t for t in (v.zero, v.shift) if t is not None]
+    return {"kind": "grid", "parts": parts}, tensors
+
+
+def unflatten(spec: dict, tensors: list[Tensor]) -> Layout:
+    """The layout :func:`flatten` described (sharing its tensors).
+
+    Raises:
+        ValueError: the description and the tensors do not match.
+    """
+    it = iter(tensors)
+
+    def take() -> Tensor:
+        t = next(it, None)
+        if t is None:
+            raise ValueError(f"a {spec.get('kind')} layout needs more than {len(tensors)} tensors")
+        return t
+
+    if spec.get("kind") == "billm":
+        s1, grp, s2, sal, scales = (take() for _ in range(5))
+        out: Layout = BiLLMPlanes(s1, grp, s2, sal, scales, take() if spec["means"] else None, spec["blocksize"],
+                                  spec["cols"])
+    elif spec.get("kind") == "grid":
+        out = []
+        for part in spec["parts"]:
+            planes, scale, offset = take(), take(), take()
+            cols = take() if part["cols"] else None
+            values = None
+            if part["values"] is not None:
+                v = part["values"]
+                values = GridValues(take(), take() if v["zero"] else None, take() if v["shift"] else None, v["signed"])
+            out.append(GridPlanes(planes, scale, offset, part["groupsize"], cols, part["n"], values))
+    else:
+        raise ValueError(f"unknown layout kind {spec.get('kind')!r}")
+    if next(it, None) is not None:
+        raise ValueError(f"a {spec['kind']} layout takes fewer than {len(tensors)} tensors")
+    return out
