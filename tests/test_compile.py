@@ -118,3 +118,21 @@ def test_prepared_inputs_follow_the_kernel_choice(layer):
     assert m.prepare().layout_tensors  # now it is
     other, _ = layer(SignConfig(), seed=1)
     assert billm.prepare_model(torch.nn.Sequential(m, torch.nn.ReLU(), other)) == 2 and other._op is not None
+
+
+def test_generate_compiles_with_a_static_cache(tiny_folder, tmp_path, capsys):
+    from billm.cli import main
+
+    torch._dynamo.reset()
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_folder), "--calib", "pydoc", "--nsamples", "2", "--seqlen", "32", "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "def f(", "--max-new-tokens", "4"]) == 0
+    eager = capsys.readouterr().out
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert main(["generate", str(out), "def f(", "--max-new-tokens", "4", "--compile", "aot_eager"]) == 0
+    assert capsys.readouterr().out == eager  # greedy: the same tokens
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled, in whole graphs

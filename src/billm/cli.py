@@ -476,6 +476,20 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return cmd_compare(args)
 
 
+def _compiled_generation(model, backend: str) -> dict:
+    """``torch.compile`` the model's forward (``backend``) for generation with a static KV cache; returns
+    ``generate``'s extra arguments. Every packed linear is prepared first, so each is one
+    ``billm::packed_linear`` call in the compiled graph (the first steps include the compilation)."""
+    import torch
+
+    from .packing.linear import prepare_model
+
+    n = prepare_model(model)
+    log.info("compiling the forward with %s (%d packed linears), static KV cache", backend, n)
+    model.forward = torch.compile(model.forward, backend=backend, dynamic=False)
+    return {"cache_implementation": "static", "disable_compile": True}  # compiled here, not again by generate
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -487,11 +501,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else torch.device("cpu")
     model.to(device)
     enc = tok(args.prompt, return_tensors="pt").to(device)
+    extra = _compiled_generation(model, args.compile) if args.compile else {}
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
-                             use_cache=True, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                             use_cache=True, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                             **extra)
     took = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1]:]
     print(args.prompt + tok.decode(new, skip_special_tokens=True))
@@ -698,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--device", default=None)
     g.add_argument("--kernel", choices=KERNEL_CHOICES, default=None, help=KERNEL_HELP)
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the forward (default backend inductor; aot_eager traces without a compiler) "
+                        "and generate with a static KV cache")
     g.set_defaults(fn=cmd_generate)
     return p
 
