@@ -40,9 +40,11 @@ from ..errors import BillmError
 from .layout import BiLLMPlanes, GridPlanes, Layout
 
 KERNELS = ("auto", "dequant", "dense", "lut", "triton")
-LUT_MAX_TOKENS = 64
-"""Largest token count the CPU lookup path takes under ``auto``; above it decode-then-matmul is faster
-(``benchmarks/bench_kernels.py`` measures the crossover)."""
+LUT_MAX_TOKENS = 16
+"""Largest token count the CPU lookup path takes under ``auto``; above it ``dense`` (decode, then matmul) is
+faster. 64 when the decode was the format's own; the byte-table decoder is 2.4-7x faster than that at 128
+tokens, which puts the crossover near 16 by the lookup path's measured speed against the old decode
+(docs/kernels.md). ``benchmarks/bench_prompt.py --paths lut,dense`` measures it directly on a quiet machine."""
 TRITON_MAX_TOKENS = 16
 """Largest token count CUDA inputs send to the Triton kernels under ``auto``; above it one decode and a
 cuBLAS ``F.linear`` win. A conservative guess, not yet measured: ``benchmarks/gpu_check.sh`` times both
