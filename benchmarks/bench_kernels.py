@@ -1,20 +1,22 @@
 """Speed and memory of the paths that multiply by a packed weight: decoding (1 token) and prompts.
 
     python benchmarks/bench_kernels.py [--shapes smollm2,llama7b] [--formats billm,gptq2,slim2]
-                                       [--prompt 128] [--device cpu|cuda] [--threads 2] [--json FILE]
+                                       [--prompt 128,2048] [--device cpu|cuda] [--threads 2] [--json FILE]
 
 For each shape set, the seven linears of one decoder block (SmolLM2-135M: 576-wide, MLP 1536;
 LLaMA-7B: 4096-wide, MLP 11008) are built as packed layers of each format, with random bits and
 scales (speed does not depend on the values). Then ``x W^T`` runs through all seven, for one token
-(decoding) and for ``--prompt`` tokens, by each path:
+(decoding) and for each ``--prompt`` token count, by each path:
 
 * ``fp32`` / ``fp16``: dense ``F.linear`` on full-precision weights (the baselines);
-* ``dequant``: decode the whole weight per call, then ``F.linear`` (the reference path);
+* ``dequant``: decode the whole weight per call with the format's decoder, then ``F.linear`` (the reference path);
+* ``dense``: decode the whole weight per call with byte tables (``billm.kernels.decode``, the same bits), then ``F.linear``;
 * ``auto``: what ``PackedLinear`` picks by itself: on CPU byte lookup tables (``lut``) for up to
-  64 tokens (`billm.kernels.LUT_MAX_TOKENS`) and decode-then-matmul above; on CUDA the Triton kernels.
+  ``billm.kernels.LUT_MAX_TOKENS`` tokens and ``dense`` above; on CUDA the Triton kernels for up to
+  ``billm.kernels.TRITON_MAX_TOKENS``, ``dense`` above.
 
-A second table (CPU, ``--sweep-shapes``) times ``lut`` against ``dequant`` at several token counts:
-the crossover that sets ``billm.kernels.LUT_MAX_TOKENS``.
+A second table (``--sweep-shapes``) times ``lut`` (CPU) or ``triton`` (CUDA) against ``dense`` at several
+token counts: the crossover that sets ``LUT_MAX_TOKENS`` / ``TRITON_MAX_TOKENS``.
 
 Tokens per second through the block are the figures, each also as a ratio against the dequant
 reference and against the dense baseline, all measured in the same run. Each
@@ -148,7 +150,7 @@ def child(args) -> dict:
 
         def fn():
             with torch.no_grad():
-                for layer, (r, c) in zip(layers, shapes):
+                for layer, (_, c) in zip(layers, shapes):
                     inp = x if c == width else torch.randn(T, c, device=dev, dtype=dtype)
                     layer(inp)
         return fn
@@ -156,8 +158,9 @@ def child(args) -> dict:
     out = {"shape_set": args.shape_set, "format": args.format, "path": args.path, "device": str(dev),
            "threads": args.threads}
     t1 = _time(run(1), args.repeat, sync)
-    tp = _time(run(args.prompt), max(1, args.repeat // 2), sync)
-    out.update(decode_tok_s=1 / t1, prompt_tok_s=args.prompt / tp, decode_ms=t1 * 1e3, prompt_ms=tp * 1e3)
+    out.update(decode_tok_s=1 / t1, decode_ms=t1 * 1e3, prompt_tok_s={})
+    for T in args.prompt:
+        out["prompt_tok_s"][T] = T / _time(run(T), max(1, args.repeat // 2), sync)
     if args.sweep_tokens:
         out["sweep"] = {T: T / _time(run(T), max(1, args.repeat // 2), sync) for T in args.sweep_tokens}
     if cuda:
@@ -168,16 +171,23 @@ def child(args) -> dict:
     return out
 
 
+def _tok(x: dict, T: int) -> float:
+    """Prompt tokens/s of a result at ``T`` tokens (int keys in a run, str keys once through JSON)."""
+    p = x["prompt_tok_s"]
+    return p[T] if T in p else p[str(T)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="smollm2,llama7b")
     ap.add_argument("--formats", default="billm,gptq2,slim2")
-    ap.add_argument("--prompt", type=int, default=128, help="tokens of the prompt-processing measurement")
+    ap.add_argument("--prompt", type=lambda v: [int(t) for t in v.split(",") if t], default=[128],
+                    help="token counts of the prompt-processing measurements (comma separated)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--json", help="also write every figure to this file")
-    ap.add_argument("--sweep", default="1,4,16,64", help="token counts of the lut-vs-dequant crossover table")
+    ap.add_argument("--sweep", default="1,4,16,64", help="token counts of the fast-path-vs-dense crossover table")
     ap.add_argument("--sweep-shapes", default="smollm2", help="shape sets the crossover table is measured on")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shape-set", help=argparse.SUPPRESS)
@@ -194,47 +204,48 @@ def main() -> int:
     dense = ["fp16"] if cuda else ["fp32", "fp16"]
     base = "fp16" if cuda else "fp32"
     cmd = "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])
-    print(f"# {cmd}\n# device {args.device}, {args.threads} threads, torch {torch.__version__}, prompt {args.prompt} tokens\n")
+    prompts = ",".join(map(str, args.prompt))
+    print(f"# {cmd}\n# device {args.device}, {args.threads} threads, torch {torch.__version__}, prompts {prompts} tokens\n")
     results = []
     for shape_set in args.shapes.split(","):
-        plan = [("-", p) for p in dense] + [(f, p) for f in args.formats.split(",") for p in ("dequant", "auto")]
-        if not cuda and shape_set in args.sweep_shapes.split(","):
-            plan += [(f, "lut") for f in args.formats.split(",")]
+        sweep_here = shape_set in args.sweep_shapes.split(",")
+        plan = [("-", p) for p in dense] + [(f, p) for f in args.formats.split(",") for p in ("dequant", "dense", "auto")]
+        if sweep_here:
+            plan += [(f, fast) for f in args.formats.split(",")]
         rows = []
         for fmt, path in plan:
             c = [sys.executable, __file__, "--child", "--shape-set", shape_set, "--format", fmt, "--path", path,
                  "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat),
-                 "--prompt", str(args.prompt)]
-            if path in ("lut", "dequant") and not cuda and shape_set in args.sweep_shapes.split(","):
+                 "--prompt", prompts]
+            if path in (fast, "dense") and sweep_here:
                 c += ["--sweep-tokens", args.sweep]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             r = subprocess.run(c, capture_output=True, text=True, env=env)
             if r.returncode:
                 raise SystemExit(f"{' '.join(c)} failed:\n{r.stderr}")
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        ref = {(x["format"]): x for x in rows if x["path"] == "dequant"}
         b = next(x for x in rows if x["path"] == base)
         print(f"## {shape_set}: the 7 linears of one decoder block {SHAPES[shape_set][0]}..{SHAPES[shape_set][-1]}\n")
-        print(f"| format | path | decode tok/s | vs dequant | vs {base} | prompt tok/s | vs dequant | vs {base} | resident MB | peak MB |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for x in [x for x in rows if x["path"] != "lut"]:
-            d = ref.get(x["format"])
-            rd = f"{x['decode_tok_s'] / d['decode_tok_s']:.2f}x" if d else ""
-            rp = f"{x['prompt_tok_s'] / d['prompt_tok_s']:.2f}x" if d else ""
+        print(f"Tokens per second through the block (in brackets: against {base} dense in the same run)\n")
+        cols = ["1 token"] + [f"{T} tokens" for T in args.prompt]
+        print("| format | path | " + " | ".join(cols) + " | resident MB | peak MB |")
+        print("|---|---|" + "---:|" * (len(cols) + 2))
+        for x in [x for x in rows if x["path"] != fast]:
+            cells = [f"{x['decode_tok_s']:.1f} ({x['decode_tok_s'] / b['decode_tok_s']:.2f}x)"]
+            cells += [f"{_tok(x, T):.0f} ({_tok(x, T) / _tok(b, T):.2f}x)" for T in args.prompt]
             name = FORMATS.get(x["format"], "full precision")
-            print(f"| {name} | {x['path']} | {x['decode_tok_s']:.1f} | {rd} | {x['decode_tok_s'] / b['decode_tok_s']:.2f}x "
-                  f"| {x['prompt_tok_s']:.0f} | {rp} | {x['prompt_tok_s'] / b['prompt_tok_s']:.2f}x "
-                  f"| {x['resident_mb']:.0f} | {x['peak_mb']:.0f} |")
+            print(f"| {name} | {x['path']} | " + " | ".join(cells) + f" | {x['resident_mb']:.0f} | {x['peak_mb']:.0f} |")
         print()
         sweep = [x for x in rows if "sweep" in x]
         if sweep:
             toks = list(sweep[0]["sweep"])
-            print(f"Crossover on {shape_set}: tokens/s through the block, lookup tables (lut) against decode-then-matmul\n")
+            ref = {x["format"]: x for x in sweep if x["path"] == "dense"}
+            print(f"Crossover on {shape_set}: tokens/s through the block, {fast} against dense (decode-then-matmul)\n")
             print("| format | path | " + " | ".join(f"{t} tokens" for t in toks) + " |")
             print("|---|---|" + "---:|" * len(toks))
             for x in sweep:
                 d = ref[x["format"]]["sweep"]
-                cells = [f"{x['sweep'][t]:.0f}" + (f" ({x['sweep'][t] / d[t]:.2f}x)" if x["path"] == "lut" else "") for t in toks]
+                cells = [f"{x['sweep'][t]:.0f}" + (f" ({x['sweep'][t] / d[t]:.2f}x)" if x["path"] == fast else "") for t in toks]
                 print(f"| {FORMATS[x['format']]} | {x['path']} | " + " | ".join(cells) + " |")
             print()
         results.extend(rows)

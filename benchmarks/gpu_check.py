@@ -10,11 +10,15 @@ Steps, each recorded with its seconds and whether it passed (a failed step does 
   the tables under ``docs/results``), and a short second run with ``--refine-rounds 2``;
 * ``eval``: WikiText-2 perplexity, 8 windows of 2048 tokens, of the checkpoint in float32, float16 and
   bfloat16 through ``auto``, and in float16 and bfloat16 forced through the Triton kernels;
-* ``crossover``: tokens/s of the Triton kernels, decode-then-cuBLAS and dense fp16 at 1 to 128 tokens
-  through one LLaMA-7B block's linears, the measurement behind ``billm.kernels.TRITON_MAX_TOKENS``
-  (``crossover_tokens``: the largest count at which the kernels are at least as fast; the sweep's
-  largest may mean more);
-* ``bench``: ``benchmarks/bench_kernels.py`` at LLaMA-7B block shapes against cuBLAS fp16.
+* ``crossover``: tokens/s of the Triton kernels, decode-then-cuBLAS (``dense``: byte-table decode;
+  ``dequant``: the format's decoder) and dense fp16 at 1 to 128 tokens through one LLaMA-7B block's
+  linears, the measurement behind ``billm.kernels.TRITON_MAX_TOKENS`` (``crossover_tokens``: the
+  largest count at which the kernels are at least as fast as ``dense``; the sweep's largest may mean more);
+* ``bench``: ``benchmarks/bench_kernels.py`` at LLaMA-7B block shapes against cuBLAS fp16, 1, 128 and
+  2048 tokens, with the memory each path holds (goals: decode >= 2.5x fp16, prompts >= 0.8x);
+* ``compile``: ``billm generate --compile`` (static KV cache) against eager, tokens/s of each.
+
+The JSON is written again after every step, so a run cut short keeps the steps it finished.
 
 Each command has a time limit and the whole check a budget (450 s on the GPU), so it ends within
 8 minutes even when something hangs.
@@ -79,6 +83,7 @@ class Plan:
     tokens: list[int]
     fast_path: str
     repeat: int
+    compile_backend: str = "inductor"
     limits: dict[str, int] = field(default_factory=dict)
     budget: int = 450
 
@@ -122,10 +127,11 @@ def gpu_plan(data_dir: Optional[Path]) -> Plan:
         evals=[("float32", "auto"), ("float16", "auto"), ("bfloat16", "auto"), ("float16", "triton"),
                ("bfloat16", "triton")],
         tests=[["-m", "cuda", "tests"], ["tests/test_kernels.py", "-k", "triton"]],
-        bench_args=["--device", "cuda", "--shapes", "llama7b", "--formats", "billm,gptq2,slim2", "--repeat", "5"],
+        bench_args=["--device", "cuda", "--shapes", "llama7b", "--formats", "billm,gptq2,slim2", "--repeat", "5",
+                    "--prompt", "128,2048", "--sweep-shapes", "none"],
         shapes="llama7b", formats=["billm", "gptq2", "slim2"], tokens=[1, 2, 4, 8, 16, 32, 64, 128],
         fast_path="triton", repeat=5,
-        limits={"tests": 150, "quantize": 120, "refine": 60, "eval": 60, "bench": 120}, budget=450,
+        limits={"tests": 150, "quantize": 120, "refine": 60, "eval": 60, "bench": 120, "compile": 90}, budget=450,
     )
 
 
@@ -141,8 +147,8 @@ def smoke_plan(model_dir: Path, data_dir: Optional[Path]) -> Plan:
         tests=[["-m", "cuda", "tests/test_device.py"]],  # collected and skipped on a CPU: the plumbing only
         bench_args=["--device", "cpu", "--shapes", "smollm2", "--formats", "billm", "--repeat", "1", "--prompt", "4",
                     "--sweep-shapes", "none"],
-        shapes="smollm2", formats=["billm"], tokens=[1, 4], fast_path="lut", repeat=1,
-        limits={"tests": 60, "quantize": 60, "refine": 60, "eval": 60, "bench": 60}, budget=300,
+        shapes="smollm2", formats=["billm"], tokens=[1, 4], fast_path="lut", repeat=1, compile_backend="aot_eager",
+        limits={"tests": 60, "quantize": 60, "refine": 60, "eval": 60, "bench": 60, "compile": 60}, budget=300,
     )
 
 
@@ -167,8 +173,8 @@ def tiny_model(folder: Path) -> Path:
 # ----------------------------------------------------------------------------- steps
 
 
-def _run(cmd: list[str], limit: int, env: Optional[dict] = None) -> dict[str, Any]:
-    """Run ``cmd`` from the repository root; its return code, seconds and output tail."""
+def _run(cmd: list[str], limit: int, env: Optional[dict] = None, keep: bool = False) -> dict[str, Any]:
+    """Run ``cmd`` from the repository root; its return code, seconds and output tail (when it failed, or ``keep``)."""
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit, env=env)
@@ -177,7 +183,7 @@ def _run(cmd: list[str], limit: int, env: Optional[dict] = None) -> dict[str, An
         rc, out = "timeout", f"{e.stdout or ''}{e.stderr or ''}"
         out = out.decode() if isinstance(out, bytes) else out
     return {"cmd": " ".join(cmd), "rc": rc, "ok": rc == 0, "seconds": round(time.perf_counter() - t0, 1),
-            "tail": out[-1500:] if rc != 0 else ""}
+            "tail": out[-1500:] if rc != 0 or keep else ""}
 
 
 def _billm(*args: str) -> list[str]:
@@ -307,11 +313,11 @@ def step_crossover(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
             continue
         mods = [PackedLinear.from_stored(bk.random_stored(fmt, r, c, g).to(dev)) for r, c in shapes]
         per = {}
-        for path in (plan.fast_path, "dequant"):
+        for path in (plan.fast_path, "dense", "dequant"):
             for m in mods:
                 m.kernel = path
             per[path] = through(mods)
-        per["crossover_tokens"] = crossover_tokens(per[plan.fast_path], per["dequant"])
+        per["crossover_tokens"] = crossover_tokens(per[plan.fast_path], per["dense"])
         out["formats"][fmt] = per
     # the setting the measurement supports: the smallest crossover over the formats (0: some format never wins)
     found = [p["crossover_tokens"] or 0 for p in out["formats"].values()]
@@ -320,9 +326,24 @@ def step_crossover(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
     return out
 
 
+def step_compile(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
+    """``billm generate`` of the checkpoint, eager and with ``--compile`` (static KV cache): tokens/s of each
+    (the compiled run's figure includes its compilation)."""
+    import re
+
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", plan.compile_backend])):
+        r = _run(_billm("generate", str(work / "checkpoint"), "def f(", "--max-new-tokens", "32", "--device", plan.device,
+                        *extra), clock.limit(plan.limits["compile"]), keep=True)
+        m = re.search(r"\[(\d+) tokens in ([0-9.]+)s, ([0-9.]+) tokens/s\]", r["tail"])
+        runs[name] = {**r, "tokens_per_s": float(m.group(3)) if m else None}
+    return {"ok": all(r["ok"] for r in runs.values()), "backend": plan.compile_backend, "runs": runs}
+
+
 Step = Callable[[Plan, Path, Clock], dict[str, Any]]
 STEPS: dict[str, Step] = {  # in this order: correctness first, then the measurement behind TRITON_MAX_TOKENS
     "tests": step_tests, "quantize": step_quantize, "eval": step_eval, "crossover": step_crossover, "bench": step_bench,
+    "compile": step_compile,
 }
 
 
@@ -363,15 +384,15 @@ def run_check(plan: Plan, work: Path, out: Path, steps: Optional[list[str]] = No
     t0 = time.perf_counter()
     clock = Clock(plan.budget)
     result: dict[str, Any] = {"environment": environment(plan.device), "plan": asdict(plan), "steps": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in steps or list(STEPS):
         print(f"gpu_check: {name} ...", flush=True)
         result["steps"][name] = _guarded(STEPS[name], plan, work, clock)
         print(f"gpu_check: {name} {'ok' if result['steps'][name]['ok'] else 'FAILED'} "
               f"({result['steps'][name]['step_seconds']} s)", flush=True)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["ok"] = all(s["ok"] for s in result["steps"].values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        result["ok"] = all(s["ok"] for s in result["steps"].values())
+        out.write_text(json.dumps(result, indent=1))  # after every step: a run cut short keeps what it finished
     print(f"gpu_check: written {out} ({'all passed' if result['ok'] else 'some steps FAILED'}, {result['seconds']} s)")
     return result
 

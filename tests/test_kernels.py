@@ -18,6 +18,7 @@ from billm.errors import BillmError
 from billm import set_kernel
 from billm.kernels import LUT_MAX_TOKENS, TRITON_MAX_TOKENS, choose_path, triton_available
 from billm.kernels.lut import byte_table, lut_matmul
+from billm.kernels.tiles import Footprint, Tiles, fit_tiles, fits, smem_estimate
 from billm.methods import get_method
 
 # Without a GPU (or with TRITON_INTERPRET=1 already set) the Triton kernels run in the interpreter on
@@ -193,6 +194,60 @@ def test_triton_small_row_blocks_equal_decode_then_matmul(triton_matmul, stored,
     _close(triton_matmul(x.to(KDEV), st.to(KDEV).layout(), blocks=blocks).cpu(), x @ q.t(), mag=_mag(x, q))
 
 
+def test_tiles_that_overflowed_the_h200_are_shrunk_to_fit():
+    # the H200 failure: BiLLM (means, fp16 scales), fp32 inputs, 16 x 32 x 128 tiles asked for 294,912 bytes
+    fp = Footprint(per_weight=3 + 2 * 4 * 2, per_input=4, per_column=1)
+    wanted = Tiles(16, 32, 128)
+    h200 = 232_448
+    assert not fits(fp, wanted, h200) and smem_estimate(fp, wanted) * 1.04 > 294_000  # the estimate is close
+    got = fit_tiles(wanted, fp, h200)
+    assert got == Tiles(16, 32, 64) and fits(fp, got, h200)  # BLOCK_K halved first
+    assert fit_tiles(wanted, fp, 48 * 1024) == Tiles(16, 32, 16)  # a small GPU: BLOCK_K down to 16
+    assert fit_tiles(wanted, fp, 32 * 1024) == Tiles(16, 32, 16, stages=2)  # then fewer stages
+    assert fit_tiles(wanted, fp, 12 * 1024) == Tiles(16, 16, 16, stages=1)  # then fewer rows
+    assert fit_tiles(wanted, fp, None) == wanted  # the interpreter: no limit
+    with pytest.raises(BillmError, match="no Triton tiles fit 1000 bytes"):
+        fit_tiles(wanted, fp, 1000)
+
+
+def test_launches_retry_smaller_tiles_after_out_of_resources(triton_matmul):
+    from triton.runtime.errors import OutOfResources
+
+    k = _kernels(triton_matmul)
+    fp = Footprint(per_weight=5, per_input=2)
+    tried = []
+
+    def launch(t):
+        tried.append(t)
+        if t.k > 32:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+
+    assert k.launch_fitted(launch, Tiles(16, 64, 128), fp).k == 32
+    assert [t.k for t in tried] == [128, 64, 32]
+
+    def never(t):
+        raise OutOfResources(1, 0, "shared memory")
+
+    with pytest.raises(OutOfResources):
+        k.launch_fitted(never, Tiles(16, 16, 16, 1), fp)  # nothing smaller: the error stands
+
+
+@pytest.mark.parametrize("cfg", [BiLLMConfig.reference(blocksize=20), SliMConfig(bits=3, groupsize=24, blocksize=24)],
+                         ids=["billm-reference-b20", "slim-w3-g24"])
+def test_triton_tiles_fit_a_small_device_limit(triton_matmul, stored, cfg, monkeypatch):
+    k = _kernels(triton_matmul)
+    limit = 24 * 1024
+    monkeypatch.setattr(k, "device_smem_limit", lambda device: limit)  # as if a GPU with 24 KiB a block
+    launched = []
+    real = k._launch
+    monkeypatch.setattr(k, "_launch", lambda x, lay, y, t: (launched.append((k.footprint(x, lay), t)), real(x, lay, y, t)))
+    st, q = stored(cfg, (17, 131))
+    x = torch.randn(5, 131, generator=torch.Generator().manual_seed(1))
+    _close(triton_matmul(x, st.layout(), blocks=(16, 32, 128)), x @ q.t(), mag=_mag(x, q))
+    (fp, t), = launched
+    assert fits(fp, t, limit) and t.blocks != (16, 32, 128)
+
+
 def test_triton_block_sizes_give_small_layers_enough_programs(triton_matmul):
     k = _kernels(triton_matmul)
     assert k.block_sizes(1, 576) == (1, 8, 128)  # 72 programs for a SmolLM2 decoding step, not 9
@@ -235,7 +290,8 @@ def test_auto_path_on_cuda_decodes_once_for_long_prompts():
     few = torch.empty(1, TRITON_MAX_TOKENS, 8).as_subclass(_CudaLooking)
     many = torch.empty(1, TRITON_MAX_TOKENS + 1, 8).as_subclass(_CudaLooking)
     assert choose_path("auto", few, True) == ("triton" if triton_available() else "dequant")
-    assert choose_path("auto", many, True) == "dequant"  # one decode, then cuBLAS
+    assert choose_path("auto", many, True) == "dense"  # one decode, then cuBLAS
+    assert choose_path("auto", many, True, decodable=False) == "dequant"  # no exact layout decode: the format's
     assert choose_path("auto", many, False) == "dequant"
     if triton_available():
         assert choose_path("triton", many, True) == "triton"  # a forced path is taken at any length
@@ -254,7 +310,8 @@ def test_aligned_layouts_share_the_stored_planes(stored):
 def test_auto_path_choice():
     x1, xp = torch.randn(1, 1, 8), torch.randn(1, LUT_MAX_TOKENS + 1, 8)
     assert choose_path("auto", x1, True) == "lut"
-    assert choose_path("auto", xp, True) == "dequant"
+    assert choose_path("auto", xp, True) == "dense"
+    assert choose_path("dense", x1, True, decodable=False) == "dequant"
     assert choose_path("auto", x1, False) == "dequant"  # no fast layout
     assert choose_path("dequant", x1, True) == "dequant"
     assert choose_path("lut", xp, True) == "lut"
@@ -370,4 +427,4 @@ def test_auto_path_on_a_real_cuda_tensor():
     few = torch.empty(1, 1, 8, device="cuda")
     many = torch.empty(1, 2048, 8, device="cuda")
     assert choose_path("auto", few, True) == ("triton" if triton_available() else "dequant")
-    assert choose_path("auto", many, True) == "dequant"
+    assert choose_path("auto", many, True) == "dense"

@@ -19,7 +19,7 @@ from .methods import (
 )
 from .packing.checkpoint import inspect as inspect_checkpoint, load, save
 from .packing.formats import FieldSpec, Format, StoredWeight, register_format, storage_bits
-from .packing.linear import PackedLinear, set_kernel
+from .packing.linear import PackedLinear, prepare_model, set_kernel
 from .driver import LayerReport, QuantReport, quantize
 
 from .packing import hf as _hf
@@ -34,5 +34,5 @@ __all__ = [
     "QuantizationError", "RTNConfig", "SCALE_DTYPES", "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig",
     "StoredWeight", "WeightResult", "available_methods", "config_from_dict", "config_from_spec", "get_method",
     "inspect_checkpoint", "kernels", "load", "method_of", "option", "quantize", "register_format", "register_method",
-    "save", "set_kernel", "storage_bits",
+    "prepare_model", "save", "set_kernel", "storage_bits",
 ]

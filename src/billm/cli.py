@@ -34,7 +34,7 @@ from .methods import available_methods, config_classes, get_method
 from .model.loading import checkpoint_dtype, load_model, load_model_lazily
 from .model.walker import find_blocks, find_linears, get_weight, select_linears
 from .packing.checkpoint import inspect as inspect_checkpoint, is_billm_folder, is_checkpoint, read_map
-from .packing.linear import set_kernel
+from .packing.linear import prepare_model, set_kernel
 from .resume import ProgressStore, progress_dir, quantize_fingerprint
 from .sweep import Job, Sweep, check_cluster, job_commands, run_jobs
 
@@ -52,9 +52,10 @@ def _add_dtype(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-KERNEL_CHOICES = ("auto", "dequant", "lut", "triton")
+KERNEL_CHOICES = ("auto", "dequant", "dense", "lut", "triton")
 KERNEL_HELP = ("how packed linears multiply (default $BILLM_KERNEL or auto: Triton for up to 16 tokens on CUDA, lookup tables for a few "
-               "tokens on CPU, else decode then matmul)")
+               "tokens on CPU, else decode then matmul: 'dense' decodes with byte tables, 'dequant' with the format's "
+               "own decoder)")
 
 
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
@@ -435,6 +436,16 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return seeds
 
 
+def _compiled_generation(model, backend: str) -> dict:
+    """``torch.compile`` the model's forward (``backend``) for generation with a static KV cache; returns
+    ``generate``'s extra arguments. Every packed linear is prepared first, so each is one
+    ``billm::packed_linear`` call in the compiled graph (the first steps include the compilation)."""
+    n = prepare_model(model)
+    log.info("compiling the forward with %s (%d packed linears), static KV cache", backend, n)
+    model.forward = torch.compile(model.forward, backend=backend, dynamic=False)
+    return {"cache_implementation": "static", "disable_compile": True}  # compiled here, not again by generate
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
 
 
@@ -444,11 +455,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else torch.device("cpu")
     model.to(device)
     enc = tok(args.prompt, return_tensors="pt").to(device)
+    extra = _compiled_generation(model, args.compile) if args.compile else {}
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
-                             use_cache=True, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                             use_cache=True, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                             **extra)
     took = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1]:]
     print(args.prompt + tok.decode(new, skip_special_tokens=True))
@@ -646,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--device", default=None)
     g.add_argument("--kernel", choices=KERNEL_CHOICES, default=None, help=KERNEL_HELP)
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the forward (default backend inductor; aot_eager traces without a compiler) "
+                        "and generate with a static KV cache")
     g.set_defaults(fn=cmd_generate)
     return p
 

@@ -250,6 +250,19 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
         return None
 
 
+def clock(devices: Sequence[torch.device]) -> float:
+    """``time.perf_counter()`` once every CUDA device in ``devices`` has finished its queued work.
+
+    CUDA calls return as soon as their kernels are queued, so a phase timed without a synchronise
+    counts only the launches (a 7B block's propagation over 262k tokens read 0.02 s). Every phase
+    boundary reads this clock; on the CPU it is ``perf_counter`` alone.
+    """
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+    return time.perf_counter()
+
+
 def _check_finite(w: Tensor, name: str) -> None:
     if not w.is_meta and not torch.isfinite(w).all():
         raise QuantizationError(f"{name}: the weight has NaN/Inf entries; refusing to quantize it")
@@ -337,7 +350,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     """
     home = get_weight(mod).device
     W = get_weight(mod).to(device=device or home, dtype=torch.float32)  # (out, in): float32 whatever the model's dtype
-    t0 = time.perf_counter()
+    t0 = clock([W.device])
     rot = Rotation.make(config.rotate, W.shape[1], config.rotate_seed, W.device)  # None unless config.rotate
     if rot is not None:  # incoherence processing: the method (and the errors below) see W R and R^T H R
         W, H = rot.weight(W), rot.hessian(H)
@@ -352,7 +365,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
                                 f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
     packed = PackedLinear.from_stored(st.to(home), getattr(mod, "bias", None), source=type(mod).__name__)
     packed.keep_decoded(Q.to(home))  # the propagation forward reuses it (decode_once)
-    took = time.perf_counter() - t0
+    took = clock([W.device]) - t0
     rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
     wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
     log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits (%.3f stored), %.2fs",
@@ -420,7 +433,7 @@ def _reconstruction_targets(run: _Run, i: int) -> Optional[list[Tensor]]:
     (``reconstruct_target`` fpinputs) on the full-precision stream, which they then replace. None when off."""
     if not run.config.reconstruct:
         return None
-    t0 = time.perf_counter()
+    t0 = clock(run.devices)
     fp = run.config.reconstruct_target == "fpinputs"
     src = BlockInputs(run.fp_hidden if fp else run.inputs.hidden, run.inputs.kwargs, run.inputs.layer_kwargs)
     outs = src.hidden if fp else []
@@ -430,7 +443,7 @@ def _reconstruction_targets(run: _Run, i: int) -> Optional[list[Tensor]]:
             outs[b] = out  # the full-precision stream moves on: one copy alive
         else:
             outs.append(out)
-    run.phases["reconstruct"] += time.perf_counter() - t0
+    run.phases["reconstruct"] += clock(run.devices) - t0
     return outs
 
 
@@ -536,9 +549,9 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     model.eval()
     current: Optional[nn.Module] = None
     try:
-        t0 = time.perf_counter()
+        t0 = clock(run.devices)
         run.inputs = capture_inputs(model, batches, device=run.device, offload=run.activations)
-        run.phases["capture"] += time.perf_counter() - t0
+        run.phases["capture"] += clock(run.devices) - t0
         if config.reconstruct:
             run.phases["reconstruct"] = 0.0
             if config.reconstruct_target == "fpinputs":  # the second stream starts from the same captured inputs
@@ -550,21 +563,21 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             before = dict(run.phases)
             _fill_block(run, i)
             current = run.blocks[i].to(run.device)
-            t0 = time.perf_counter()
+            t0 = clock(run.devices)
             accs = _accumulate_hessians(run, i)
-            run.phases["hessian"] += time.perf_counter() - t0
+            run.phases["hessian"] += clock(run.devices) - t0
             targets = _reconstruction_targets(run, i)  # None unless config.reconstruct
             done = _quantize_block(run, i, accs)
             del accs
             if targets is not None:
                 _reconstruct(run, i, targets, done)
                 del targets
-            t0 = time.perf_counter()
+            t0 = clock(run.devices)
             if i + 1 < len(run.blocks):
                 _propagate(run, i)
             current.to(run.offload)
             return_freed_memory()
-            run.phases["propagation"] += time.perf_counter() - t0
+            run.phases["propagation"] += clock(run.devices) - t0
             run.layers.extend(done)
             if store is not None:
                 _record(run, i, done, store, before)

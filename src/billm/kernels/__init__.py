@@ -7,7 +7,11 @@ formats (:mod:`billm.packing`) build their layouts with it.
 Paths:
 
 ``dequant``
-    Decode the whole weight, then ``F.linear``: the reference, and every format's fallback.
+    Decode the whole weight with the format's decoder, then ``F.linear``: the reference, and every
+    format's fallback.
+``dense``
+    Decode the whole weight from the layout with byte tables (:mod:`.decode`; bit for bit the
+    format's decode, several times faster), then ``F.linear``: long prompts.
 ``lut``
     CPU, a few tokens (decoding): byte lookup tables over the packed planes (:mod:`.lut`).
 ``triton``
@@ -16,9 +20,10 @@ Paths:
 
 ``auto`` (the default) takes ``triton`` for CUDA inputs of at most :data:`TRITON_MAX_TOKENS` tokens
 when Triton is installed, ``lut`` for CPU inputs of at most :data:`LUT_MAX_TOKENS` tokens, else
-``dequant`` (a long prompt decodes the weight once and runs cuBLAS / the CPU's dense matmul). Gradients always take
+``dense`` (a long prompt decodes the weight once and runs cuBLAS / the CPU's dense matmul). Gradients always take
 ``dequant``. The environment variable ``BILLM_KERNEL`` or :func:`billm.set_kernel` force a path.
-A path a layer's format cannot take (PB-LLM; GPTQ with act-order groups) falls back to ``dequant``.
+A path a layer's format cannot take (PB-LLM; GPTQ with act-order groups; ``dense`` for a layout
+without exact values) falls back to ``dequant``.
 """
 
 from __future__ import annotations
@@ -28,15 +33,18 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BillmError
 from .layout import BiLLMPlanes, GridPlanes, Layout
 
-KERNELS = ("auto", "dequant", "lut", "triton")
-LUT_MAX_TOKENS = 64
-"""Largest token count the CPU lookup path takes under ``auto``; above it decode-then-matmul is faster
-(``benchmarks/bench_kernels.py`` measures the crossover)."""
+KERNELS = ("auto", "dequant", "dense", "lut", "triton")
+LUT_MAX_TOKENS = 16
+"""Largest token count the CPU lookup path takes under ``auto``; above it ``dense`` (decode, then matmul) is
+faster. 64 when the decode was the format's own; the byte-table decoder is 2.4-7x faster than that at 128
+tokens, which puts the crossover near 16 by the lookup path's measured speed against the old decode
+(docs/kernels.md). ``benchmarks/bench_prompt.py --paths lut,dense`` measures it directly on a quiet machine."""
 TRITON_MAX_TOKENS = 16
 """Largest token count CUDA inputs send to the Triton kernels under ``auto``; above it one decode and a
 cuBLAS ``F.linear`` win. A conservative guess, not yet measured: ``benchmarks/gpu_check.sh`` times both
@@ -56,27 +64,44 @@ def requested_kernel(layer_choice: Optional[str] = None) -> str:
     return name
 
 
-def choose_path(requested: str, x: Tensor, has_layout: bool) -> str:
-    """The path one call takes (see the module docstring)."""
+def choose_path(requested: str, x: Tensor, has_layout: bool, decodable: Optional[bool] = None) -> str:
+    """The path one call takes (see the module docstring).
+
+    ``has_layout``: the layer's format has a layout; ``decodable``: :mod:`.decode` decodes it exactly
+    (default: ``has_layout``); without, ``dense`` becomes ``dequant``.
+    """
+    decodable = has_layout if decodable is None else decodable
     if requested == "dequant" or not has_layout or (x.requires_grad and torch.is_grad_enabled()):
         return "dequant"
     if requested in ("lut", "triton"):
         if requested == "triton" and not triton_available():
             raise BillmError("kernel 'triton' requested but Triton is not installed (pip install triton)")
         return requested
-    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return auto_path(x.is_cuda, tokens)
+    if requested == "auto":
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        requested = auto_path(x.is_cuda, tokens)
+    return requested if requested != "dense" or decodable else "dequant"
 
 
 def auto_path(cuda: bool, tokens: int) -> str:
-    """The path ``auto`` takes for ``tokens`` tokens on CUDA (``cuda``) or CPU: a fast path for few tokens, else ``dequant``."""
+    """The path ``auto`` takes for ``tokens`` tokens on CUDA (``cuda``) or CPU: a fast path for few tokens, else ``dense``."""
     if cuda:
-        return "triton" if tokens <= TRITON_MAX_TOKENS and triton_available() else "dequant"
-    return "lut" if tokens <= LUT_MAX_TOKENS else "dequant"
+        return "triton" if tokens <= TRITON_MAX_TOKENS and triton_available() else "dense"
+    return "lut" if tokens <= LUT_MAX_TOKENS else "dense"
 
 
-def packed_matmul(x: Tensor, layout, path: str) -> Tensor:
-    """``x`` (..., in) times the layout's weight transposed, by ``lut`` or ``triton``: (..., out) in x's dtype."""
+def packed_matmul(x: Tensor, layout, path: str, bias: Optional[Tensor] = None) -> Tensor:
+    """``x`` (..., in) times the layout's weight transposed (plus ``bias``), by ``dense``, ``lut`` or ``triton``:
+    (..., out) in x's dtype."""
+    if path == "dense":
+        from .decode import decode_weight
+
+        return F.linear(x, decode_weight(layout, x.shape[-1]).to(x.dtype), bias)
+    y = _packed_matmul(x, layout, path)
+    return y + bias if bias is not None else y
+
+
+def _packed_matmul(x: Tensor, layout, path: str) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if path == "lut":

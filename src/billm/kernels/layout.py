@@ -59,6 +59,25 @@ class BiLLMPlanes:
 
 
 @dataclass
+class GridValues:
+    """A grid format's weights exactly as its decoder computes them, in float32:
+    ``mult * (v - zero) + shift`` per row and group, ``v`` the code, or ``2 code - 1`` (a sign) when
+    ``signed``; ``zero`` and ``shift`` are skipped when None. (``scale * code + offset`` of
+    :class:`GridPlanes` is the same weight, but rounded differently: the kernels' form.)
+
+    Attributes:
+        mult: (r, G) float32.
+        zero, shift: (r, G) float32 or None.
+        signed: 1-bit codes stand for -1 / +1.
+    """
+
+    mult: Tensor
+    zero: Optional[Tensor] = None
+    shift: Optional[Tensor] = None
+    signed: bool = False
+
+
+@dataclass
 class GridPlanes:
     """``w_ij = scale[i, g(j)] * code_ij + offset[i, g(j)]`` over the columns ``cols`` of the input.
 
@@ -69,6 +88,8 @@ class GridPlanes:
         groupsize: columns per group (the last may be shorter).
         cols: (n,) long, the input columns these planes cover (None: all, in order).
         n: number of covered columns.
+        values: the format's exact decode (:class:`GridValues`), for the byte-table decoder
+            (:mod:`.decode`); None: the weight is decoded by the format alone.
     """
 
     planes: Tensor
@@ -77,6 +98,7 @@ class GridPlanes:
     groupsize: int
     cols: Optional[Tensor]
     n: int
+    values: Optional[GridValues] = None
 
     @property
     def rows(self) -> int:
@@ -107,12 +129,72 @@ def grouped_planes(codes: Tensor, bits: int, groupsize: int) -> Tensor:
 
 
 def grid_planes(codes: Tensor, bits: int, scale: Tensor, offset: Tensor, groupsize: int,
-                cols: Optional[Tensor] = None, stored_planes: Optional[Tensor] = None) -> GridPlanes:
+                cols: Optional[Tensor] = None, stored_planes: Optional[Tensor] = None,
+                values: Optional[GridValues] = None) -> GridPlanes:
     """A :class:`GridPlanes` from (r, n) codes and (r, G) scale/offset.
 
     ``stored_planes``: the stored bit planes of the same codes, shared instead of copied when their
-    groups already start on bytes.
+    groups already start on bytes. ``values``: the format's exact decode (see :class:`GridPlanes`).
     """
     n = codes.shape[1]
     planes = stored_planes if stored_planes is not None and aligned(n, groupsize) else grouped_planes(codes, bits, groupsize)
-    return GridPlanes(planes, scale.float().contiguous(), offset.float().contiguous(), groupsize, cols, n)
+    if values is not None:
+        values = GridValues(*(t.float().contiguous() if t is not None else None
+                              for t in (values.mult, values.zero, values.shift)), values.signed)
+    return GridPlanes(planes, scale.float().contiguous(), offset.float().contiguous(), groupsize, cols, n, values)
+
+
+def flatten(layout: Layout) -> tuple[dict, list[Tensor]]:
+    """A layout as (a JSON-able description, its tensors in order): what a custom op can take
+    (:func:`billm.packing.linear.packed_linear`). :func:`unflatten` is the inverse."""
+    if isinstance(layout, BiLLMPlanes):
+        tensors = [layout.s1, layout.grp, layout.s2, layout.sal, layout.scales]
+        if layout.means is not None:
+            tensors.append(layout.means)
+        return {"kind": "billm", "blocksize": layout.blocksize, "cols": layout.cols,
+                "means": layout.means is not None}, tensors
+    parts, tensors = [], []
+    for p in layout:
+        v = p.values
+        parts.append({"groupsize": p.groupsize, "n": p.n, "cols": p.cols is not None,
+                      "values": None if v is None else {"zero": v.zero is not None, "shift": v.shift is not None,
+                                                        "signed": v.signed}})
+        tensors += [p.planes, p.scale, p.offset] + ([p.cols] if p.cols is not None else [])
+        if v is not None:
+            tensors += [v.mult] + [t for t in (v.zero, v.shift) if t is not None]
+    return {"kind": "grid", "parts": parts}, tensors
+
+
+def unflatten(spec: dict, tensors: list[Tensor]) -> Layout:
+    """The layout :func:`flatten` described (sharing its tensors).
+
+    Raises:
+        ValueError: the description and the tensors do not match.
+    """
+    it = iter(tensors)
+
+    def take() -> Tensor:
+        t = next(it, None)
+        if t is None:
+            raise ValueError(f"a {spec.get('kind')} layout needs more than {len(tensors)} tensors")
+        return t
+
+    if spec.get("kind") == "billm":
+        s1, grp, s2, sal, scales = (take() for _ in range(5))
+        out: Layout = BiLLMPlanes(s1, grp, s2, sal, scales, take() if spec["means"] else None, spec["blocksize"],
+                                  spec["cols"])
+    elif spec.get("kind") == "grid":
+        out = []
+        for part in spec["parts"]:
+            planes, scale, offset = take(), take(), take()
+            cols = take() if part["cols"] else None
+            values = None
+            if part["values"] is not None:
+                v = part["values"]
+                values = GridValues(take(), take() if v["zero"] else None, take() if v["shift"] else None, v["signed"])
+            out.append(GridPlanes(planes, scale, offset, part["groupsize"], cols, part["n"], values))
+    else:
+        raise ValueError(f"unknown layout kind {spec.get('kind')!r}")
+    if next(it, None) is not None:
+        raise ValueError(f"a {spec['kind']} layout takes fewer than {len(tensors)} tensors")
+    return out

@@ -11,7 +11,8 @@ activation above fp16's 65504 must not become inf), fp32 inputs in exact fp32.
 Launch: token tiles on grid axis 0 (up to 2^31 - 1 tiles), row tiles on axis 1 (at most 65535);
 token offsets are int64, so ``tokens * in_features`` may pass 2^31. Each launch runs under the input's
 CUDA device (``--device cuda:1``). The block sizes come from :func:`block_sizes`: smaller row
-blocks for layers with few rows, so a decoding step launches enough programs to fill the GPU.
+blocks for layers with few rows, so a decoding step launches enough programs to fill the GPU; they
+are then shrunk until their shared memory fits the device (:mod:`.tiles`).
 No ``triton.autotune``: benchmarking configs is meaningless (and slow) in the interpreter the tests
 use, and the grid kernel accumulates into ``y`` across calls, which a benchmark rerun would corrupt;
 ``benchmarks/gpu_check.sh`` times the fixed choice on a GPU instead.
@@ -23,19 +24,18 @@ which is how the tests check them against decode-then-matmul.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 from triton.runtime.interpreter import InterpretedFunction
 
 from .layout import BiLLMPlanes, GridPlanes
-
-MIN_PROGRAMS = 128
-"""Programs a launch aims for (about one per SM of a large GPU): layers with few rows get smaller row blocks."""
-MAX_ROW_TILES = 65535  # CUDA's limit on grid axis 1
+from .tiles import Footprint, Tiles, block_sizes, fit_tiles, launch_grid, shrink_below
 
 # How a tile product is formed (the kernels' DOT constant):
 DOT_FP32 = 0  # fp32 inputs: exact fp32 (input_precision="ieee")
@@ -148,30 +148,6 @@ def _grid_kernel(x_ptr, planes_ptr, scale_ptr, off_ptr, cols_ptr, y_ptr,
     tl.store(yptr, acc, mask=ymask)
 
 
-def block_sizes(T: int, R: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_R, BLOCK_K) for ``T`` tokens and ``R`` rows.
-
-    GEMV (one token) or 16-token tiles (``tl.dot`` needs >= 16 on each side). The row block is the
-    largest of 64, 32, 16 (8 for GEMV) that still gives :data:`MIN_PROGRAMS` programs, so a
-    576-row layer decodes on 72 programs instead of 9.
-    """
-    bt, bk, choices = (1, 128, (64, 32, 16, 8)) if T == 1 else (16, 64, (64, 32, 16))
-    token_tiles = triton.cdiv(T, bt)
-    br = next((b for b in choices if token_tiles * triton.cdiv(R, b) >= MIN_PROGRAMS), choices[-1])
-    while triton.cdiv(R, br) > MAX_ROW_TILES:
-        br *= 2
-    return bt, br, bk
-
-
-def launch_grid(T: int, R: int, blocks: tuple[int, int, int]) -> tuple[int, int]:
-    """(token tiles, row tiles): tokens on axis 0 (up to 2^31 - 1), rows on axis 1 (at most 65535)."""
-    BT, BR, _ = blocks
-    grid = (triton.cdiv(T, BT), triton.cdiv(R, BR))
-    if grid[1] > MAX_ROW_TILES:
-        raise ValueError(f"{R} rows in blocks of {BR} need {grid[1]} row tiles; CUDA allows {MAX_ROW_TILES}")
-    return grid
-
-
 def launch_guard(device: torch.device):
     """The context a launch runs in: the tensors' CUDA device (Triton launches on the current one); a no-op elsewhere."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -189,40 +165,88 @@ def _check_device(x: Tensor, planes: Tensor) -> None:
         raise ValueError(f"packed planes on {planes.device}, input on {x.device}: move the layer to the input's device")
 
 
+def device_smem_limit(device: torch.device) -> Optional[int]:
+    """Shared memory one program may use on ``device`` (bytes), None where there is no such limit (the interpreter)."""
+    if device.type != "cuda" or isinstance(_billm_kernel, InterpretedFunction):
+        return None
+    return _cuda_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_smem_limit(index: int) -> int:
+    try:  # what Triton itself checks a launch against
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except (AttributeError, KeyError, RuntimeError):
+        props = torch.cuda.get_device_properties(index)
+        return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def footprint(x: Tensor, layout) -> Footprint:
+    """Bytes a K step of the kernel for ``layout`` loads per tile element (see :mod:`.tiles`)."""
+    if isinstance(layout, BiLLMPlanes):
+        scale_bytes = 4 * layout.scales.element_size() * (2 if layout.means is not None else 1)  # 4 slots per element
+        return Footprint(per_weight=3 + scale_bytes, per_input=x.element_size(), per_column=1)  # s1, grp, s2; sal
+    bits = max(p.planes.shape[0] for p in layout)
+    has_cols = any(p.cols is not None for p in layout)
+    return Footprint(per_weight=bits + 8, per_input=x.element_size(), per_column=8 if has_cols else 0)  # scale, offset fp32
+
+
 def triton_matmul(x: Tensor, layout, blocks: Optional[tuple[int, int, int]] = None) -> Tensor:
     """``x`` (T, in) -> (T, out) float32 with the Triton kernels (CUDA, or the interpreter on CPU).
 
-    ``blocks``: (BLOCK_T, BLOCK_R, BLOCK_K) instead of :func:`block_sizes` (tests, benchmarks).
+    ``blocks``: (BLOCK_T, BLOCK_R, BLOCK_K) wanted instead of :func:`block_sizes` (tests, benchmarks).
+    Either way the tiles are shrunk to fit the device's shared memory (:func:`billm.kernels.tiles.fit_tiles`),
+    and a launch that still runs out of it is retried with smaller tiles.
     """
     x = x.contiguous()
     T = x.shape[0]
     R = layout.rows if isinstance(layout, BiLLMPlanes) else layout[0].rows
-    BT, BR, BK = blocks or block_sizes(T, R)
-    grid = launch_grid(T, R, (BT, BR, BK))
+    fp = footprint(x, layout)
+    tiles = fit_tiles(Tiles(*(blocks or block_sizes(T, R))), fp, device_smem_limit(x.device))
     y = torch.empty(T, R, dtype=torch.float32, device=x.device)
     with launch_guard(x.device):
-        if isinstance(layout, BiLLMPlanes):
-            _launch_billm(x, layout, y, grid, BT, BR, BK)
-        else:
-            for i, p in enumerate(layout):
-                _launch_grid(x, p, y, grid, i > 0, BT, BR, BK)
+        launch_fitted(lambda t: _launch(x, layout, y, t), tiles, fp)
     return y
 
 
-def _launch_billm(x: Tensor, p: BiLLMPlanes, y: Tensor, grid, BT: int, BR: int, BK: int) -> None:
+def launch_fitted(launch, tiles: Tiles, fp: Footprint) -> Tiles:
+    """``launch(tiles)``; on Triton's ``OutOfResources`` (raised when the kernel is loaded, before it runs) again
+    with the next smaller tiles (:func:`billm.kernels.tiles.shrink_below`). Returns the tiles that ran."""
+    while True:
+        try:
+            launch(tiles)
+            return tiles
+        except OutOfResources:
+            smaller = shrink_below(tiles, fp)
+            if smaller is None:
+                raise
+            tiles = smaller
+
+
+def _launch(x: Tensor, layout, y: Tensor, tiles: Tiles) -> None:
+    grid = launch_grid(x.shape[0], y.shape[1], tiles.blocks)
+    if isinstance(layout, BiLLMPlanes):
+        _launch_billm(x, layout, y, grid, tiles)
+    else:
+        for i, p in enumerate(layout):
+            _launch_grid(x, p, y, grid, i > 0, tiles)
+
+
+def _launch_billm(x: Tensor, p: BiLLMPlanes, y: Tensor, grid, tiles: Tiles) -> None:
     _check_device(x, p.s1)
     mu = p.means if p.means is not None else p.scales  # any pointer when unused
     dot = dot_mode(x.dtype, isinstance(_billm_kernel, InterpretedFunction))
     _billm_kernel[grid](x, p.s1, p.grp, p.s2, p.sal, p.scales, mu, y, x.shape[0], p.rows, p.cols, p.s1.shape[1],
                         p.scales.shape[1], x.stride(0), y.stride(0), BS=p.blocksize, BB=(p.blocksize + 7) // 8,
-                        HAS_MEANS=p.means is not None, DOT=dot, BLOCK_T=BT, BLOCK_R=BR, BLOCK_K=BK)
+                        HAS_MEANS=p.means is not None, DOT=dot, BLOCK_T=tiles.t, BLOCK_R=tiles.r, BLOCK_K=tiles.k,
+                        num_stages=tiles.stages)
 
 
-def _launch_grid(x: Tensor, p: GridPlanes, y: Tensor, grid, accumulate: bool, BT: int, BR: int, BK: int) -> None:
+def _launch_grid(x: Tensor, p: GridPlanes, y: Tensor, grid, accumulate: bool, tiles: Tiles) -> None:
     _check_device(x, p.planes)
     cols = p.cols if p.cols is not None else p.scale  # any pointer when unused
     dot = dot_mode(x.dtype, isinstance(_grid_kernel, InterpretedFunction))
     _grid_kernel[grid](x, p.planes, p.scale, p.offset, cols, y, x.shape[0], p.rows, p.n, p.planes.shape[2],
                        p.scale.shape[1], x.stride(0), y.stride(0), BITS=p.planes.shape[0], GS=p.groupsize,
-                       GB=p.group_bytes, HAS_COLS=p.cols is not None, ACCUM=accumulate, DOT=dot, BLOCK_T=BT,
-                       BLOCK_R=BR, BLOCK_K=BK)
+                       GB=p.group_bytes, HAS_COLS=p.cols is not None, ACCUM=accumulate, DOT=dot, BLOCK_T=tiles.t,
+                       BLOCK_R=tiles.r, BLOCK_K=tiles.k, num_stages=tiles.stages)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..config import SCALE_DTYPES, QuantConfig, check, option
 from ..kernels.bitpack import pack_codes, packed_len, unpack_codes
-from ..kernels.layout import Layout, grid_planes
+from ..kernels.layout import GridValues, Layout, grid_planes
 from ..packing.formats import (FieldSpec, Format, Meta, Shape, StoredWeight, Tensors, per_column, register_format,
                                round_to_stored, scale_dtype, smallest_positive)
 from .obc import OBCTimes
@@ -105,7 +105,8 @@ def _grid_layout(t: Tensors, shape: Shape, meta: Meta) -> Optional[Layout]:
     gs = c if meta["groupsize"] == -1 else meta["groupsize"]
     zeros = unpack_codes(t["zeros"], -(-c // gs)).float()  # (r, G)
     scale = t["scales"].float()
-    return [grid_planes(unpack_codes(t["codes"], c), meta["bits"], scale, -scale * zeros, gs, stored_planes=t["codes"])]
+    return [grid_planes(unpack_codes(t["codes"], c), meta["bits"], scale, -scale * zeros, gs, stored_planes=t["codes"],
+                        values=GridValues(scale, zeros))]
 
 
 GRID_FORMAT = register_format(Format("grid", _grid_fields, _grid_decode, lambda shape, meta: float(meta["bits"]),

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..config import SCALE_DTYPES, QuantConfig, option
 from ..kernels.bitpack import pack_bits, packed_len, unpack_bits
-from ..kernels.layout import Layout, grid_planes
+from ..kernels.layout import GridValues, Layout, grid_planes
 from ..packing.formats import FieldSpec, Format, Meta, Shape, StoredWeight, Tensors, pm1, register_format, scale_dtype
 from .binarize import binarize_once
 from .gptq import gptq_weight
@@ -62,7 +62,8 @@ def _sign_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
     s = unpack_bits(t["signs"], shape[1]).to(torch.int32)
     alpha = t["scales"].float().t()  # (r, 1)
     mean = t["means"].float().t() if meta["centred"] else torch.zeros_like(alpha)
-    return [grid_planes(s, 1, 2 * alpha, mean - alpha, shape[1], stored_planes=t["signs"].unsqueeze(0))]
+    return [grid_planes(s, 1, 2 * alpha, mean - alpha, shape[1], stored_planes=t["signs"].unsqueeze(0),
+                        values=GridValues(alpha, shift=mean if meta["centred"] else None, signed=True))]
 
 
 SIGN_FORMAT = register_format(Format("sign", _sign_fields, _sign_decode, lambda shape, meta: 1.0, _sign_layout))

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..config import SCALE_DTYPES, check, option
 from ..kernels.bitpack import pack_codes, packed_len, unpack_codes
-from ..kernels.layout import Layout, grid_planes
+from ..kernels.layout import GridValues, Layout, grid_planes
 from ..packing.formats import FieldSpec, Format, Meta, Shape, StoredWeight, Tensors, per_column, register_format, scale_dtype
 from .gptq import Calibrate, GridColumns, gptq_weight
 from .obc import OBCTimes
@@ -151,7 +151,7 @@ def _mixed_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
         groups = torch.tensor([g for g, w in enumerate(gb) if w == b], dtype=torch.long, device=scale.device)
         s, z = scale[:, groups], zeros[:, groups]
         out.append(grid_planes(unpack_codes(t[f"codes{b}"], len(cols)), b, s, -s * z, gs, cols.to(scale.device),
-                               stored_planes=t[f"codes{b}"]))
+                               stored_planes=t[f"codes{b}"], values=GridValues(s, z)))
     return out
 
 

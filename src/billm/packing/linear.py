@@ -7,18 +7,76 @@ as soon as it is quantized (the next block's inputs flow through its decode path
 
 from __future__ import annotations
 
+import functools
+import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import BillmError
 from ..kernels import choose_path, packed_matmul, requested_kernel
+from ..kernels.decode import can_decode
+from ..kernels.layout import flatten, unflatten
 from .formats import ROTATION_FIELD, StoredWeight, layer_fields
 from .rotation import Rotation
 
 PREFIX = "packed_"  # packed fields are buffers named packed_<field>: "<layer>.packed_signs" in a checkpoint
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec(spec: str) -> dict:
+    return json.loads(spec)
+
+
+def _packed_linear(x: Tensor, layout_tensors: list[Tensor], stored_tensors: list[Tensor], bias: Optional[Tensor],
+                   spec: str, kernel: str) -> Tensor:
+    s = _spec(spec)
+    layout = unflatten(s["layout"], layout_tensors) if s["layout"] is not None else None
+    path = choose_path(requested_kernel(kernel or None), x, layout is not None, can_decode(layout))
+    if path == "dequant":
+        st = StoredWeight(s["format"], tuple(s["shape"]), dict(s["meta"]), dict(zip(s["fields"], stored_tensors)))
+        return F.linear(x, st.decode().to(x.dtype), bias)  # (out, in) float32 weight, for this call only
+    return packed_matmul(x, layout, path, bias).contiguous()  # lut's is a transposed view; the fake promises contiguous
+
+
+@torch.library.custom_op("billm::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, layout_tensors: list[Tensor], stored_tensors: list[Tensor], bias: Optional[Tensor],
+                  spec: str, kernel: str) -> Tensor:
+    """``x (..., in) W^T + bias`` of a packed weight, by the path :func:`billm.kernels.choose_path` picks.
+
+    A registered operator (``torch.ops.billm.packed_linear``), so ``torch.compile`` keeps a
+    ``PackedLinear`` in its graph as one opaque call, its shape known from :func:`_fake` (no graph break).
+    Eager calls go straight to the same function.
+
+    Args:
+        x: the (already rotated) input, (..., in).
+        layout_tensors: the fast paths' planes (:func:`billm.kernels.layout.flatten`), [] when not built.
+        stored_tensors: the stored fields, in the order ``spec['fields']`` names them (the ``dequant`` path).
+        bias: (out,) in x's dtype, or None.
+        spec: JSON: ``format``, ``shape``, ``meta``, ``fields``, and ``layout`` (the flattened layout's description).
+        kernel: the layer's own path choice, or "" for ``$BILLM_KERNEL`` / ``auto``.
+    """
+    return _packed_linear(x, layout_tensors, stored_tensors, bias, spec, kernel)
+
+
+@packed_linear.register_fake
+def _fake(x, layout_tensors, stored_tensors, bias, spec, kernel):
+    return x.new_empty((*x.shape[:-1], _spec(spec)["shape"][0]))
+
+
+@dataclass
+class OpInputs:
+    """A layer's arguments to :func:`packed_linear` (and the rotation applied before), with the key they were built for."""
+
+    key: tuple
+    layout_tensors: list[Tensor]
+    stored_tensors: list[Tensor]
+    spec: str
+    rotation: Optional[Rotation]
 
 
 class PackedLinear(nn.Module):
@@ -59,6 +117,7 @@ class PackedLinear(nn.Module):
         self._rotation: Optional[Rotation] = None
         self._rotation_key: Any = None
         self._decoded: Optional[Tensor] = None  # keep_decoded() / decode_once(): the decoded weight, reused
+        self._op: Optional[OpInputs] = None  # prepare(): what a call hands the custom op
 
     @classmethod
     def from_stored(cls, stored: StoredWeight, bias: Optional[Tensor] = None, source: str = "Linear") -> "PackedLinear":
@@ -86,6 +145,7 @@ class PackedLinear(nn.Module):
         """
         packed = {n: b for n, b in self._buffers.items() if n.startswith(PREFIX) and b is not None}
         self._decoded = None  # a kept decoded copy (see decode_once) does not follow moves
+        self._op = None  # nor the custom op's inputs
         out = super()._apply(fn, recurse)
         for n, b in packed.items():
             new = self._buffers[n]
@@ -119,6 +179,7 @@ class PackedLinear(nn.Module):
                                  f"and device")
             setattr(self, PREFIX + name, t)
         self._decoded, self._layout, self._layout_key, self._rotation, self._rotation_key = None, None, None, None, None
+        self._op = None  # the custom op's inputs hold the old tensors
 
     @property
     def weight(self) -> Tensor:
@@ -161,19 +222,49 @@ class PackedLinear(nn.Module):
                              f"got {w.dtype} {tuple(w.shape)} on {w.device}")
         self._decoded = w
 
+    def prepare(self) -> "OpInputs":
+        """What a call hands :func:`packed_linear`, built when first needed and again when the buffers move or
+        the path asked for changes between ``dequant`` (no layout built: it costs memory) and the others.
+
+        Runs eagerly; a compiled forward (``torch.compile``) reads what the last eager call or
+        :func:`prepare_model` left, as plain tensors and strings, so it traces without a graph break.
+        """
+        need_layout = requested_kernel(self.kernel) != "dequant"
+        ref = next(b for n, b in self.named_buffers(recurse=False) if n.startswith(PREFIX))
+        key = (ref.device, ref.data_ptr(), need_layout)
+        if self._op is None or self._op.key != key:
+            layout = self.layout() if need_layout else None
+            spec, layout_tensors = flatten(layout) if layout is not None else (None, [])
+            stored = self.stored()
+            fields = sorted(stored.tensors)
+            desc = {"format": stored.format, "shape": list(stored.shape), "meta": stored.meta, "fields": fields,
+                    "layout": spec}
+            self._op = OpInputs(key, layout_tensors, [stored.tensors[f] for f in fields], json.dumps(desc),
+                                self.rotation())
+        return self._op
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._decoded is not None or (x.requires_grad and torch.is_grad_enabled()):
+            return self._decoded_forward(x)  # gradients, or a kept decoded weight (quantize's propagation)
+        if torch.compiler.is_compiling():
+            if self._op is None:
+                raise BillmError("a PackedLinear must run once, or billm.prepare_model(model) run, before torch.compile")
+            op = self._op
+        else:
+            op = self.prepare()
+        if op.rotation is not None:
+            x = op.rotation.input(x)  # x R: the stored weight is W R quantized
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        call = packed_linear if torch.compiler.is_compiling() else _packed_linear  # eager: no dispatcher overhead
+        return call(x, op.layout_tensors, op.stored_tensors, b, op.spec, self.kernel or "")
+
+    def _decoded_forward(self, x: Tensor) -> Tensor:
+        """``dequant`` outside the custom op: autograd flows to ``x`` (the packed weight has no gradient)."""
         rot = self.rotation()
         if rot is not None:
-            x = rot.input(x)  # x R: the stored weight is W R quantized
-        requested = requested_kernel(self.kernel)
-        layout = self.layout() if requested != "dequant" else None
-        path = choose_path(requested, x, layout is not None)
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        if path == "dequant":
-            w = self._decoded if self._decoded is not None else self.stored().decode()  # (out, in) float32
-            return F.linear(x, w.to(x.dtype), b)
-        y = packed_matmul(x, layout, path)
-        return y + b if b is not None else y
+            x = rot.input(x)
+        w = self._decoded if self._decoded is not None else self.stored().decode()  # (out, in) float32
+        return F.linear(x, w.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.bias is not None}"
@@ -197,6 +288,17 @@ def decode_once(layers: Iterable[PackedLinear]) -> Iterator[None]:
     finally:
         for m in layers:
             m._decoded = None
+
+
+def prepare_model(model: nn.Module) -> int:
+    """Build every PackedLinear's custom-op inputs (layout, rotation) now, as a first call would: do it before
+    ``torch.compile``, whose traced forward reads them as they are. Returns how many layers it prepared."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.prepare()
+            n += 1
+    return n
 
 
 def set_kernel(model: nn.Module, name: Optional[str]) -> int:
