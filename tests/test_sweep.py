@@ -77,6 +77,7 @@ def test_ray_retries_a_killed_worker_and_the_job_resumes_to_identical_bytes(ray_
     assert _checkpoint_bytes(tmp_path / "ray-ckpt") == _checkpoint_bytes(tmp_path / "local-ckpt")
 
 
+@pytest.mark.slow
 def test_printed_commands_run_anywhere_and_gather_the_local_table(local_run, tiny_folder, tmp_path, capsys):
     out, kept = local_run
     argv = _argv(tiny_folder, tmp_path / "out", tmp_path / "ckpt")

@@ -217,6 +217,7 @@ def test_lm_eval_hf_route_scores_like_billms_scorer(packed_smollm2, shared_data)
     assert res["results"]["piqa"]["acc_norm,none"] == ours.metrics["acc_norm"]
 
 
+@pytest.mark.slow
 def test_cli_harness_on_a_checkpoint_takes_the_pretrained_route(tiny_config, byte_tokenizer, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
