@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from billm.kernels import LUT_MAX_TOKENS
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 
@@ -50,7 +52,7 @@ def test_cpu_smoke_runs_every_step_but_the_benchmark(tmp_path):
     assert math.isfinite(ev["ppl"]) and "--dtype bfloat16" in ev["cmd"]
     c = steps["crossover"]["formats"]["billm"]
     assert set(c["lut"]) == set(c["dequant"]) == {"1", "4"}  # JSON keys
-    assert steps["crossover"]["current_max_tokens"] == 64  # the CPU's LUT_MAX_TOKENS
+    assert steps["crossover"]["current_max_tokens"] == LUT_MAX_TOKENS  # the CPU's lut/dense crossover
 
 
 @pytest.mark.slow
