@@ -117,7 +117,6 @@ def config_from_args(args: argparse.Namespace):
 def _apply_kernel(model, kernel: Optional[str]) -> None:
     """``--kernel``: force how the packed linears of ``model`` multiply (no-op for a full-precision model)."""
     if kernel:
-
         n = set_kernel(model, kernel)
         log.info("kernel %s on %d packed linears", kernel, n)
 
@@ -164,11 +163,8 @@ _seqlen = _at_least(2)
 
 def _check_args(args: argparse.Namespace) -> None:
     """Reject impossible devices before anything slow (loading a model) starts (numbers are checked by the parser)."""
-
-
     dev = getattr(args, "device", None)
     if dev is not None:
-
         try:
             devices = parse_devices(dev)
         except BillmError as e:
@@ -206,14 +202,10 @@ def _first_device(args: argparse.Namespace):
 
 def _model_dtype(args: argparse.Namespace):
     """``--dtype``: auto is the dtype the model is saved in (float32 for a .gguf file such as the embedded default)."""
-
-
     return checkpoint_dtype(args.model) if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-
-
     _check_args(args)
     cfg = config_from_args(args)
     out = check_output_dir(Path(args.out), is_billm_folder, "billm checkpoint")  # before an hour of work
@@ -278,7 +270,6 @@ def _eval_loaded(args: argparse.Namespace, ppl_tasks: list[str], zs_tasks: list[
         print(format_table(rows, ["task", "perplexity", "windows", "seqlen", "sec"]))
         out["perplexity"] = results
     if zs_tasks and args.harness:
-
         out["harness"] = _run_harness(harness_lm(model, tok, args.zeroshot_batch_size, args.device), zs_tasks, args)
     elif zs_tasks:
         res = zeroshot(model, tok, zs_tasks, args.limit, args.data_dir, args.zeroshot_batch_size, args.device)
@@ -290,14 +281,11 @@ def _eval_loaded(args: argparse.Namespace, ppl_tasks: list[str], zs_tasks: list[
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-
-
     _check_args(args)
     tasks = [t for t in args.tasks.split(",") if t]
     if args.harness:
         ppl_tasks, zs_tasks = [], tasks
     else:
-
         ppl_tasks, zs_tasks = [t for t in tasks if t not in ZEROSHOT], [t for t in tasks if t in ZEROSHOT]
         for t in ppl_tasks:  # fail before loading the model
             if t not in DATASETS and not Path(t).expanduser().exists():
@@ -325,8 +313,6 @@ DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plu
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-
-
     _check_args(args)
     t_start = time.perf_counter()
     model, tok = load_model(None)
@@ -368,8 +354,6 @@ def argv_used(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-
-
     _check_args(args)
     pareto = args.through_files
     specs = [s for s in args.methods.split(",") if s]
@@ -447,8 +431,6 @@ def _compiled_generation(model, backend: str) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-
-
     _check_args(args)
     model, tok = load_model(args.model)
     _apply_kernel(model, args.kernel)
