@@ -150,7 +150,7 @@ def _mixed_layout(t: Tensors, shape: Shape, meta: Meta) -> Layout:
     for b, cols in mixed_columns(gb, shape[1], gs, scale.device).items():
         groups = torch.tensor([g for g, w in enumerate(gb) if w == b], dtype=torch.long, device=scale.device)
         s, z = scale[:, groups], zeros[:, groups]
-        out.append(grid_planes(unpack_codes(t[f"codes{b}"], len(cols)), b, s, -s * z, gs, cols.to(scale.device),
+        out.append(grid_planes(unpack_codes(t[f"codes{b}"], len(cols)), b, s, -s * z, gs, cols,
                                stored_planes=t[f"codes{b}"], values=GridValues(s, z)))
     return out
 
