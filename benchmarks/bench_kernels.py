@@ -18,8 +18,10 @@ scales (speed does not depend on the values). Then ``x W^T`` runs through all se
 A second table (``--sweep-shapes``) times ``lut`` (CPU) or ``triton`` (CUDA) against ``dense`` at several
 token counts: the crossover that sets ``LUT_MAX_TOKENS`` / ``TRITON_MAX_TOKENS``.
 
-Tokens per second through the block are the figures, each also as a ratio against the dequant
-reference and against the dense baseline, all measured in the same run. Each
+Tokens per second through the block are the figures, each also as a ratio against the dense baseline,
+all measured in the same run. On CUDA each figure is timed from CUDA-graph replays (the kernels
+without Python's launch overhead, as a compiled ``generate`` runs them), and the eager decode speed
+is kept beside it (``eager_decode_tok_s``). Each
 (format, path) runs in a fresh process, so its memory is its own. On CPU, ``resident MB`` is
 the process's resident memory growth from building the layers to after the calls. It counts the
 packed weights and any layout the path builds. ``peak MB`` is the process's peak growth over the
@@ -114,6 +116,47 @@ def _time(fn, repeat: int, sync) -> float:
     return statistics.median(times)
 
 
+def _time_graphed(fn, repeat: int, replays: int = 20) -> float:
+    """Median seconds of one ``fn()`` replayed from a CUDA graph (``replays`` replays per sample): the kernels'
+    time without Python's launch overhead, as a compiled ``generate`` with CUDA graphs runs them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: builds layouts, compiles kernels, outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / replays)
+    return statistics.median(times)
+
+
+def timer(device: torch.device, repeat: int):
+    """``time(fn) -> seconds``: CUDA-graph replays on CUDA (:func:`_time_graphed`), the median wall time elsewhere."""
+    if device.type != "cuda":
+        return lambda fn: _time(fn, repeat, lambda: None)
+
+    def measure(fn) -> float:
+        try:
+            return _time_graphed(fn, repeat)
+        except RuntimeError as e:  # a path that synchronises (the reference decoders) cannot be captured
+            print(f"bench_kernels: not capturable, timed eagerly: {str(e)[:120]}", file=sys.stderr)
+            torch.cuda.synchronize()
+            return _time(fn, repeat, torch.cuda.synchronize)
+    return measure
+
+
 def child(args) -> dict:
     """One (shape set, format, path) in this process: tokens/s and memory."""
     import torch.nn.functional as F
@@ -143,26 +186,27 @@ def child(args) -> dict:
             mods.append(m)
         layers = mods
     built = _rss_mb()
-    width = shapes[0][1]
 
     def run(T: int):
-        x = torch.randn(T, width, device=dev, dtype=dtype)
+        xs = {c: torch.randn(T, c, device=dev, dtype=dtype) for _, c in shapes}  # one input per width, made once
 
         def fn():
             with torch.no_grad():
                 for layer, (_, c) in zip(layers, shapes):
-                    inp = x if c == width else torch.randn(T, c, device=dev, dtype=dtype)
-                    layer(inp)
+                    layer(xs[c])
         return fn
 
     out = {"shape_set": args.shape_set, "format": args.format, "path": args.path, "device": str(dev),
-           "threads": args.threads}
-    t1 = _time(run(1), args.repeat, sync)
+           "threads": args.threads, "timing": "cuda graph replays" if cuda else "wall clock"}
+    measure = timer(dev, args.repeat)
+    t1 = measure(run(1))
     out.update(decode_tok_s=1 / t1, decode_ms=t1 * 1e3, prompt_tok_s={})
+    if cuda:  # what an eager (uncompiled) model pays: Python's launch overhead included
+        out["eager_decode_tok_s"] = 1 / _time(run(1), args.repeat, sync)
     for T in args.prompt:
-        out["prompt_tok_s"][T] = T / _time(run(T), max(1, args.repeat // 2), sync)
+        out["prompt_tok_s"][T] = T / measure(run(T))
     if args.sweep_tokens:
-        out["sweep"] = {T: T / _time(run(T), max(1, args.repeat // 2), sync) for T in args.sweep_tokens}
+        out["sweep"] = {T: T / measure(run(T)) for T in args.sweep_tokens}
     if cuda:
         out.update(resident_mb=(torch.cuda.memory_allocated() - mem0) / 2**20,
                    peak_mb=(torch.cuda.max_memory_allocated() - mem0) / 2**20)
@@ -209,7 +253,8 @@ def main() -> int:
     results = []
     for shape_set in args.shapes.split(","):
         sweep_here = shape_set in args.sweep_shapes.split(",")
-        plan = [("-", p) for p in dense] + [(f, p) for f in args.formats.split(",") for p in ("dequant", "dense", "auto")]
+        packed = ("dense", "auto") if cuda else ("dequant", "dense", "auto")  # the reference decoder only on the CPU
+        plan = [("-", p) for p in dense] + [(f, p) for f in args.formats.split(",") for p in packed]
         if sweep_here:
             plan += [(f, fast) for f in args.formats.split(",")]
         rows = []

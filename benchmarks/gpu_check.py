@@ -10,6 +10,9 @@ Steps, each recorded with its seconds and whether it passed (a failed step does 
   the tables under ``docs/results``), and a short second run with ``--refine-rounds 2``;
 * ``eval``: WikiText-2 perplexity, 8 windows of 2048 tokens, of the checkpoint in float32, float16 and
   bfloat16 through ``auto``, and in float16 and bfloat16 forced through the Triton kernels;
+* ``tune``: the Triton kernels' row block, warps and split-K target timed at 1 and 16 tokens through one
+  LLaMA-7B block's linears (the measurement behind ``billm.kernels.tiles``), and the dense path's
+  Triton decoder beside an fp16 copy of the same weights;
 * ``crossover``: tokens/s of the Triton kernels, decode-then-cuBLAS (``dense``: byte-table decode;
   ``dequant``: the format's decoder) and dense fp16 at 1 to 128 tokens through one LLaMA-7B block's
   linears, the measurement behind ``billm.kernels.TRITON_MAX_TOKENS`` (``crossover_tokens``: the
@@ -83,6 +86,7 @@ class Plan:
     tokens: list[int]
     fast_path: str
     repeat: int
+    tune_tokens: list[int] = field(default_factory=lambda: [1, 16])
     compile_backend: str = "inductor"
     limits: dict[str, int] = field(default_factory=dict)
     budget: int = 450
@@ -122,7 +126,7 @@ def gpu_plan(data_dir: Optional[Path]) -> Plan:
     return Plan(
         device="cuda", model="smollm2", data_dir=str(data_dir) if data_dir else None, calib=calib, task=task,
         quantize_args=["--nsamples", "32", "--seqlen", "512"],
-        refine_args=["--nsamples", "8", "--seqlen", "256", "--refine-rounds", "2"],
+        refine_args=None,
         eval_seqlen=2048, eval_windows=8,
         evals=[("float32", "auto"), ("float16", "auto"), ("bfloat16", "auto"), ("float16", "triton"),
                ("bfloat16", "triton")],
@@ -131,7 +135,8 @@ def gpu_plan(data_dir: Optional[Path]) -> Plan:
                     "--prompt", "128,2048", "--sweep-shapes", "none"],
         shapes="llama7b", formats=["billm", "gptq2", "slim2"], tokens=[1, 2, 4, 8, 16, 32, 64, 128],
         fast_path="triton", repeat=5,
-        limits={"tests": 150, "quantize": 120, "refine": 60, "eval": 60, "bench": 120, "compile": 90}, budget=450,
+        limits={"tests": 150, "quantize": 90, "refine": 60, "eval": 45, "tune": 120, "bench": 120, "compile": 80},
+        budget=480,
     )
 
 
@@ -285,7 +290,7 @@ def step_crossover(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
 
     dev = torch.device(plan.device)
     cuda = dev.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    measure = bk.timer(dev, plan.repeat)
     dtype = torch.float16 if cuda else torch.float32
     shapes = bk.SHAPES[plan.shapes]
     g = torch.Generator().manual_seed(0)
@@ -300,7 +305,7 @@ def step_crossover(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
                 with torch.no_grad():
                     for layer, (_, c) in zip(layers, shapes):
                         layer(xs[c])
-            speeds[T] = round(T / bk._time(fn, plan.repeat, sync), 1)  # bench_kernels' median timer
+            speeds[T] = round(T / measure(fn), 1)  # bench_kernels' timer: CUDA-graph replays on a GPU
         return speeds
 
     out: dict[str, Any] = {"shapes": plan.shapes, "dtype": str(dtype), "fast_path": plan.fast_path,
@@ -313,7 +318,7 @@ def step_crossover(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
             continue
         mods = [PackedLinear.from_stored(bk.random_stored(fmt, r, c, g).to(dev)) for r, c in shapes]
         per = {}
-        for path in (plan.fast_path, "dense", "dequant"):
+        for path in (plan.fast_path, "dense") + (() if cuda else ("dequant",)):  # the reference decoder: CPU only
             for m in mods:
                 m.kernel = path
             per[path] = through(mods)
@@ -323,6 +328,80 @@ def step_crossover(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
     found = [p["crossover_tokens"] or 0 for p in out["formats"].values()]
     out["measured_max_tokens"] = min(found, default=None)
     out["ok"] = True
+    return out
+
+
+def step_tune(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
+    """The Triton kernels' tile choices timed through one decoder block's linears, beside fp16 dense.
+
+    For each format and token count of ``plan.tune_tokens``: tokens/s at each row block, warps per program and
+    split-K target (:data:`billm.kernels.tiles.WAVES`), timed from CUDA-graph replays; ``best`` is the fastest.
+    Also the seconds of :func:`billm.kernels.triton_kernels.triton_decode` over the block's weights (the ``dense``
+    path's decoder) beside a copy of the same weights in fp16 (the memory-bound floor of writing them).
+    Formats left when the budget runs out are listed under ``not_measured``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_kernels as bk
+    from billm.kernels import tiles
+    from billm.kernels import triton_kernels as tk
+
+    dev = torch.device(plan.device)
+    if dev.type != "cuda":  # compiled Triton tiles only: the CPU smoke has nothing to tune
+        return {"ok": True, "skipped": "the tile choices are timed on CUDA only"}
+    dtype = torch.float16
+    shapes = bk.SHAPES[plan.shapes]
+    g = torch.Generator().manual_seed(0)
+    measure = bk.timer(dev, plan.repeat)
+    xs = {T: {c: torch.randn(T, c, device=dev, dtype=dtype) for _, c in shapes} for T in plan.tune_tokens}
+    dense = [torch.randn(r, c, generator=g).to(device=dev, dtype=dtype) for r, c in shapes]
+
+    def dense_fn(T):
+        return lambda: [F.linear(xs[T][c], w) for w, (_, c) in zip(dense, shapes)]
+
+    out: dict[str, Any] = {"shapes": plan.shapes, "dtype": str(dtype), "timing": "cuda graph replays" if dev.type ==
+                           "cuda" else "wall clock", "default_waves": tiles.WAVES,
+                           "fp16_tok_s": {T: round(T / measure(dense_fn(T)), 1) for T in plan.tune_tokens},
+                           "fp16_copy_ms": round(measure(lambda: [w.clone() for w in dense]) * 1e3, 4),
+                           "formats": {}, "not_measured": []}
+    saved = tiles.WAVES
+    stop = time.perf_counter() + plan.limits.get("tune", 120)
+    try:
+        for fmt in plan.formats:
+            if clock.left() < 30 or time.perf_counter() > stop:
+                out["not_measured"].append(fmt)
+                continue
+            layouts = [bk.random_stored(fmt, r, c, g).to(dev).layout() for r, c in shapes]
+            rows = []
+            for T in plan.tune_tokens:
+                bt, _, bk_ = tiles.block_sizes(T, shapes[0][0])
+                for br in ((8, 16, 32) if bt == 1 else (16, 32, 64)):
+                    for warps in ((2, 4) if bt == 1 else (4, 8)):
+                        for waves in (1, 4, 16):
+                            if clock.left() < 20 or time.perf_counter() > stop:
+                                break
+                            tiles.WAVES = waves
+                            fn = lambda T=T, br=br, warps=warps: [  # noqa: E731
+                                tk.triton_matmul(xs[T][c], lay, blocks=(bt, br, bk_), warps=warps)
+                                for lay, (_, c) in zip(layouts, shapes)]
+                            row = {"tokens": T, "block_r": br, "warps": warps, "waves": waves}
+                            try:
+                                row["tok_s"] = round(T / measure(fn), 1)
+                                row["vs_fp16"] = round(row["tok_s"] / out["fp16_tok_s"][T], 3)
+                            except Exception as e:  # noqa: BLE001  (a config that does not launch is recorded)
+                                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                            rows.append(row)
+            tiles.WAVES = saved
+            ok = [r for r in rows if "tok_s" in r]
+            best = {T: max((r for r in ok if r["tokens"] == T), key=lambda r: r["tok_s"], default=None)
+                    for T in plan.tune_tokens}
+            decode_ms = measure(lambda: [tk.triton_decode(lay, c, dtype) for lay, (_, c) in zip(layouts, shapes)]) * 1e3
+            out["formats"][fmt] = {"configs": rows, "best": best, "triton_decode_ms": round(decode_ms, 4)}
+    finally:
+        tiles.WAVES = saved
+    out["ok"] = bool(out["formats"])
     return out
 
 
@@ -341,9 +420,9 @@ def step_compile(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
 
 
 Step = Callable[[Plan, Path, Clock], dict[str, Any]]
-STEPS: dict[str, Step] = {  # in this order: correctness first, then the measurement behind TRITON_MAX_TOKENS
-    "tests": step_tests, "quantize": step_quantize, "eval": step_eval, "crossover": step_crossover, "bench": step_bench,
-    "compile": step_compile,
+STEPS: dict[str, Step] = {  # in this order: correctness first, then the kernels' choices and speed
+    "tests": step_tests, "quantize": step_quantize, "eval": step_eval, "tune": step_tune, "bench": step_bench,
+    "crossover": step_crossover, "compile": step_compile,
 }
 
 

@@ -18,7 +18,7 @@ from billm.errors import BillmError
 from billm import set_kernel
 from billm.kernels import LUT_MAX_TOKENS, TRITON_MAX_TOKENS, choose_path, triton_available
 from billm.kernels.lut import byte_table, lut_matmul
-from billm.kernels.tiles import Footprint, Tiles, fit_tiles, fits, smem_estimate
+from billm.kernels.tiles import Footprint, Tiles, fit_tiles, fits, smem_estimate, split_count
 from billm.methods import get_method
 
 # Without a GPU (or with TRITON_INTERPRET=1 already set) the Triton kernels run in the interpreter on
@@ -240,7 +240,8 @@ def test_triton_tiles_fit_a_small_device_limit(triton_matmul, stored, cfg, monke
     monkeypatch.setattr(k, "device_smem_limit", lambda device: limit)  # as if a GPU with 24 KiB a block
     launched = []
     real = k._launch
-    monkeypatch.setattr(k, "_launch", lambda x, lay, y, t: (launched.append((k.footprint(x, lay), t)), real(x, lay, y, t)))
+    monkeypatch.setattr(k, "_launch", lambda x, lay, y, t, parts: (launched.append((k.footprint(x, lay), t)),
+                                                                   real(x, lay, y, t, parts)))
     st, q = stored(cfg, (17, 131))
     x = torch.randn(5, 131, generator=torch.Generator().manual_seed(1))
     _close(triton_matmul(x, st.layout(), blocks=(16, 32, 128)), x @ q.t(), mag=_mag(x, q))
@@ -248,13 +249,52 @@ def test_triton_tiles_fit_a_small_device_limit(triton_matmul, stored, cfg, monke
     assert fits(fp, t, limit) and t.blocks != (16, 32, 128)
 
 
-def test_triton_block_sizes_give_small_layers_enough_programs(triton_matmul):
+def test_triton_block_sizes_for_one_few_and_many_tokens(triton_matmul):
     k = _kernels(triton_matmul)
-    assert k.block_sizes(1, 576) == (1, 8, 128)  # 72 programs for a SmolLM2 decoding step, not 9
-    assert k.block_sizes(1, 4096) == (1, 32, 128)
-    assert k.block_sizes(1, 11008) == (1, 64, 128)
+    assert k.block_sizes(1, 576) == (1, 16, 128)  # a GEMV; programs come from split-K
     assert k.block_sizes(5, 192) == (16, 16, 64)  # tl.dot tiles stay >= 16
     assert k.block_sizes(4096, 4096) == (16, 64, 64)
+    assert k.block_sizes(1, 16 * 70_000)[1] == 32  # row tiles within CUDA's 65535
+
+
+def test_triton_split_k_fills_the_gpu_and_never_exceeds_the_blocks():
+    # a 4096-row decoding step in 16-row tiles: 256 programs; 132 SMs want 528, so each row tile's 32 blocks
+    # are split in 3 (11, 11, 10)
+    assert split_count(256, 32, 132) == (3, 11)
+    assert split_count(688, 32, 132) == (1, 32)  # 11008 rows already fill the GPU
+    assert split_count(36, 5, 132) == (5, 1)  # SmolLM2: no more splits than blocks
+    assert split_count(256, 32, None) == (1, 32)  # the interpreter: one split
+    assert split_count(256, 32, 132, wanted=8) == (8, 4)
+    s, per = split_count(7, 10, 132, wanted=4)
+    assert (s, per) == (4, 3) and (s - 1) * per < 10 <= s * per  # every block in exactly one split
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5], ids=lambda s: f"{s}-splits")
+@pytest.mark.parametrize("cfg", [BiLLMConfig.reference(blocksize=20), SliMConfig(bits=3, groupsize=24, blocksize=24)],
+                         ids=["billm-reference-b20", "slim-w3-g24"])
+def test_triton_split_k_partial_sums_add_up_to_the_product(triton_matmul, stored, cfg, splits):
+    st, q = stored(cfg, (17, 131))
+    x = torch.randn(1, 131, generator=torch.Generator().manual_seed(3))
+    y = triton_matmul(x.to(KDEV), st.to(KDEV).layout(), splits=splits).cpu()
+    _close(y, x @ q.t(), mag=_mag(x, q))
+
+
+@pytest.mark.parametrize("cfg", FAST)
+def test_triton_decode_is_bit_for_bit_the_formats_decode(triton_matmul, stored, cfg):
+    from billm.kernels.decode import decode_weight
+
+    k = _kernels(triton_matmul)
+    st, q = stored(cfg, (70, 200))
+    layout = st.to(KDEV).layout()
+    w = k.triton_decode(layout, 200).cpu()
+    if INTERPRET:  # the same fp32 operations in the same order; a GPU may contract a multiply-add
+        assert torch.equal(w, q) and torch.equal(w, decode_weight(st.layout(), 200))
+    else:
+        _close(w, q, tol=1e-6)
+    half = k.triton_decode(layout, 200, torch.float16).cpu()
+    assert half.dtype == torch.float16 and torch.equal(half, w.half())
+    with pytest.raises(ValueError, match="columns"):
+        k.triton_decode(layout, 199)
 
 
 def test_triton_grid_puts_tokens_on_axis_0(triton_matmul):

@@ -10,8 +10,9 @@ Paths:
     Decode the whole weight with the format's decoder, then ``F.linear``: the reference, and every
     format's fallback.
 ``dense``
-    Decode the whole weight from the layout with byte tables (:mod:`.decode`; bit for bit the
-    format's decode, several times faster), then ``F.linear``: long prompts.
+    Decode the whole weight from the layout, bit for bit the format's decode, then ``F.linear``: long
+    prompts. On the CPU with byte tables (:mod:`.decode`), on CUDA with one Triton pass that writes
+    the weight in the input's dtype (:func:`.triton_kernels.triton_decode`).
 ``lut``
     CPU, a few tokens (decoding): byte lookup tables over the packed planes (:mod:`.lut`).
 ``triton``
@@ -94,11 +95,22 @@ def packed_matmul(x: Tensor, layout, path: str, bias: Optional[Tensor] = None) -
     """``x`` (..., in) times the layout's weight transposed (plus ``bias``), by ``dense``, ``lut`` or ``triton``:
     (..., out) in x's dtype."""
     if path == "dense":
-        from .decode import decode_weight
-
-        return F.linear(x, decode_weight(layout, x.shape[-1]).to(x.dtype), bias)
+        return F.linear(x, dense_weight(layout, x.shape[-1], x), bias)
     y = _packed_matmul(x, layout, path)
     return y + bias if bias is not None else y
+
+
+def dense_weight(layout, cols: int, x: Tensor) -> Tensor:
+    """The layout's (rows, cols) weight in x's dtype for the ``dense`` path: on CUDA one Triton pass from the packed
+    planes straight to x's dtype (:func:`.triton_kernels.triton_decode`), elsewhere the byte tables in float32
+    (:func:`.decode.decode_weight`), then cast. Both are the format's decode, rounded once to x's dtype."""
+    if x.is_cuda and triton_available():
+        from .triton_kernels import triton_decode
+
+        return triton_decode(layout, cols, x.dtype)
+    from .decode import decode_weight
+
+    return decode_weight(layout, cols).to(x.dtype)
 
 
 def _packed_matmul(x: Tensor, layout, path: str) -> Tensor:
@@ -115,5 +127,5 @@ def _packed_matmul(x: Tensor, layout, path: str) -> Tensor:
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
-__all__ = ["BiLLMPlanes", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "Layout", "TRITON_MAX_TOKENS", "auto_path",
+__all__ = ["BiLLMPlanes", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "Layout", "TRITON_MAX_TOKENS", "auto_path", "dense_weight",
            "choose_path", "packed_matmul", "requested_kernel", "triton_available"]

@@ -16,8 +16,10 @@ from typing import Optional
 
 from ..errors import BillmError
 
-MIN_PROGRAMS = 128
-"""Programs a launch aims for (about one per SM of a large GPU): layers with few rows get smaller row blocks."""
+WAVES = 4
+"""Programs a launch aims for per streaming multiprocessor: a decoding step splits each row tile's blocks among
+this many times more programs than the GPU has SMs (split-K), so loads from many programs are in flight
+at once. ``benchmarks/bench_kernels.py --tune`` measures the choice."""
 MAX_ROW_TILES = 65535  # CUDA's limit on grid axis 1
 DEFAULT_STAGES = 3
 """Pipeline stages a launch asks for first (Triton's default on CUDA)."""
@@ -54,6 +56,7 @@ class Tiles:
     r: int
     k: int
     stages: int = DEFAULT_STAGES
+    warps: int = 4
 
     @property
     def blocks(self) -> tuple[int, int, int]:
@@ -89,12 +92,12 @@ def fit_tiles(wanted: Tiles, fp: Footprint, limit: Optional[int]) -> Tiles:
         for stages in range(wanted.stages, 0, -1):
             k = wanted.k
             while k >= MIN_BLOCK_K:
-                t = Tiles(wanted.t, r, k, stages)
+                t = Tiles(wanted.t, r, k, stages, wanted.warps)
                 if fits(fp, t, limit):
                     return t
                 k //= 2
         r //= 2
-    smallest = Tiles(wanted.t, min_r, MIN_BLOCK_K, 1)
+    smallest = Tiles(wanted.t, min_r, MIN_BLOCK_K, 1, wanted.warps)
     raise BillmError(f"no Triton tiles fit {limit} bytes of shared memory: even {smallest.blocks} with one stage "
                      f"needs about {smem_estimate(fp, smallest)} (x{SMEM_MARGIN} margin)")
 
@@ -110,16 +113,37 @@ def shrink_below(tiles: Tiles, fp: Footprint) -> Optional[Tiles]:
 def block_sizes(T: int, R: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_R, BLOCK_K) wanted for ``T`` tokens and ``R`` rows, before fitting the device.
 
-    GEMV (one token) or 16-token tiles (``tl.dot`` needs >= 16 on each side). The row block is the
-    largest of 64, 32, 16 (8 for GEMV) that still gives :data:`MIN_PROGRAMS` programs, so a
-    576-row layer decodes on 72 programs instead of 9.
+    One token: a GEMV over 16-row tiles (the programs a small layer lacks come from splitting its blocks,
+    :func:`split_count`). A few tokens: 16-token ``tl.dot`` tiles (it needs >= 16 on each side) over 16 rows.
+    A prompt: 16 x 64 tiles. The K tile is cut to the format's block or group by the kernels.
     """
-    bt, bk, choices = (1, 128, (64, 32, 16, 8)) if T == 1 else (16, 64, (64, 32, 16))
-    token_tiles = cdiv(T, bt)
-    br = next((b for b in choices if token_tiles * cdiv(R, b) >= MIN_PROGRAMS), choices[-1])
+    if T == 1:
+        bt, br, bk = 1, 16, 128
+    elif T <= 16:
+        bt, br, bk = 16, 16, 64
+    else:
+        bt, br, bk = 16, 64, 64
     while cdiv(R, br) > MAX_ROW_TILES:
         br *= 2
     return bt, br, bk
+
+
+def split_count(programs: int, steps: int, sms: Optional[int], wanted: Optional[int] = None) -> tuple[int, int]:
+    """(splits, steps a split) for a launch of ``programs`` row and token tiles over ``steps`` blocks.
+
+    ``wanted`` splits when given; else enough for :data:`WAVES` programs per SM of a GPU of ``sms``
+    SMs, and one where ``sms`` is None (the interpreter). Never more splits than blocks; every split but
+    the last walks the same number of blocks.
+    """
+    if wanted is not None:
+        s = wanted
+    elif sms is None:
+        s = 1
+    else:
+        s = cdiv(WAVES * sms, max(programs, 1))
+    s = max(1, min(s, steps))
+    per = cdiv(steps, s) if steps else 1
+    return (cdiv(steps, per) if steps else 1), per
 
 
 def launch_grid(T: int, R: int, blocks: tuple[int, int, int]) -> tuple[int, int]:

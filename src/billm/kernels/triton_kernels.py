@@ -1,21 +1,33 @@
-"""Triton kernels: ``y = x W^T`` with W decoded tile by tile in registers from the packed planes.
+"""Triton kernels: ``y = x W^T`` with W decoded tile by tile in registers from the packed planes, and
+the whole W decoded to memory for the long-prompt path.
 
-Each program owns ``BLOCK_T`` tokens and ``BLOCK_R`` output rows and walks the (byte-padded)
-input columns ``BLOCK_K`` at a time: it loads the bytes of every plane for its rows, extracts the
-bits, forms the weight tile with the row's scales, and accumulates ``x_tile @ w_tile^T`` in fp32.
-The dequantized weight never goes to memory. ``BLOCK_T == 1`` is the decoding (GEMV) path, a
-broadcast-multiply and row sum; larger ``BLOCK_T`` is the tiled prompt path on ``tl.dot``:
-half-precision inputs multiply in their own dtype (fp16 stays fp16, bf16 stays bf16: a bf16
-activation above fp16's 65504 must not become inf), fp32 inputs in exact fp32.
+The loops follow the format's blocks (BiLLM) or groups (grid formats): a program owns ``BLOCK_R``
+output rows and ``BLOCK_T`` tokens and walks a range of blocks; it loads a block's scales (and
+means) once per row, then the block's bytes of every plane ``BLOCK_K`` columns at a time, extracts
+the bits, forms the weight tile and accumulates ``x_tile @ w_tile^T`` in fp32. The weight never
+goes to memory. ``BLOCK_T == 1`` is the decoding (GEMV) path, a broadcast-multiply and row sum;
+``BLOCK_T >= 16`` the tiled path on ``tl.dot``: half-precision inputs multiply in their own dtype
+(fp16 stays fp16, bf16 stays bf16: a bf16 activation above fp16's 65504 must not become inf), fp32
+inputs in exact fp32.
 
-Launch: token tiles on grid axis 0 (up to 2^31 - 1 tiles), row tiles on axis 1 (at most 65535);
-token offsets are int64, so ``tokens * in_features`` may pass 2^31. Each launch runs under the input's
-CUDA device (``--device cuda:1``). The block sizes come from :func:`block_sizes`: smaller row
-blocks for layers with few rows, so a decoding step launches enough programs to fill the GPU; they
-are then shrunk until their shared memory fits the device (:mod:`.tiles`).
+A decoding step multiplies one token by a whole layer: one program per row block leaves most of a
+large GPU idle (a 4096-row layer in 32-row blocks is 128 programs on 132 SMs, each walking all
+32 blocks one after the other, latency-bound). So the blocks are split among programs too
+(split-K, grid axis 2, :func:`billm.kernels.tiles.split_count`): each split writes its partial sums
+to its own slice of an fp32 buffer, and the slices are summed afterwards, in a fixed order (the
+result does not depend on scheduling, unlike atomic adds).
+
+Every weight is computed by the same fp32 operations, in the same order, as the format's decoder
+(:mod:`.decode`), so :func:`triton_decode` is bit for bit the format's decode under the interpreter
+(and on a GPU wherever the compiler does not contract a multiply and an add: BiLLM's products are
+by +-1, exact either way).
+
+Launch: token tiles on grid axis 0 (up to 2^31 - 1 tiles), row tiles on axis 1 (at most 65535),
+splits on axis 2; token offsets are int64, so ``tokens * in_features`` may pass 2^31. Each launch
+runs under the input's CUDA device (``--device cuda:1``). The tile sizes come from
+:func:`billm.kernels.tiles.block_sizes` and are shrunk until their shared memory fits the device.
 No ``triton.autotune``: benchmarking configs is meaningless (and slow) in the interpreter the tests
-use, and the grid kernel accumulates into ``y`` across calls, which a benchmark rerun would corrupt;
-``benchmarks/gpu_check.sh`` times the fixed choice on a GPU instead.
+use; ``benchmarks/bench_kernels.py --tune`` times the choices on a GPU instead.
 
 The kernels run on CUDA, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``),
 which is how the tests check them against decode-then-matmul.
@@ -35,7 +47,7 @@ from triton.runtime.errors import OutOfResources
 from triton.runtime.interpreter import InterpretedFunction
 
 from .layout import BiLLMPlanes, GridPlanes
-from .tiles import Footprint, Tiles, block_sizes, fit_tiles, launch_grid, shrink_below
+from .tiles import Footprint, Tiles, block_sizes, cdiv, fit_tiles, launch_grid, shrink_below, split_count
 
 # How a tile product is formed (the kernels' DOT constant):
 DOT_FP32 = 0  # fp32 inputs: exact fp32 (input_precision="ieee")
@@ -59,93 +71,168 @@ def _accumulate(acc, x, w, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
+def _bit(ptr, off, bit, mask):
+    """The bits ``bit`` of the bytes at ``ptr + off`` as int32 0 / 1 (0 where masked)."""
+    return (tl.load(ptr + off, mask=mask, other=0).to(tl.int32) >> bit) & 1
+
+
+@triton.jit
+def _row_values(ptr, off, rmask):
+    """(BR, 1) float32 of per-row values at ``ptr + off``."""
+    return tl.load(ptr + off, mask=rmask, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, blk, local, lmask, NBYTES, NB,
+                BB: tl.constexpr, HAS_MEANS: tl.constexpr):
+    """(BR, BK) float32 weights of rows ``rows`` at the padded columns ``local`` of block ``blk`` (0 where masked).
+
+    Non-salient: ``select(g, a_s, a_c) * S1 [+ select(g, m_s, m_c)]``; salient: ``(a_1 S1 [+ m_1]) + (a_2 S2
+    [+ m_2])``: the format decoder's operations in its order.
+    """
+    byte = blk * BB + local // 8  # (BK,)
+    bit = local % 8
+    m2 = rmask[:, None] & lmask[None, :]
+    boff = rows[:, None] * NBYTES + byte[None, :]  # weight offsets stay int32: a plane holds < 2^31 bytes
+    s1 = (2 * _bit(s1_ptr, boff, bit[None, :], m2) - 1).to(tl.float32)
+    g = _bit(grp_ptr, boff, bit[None, :], m2) == 1
+    s2 = (2 * _bit(s2_ptr, boff, bit[None, :], m2) - 1).to(tl.float32)
+    sal = _bit(sal_ptr, byte, bit, lmask)[None, :] == 1  # (1, BK)
+    soff = rows * (NB * 4) + blk * 4  # (BR,) this block's four slots
+    w = tl.where(g, _row_values(sc_ptr, soff + 1, rmask), _row_values(sc_ptr, soff, rmask)) * s1
+    first = _row_values(sc_ptr, soff + 2, rmask) * s1
+    second = _row_values(sc_ptr, soff + 3, rmask) * s2
+    if HAS_MEANS:
+        w += tl.where(g, _row_values(mu_ptr, soff + 1, rmask), _row_values(mu_ptr, soff, rmask))
+        first += _row_values(mu_ptr, soff + 2, rmask)
+        second += _row_values(mu_ptr, soff + 3, rmask)
+    w = tl.where(sal, first + second, w)
+    return tl.where(m2, w, 0.0)
+
+
+@triton.jit
+def _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, G, grp, local, lmask, NBYTES,
+               BITS: tl.constexpr, GB: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
+               HAS_SHIFT: tl.constexpr):
+    """(BR, BK) float32 weights ``mult * (v - zero) + shift`` of rows ``rows`` at the padded columns ``local`` of
+    group ``grp``; ``v`` the code, or ``2 code - 1`` when ``SIGNED`` (0 where masked)."""
+    byte = grp * GB + local // 8
+    bit = local % 8
+    m2 = rmask[:, None] & lmask[None, :]
+    boff = rows[:, None] * NBYTES + byte[None, :]
+    code = tl.zeros(m2.shape, dtype=tl.int32)
+    for b in tl.static_range(BITS):
+        code += _bit(planes_ptr + b * R * NBYTES, boff, bit[None, :], m2) << b
+    if SIGNED:
+        code = 2 * code - 1
+    w = code.to(tl.float32)
+    goff = rows * G + grp
+    if HAS_ZERO:
+        w -= _row_values(zero_ptr, goff, rmask)
+    w *= _row_values(mult_ptr, goff, rmask)
+    if HAS_SHIFT:
+        w += _row_values(shift_ptr, goff, rmask)
+    return tl.where(m2, w, 0.0)
+
+
+@triton.jit
 def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr,
-                  T, R, C, NBYTES, NB, stride_xt, stride_yt,
+                  T, R, C, NBYTES, NB, STEPS, stride_xt, stride_ys, stride_yt,
                   BS: tl.constexpr, BB: tl.constexpr, HAS_MEANS: tl.constexpr, DOT: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_t = tl.program_id(0)  # token tiles on axis 0: the unbounded dimension
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)  # this program's split: blocks STEPS * pid_s ..
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,)
     xrow = toks.to(tl.int64) * stride_xt  # (BT,) int64: tokens * in_features may pass 2^31
     rmask = rows < R
+    tmask = toks < T
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, NBYTES * 8, BLOCK_K):
-        pc = k0 + tl.arange(0, BLOCK_K)  # padded column (BK,)
-        byte = pc // 8
-        bit = pc % 8
-        blk = pc // (BB * 8)
-        col = blk * BS + (pc - blk * BB * 8)  # input column
-        cmask = ((pc - blk * BB * 8) < BS) & (col < C)
-        x = tl.load(x_ptr + xrow[:, None] + col[None, :],
-                    mask=(toks[:, None] < T) & cmask[None, :], other=0.0)  # (BT, BK) in x's dtype
-        m2 = rmask[:, None] & (pc[None, :] < NBYTES * 8)
-        boff = rows[:, None] * NBYTES + byte[None, :]  # weight offsets stay int32: a plane holds < 2^31 bytes
-        s1 = (tl.load(s1_ptr + boff, mask=m2, other=0).to(tl.int32) >> bit[None, :]) & 1
-        g = (tl.load(grp_ptr + boff, mask=m2, other=0).to(tl.int32) >> bit[None, :]) & 1
-        s2 = (tl.load(s2_ptr + boff, mask=m2, other=0).to(tl.int32) >> bit[None, :]) & 1
-        sal = (tl.load(sal_ptr + byte, mask=pc < NBYTES * 8, other=0).to(tl.int32) >> bit) & 1  # (BK,)
-        soff = rows[:, None] * (NB * 4) + blk[None, :] * 4
-        a_c = tl.load(sc_ptr + soff, mask=m2, other=0.0).to(tl.float32)
-        a_s = tl.load(sc_ptr + soff + 1, mask=m2, other=0.0).to(tl.float32)
-        a_1 = tl.load(sc_ptr + soff + 2, mask=m2, other=0.0).to(tl.float32)
-        a_2 = tl.load(sc_ptr + soff + 3, mask=m2, other=0.0).to(tl.float32)
-        is_sal = sal[None, :] == 1
-        sign1 = (2 * s1 - 1).to(tl.float32)
-        sign2 = (2 * s2 - 1).to(tl.float32)
-        w = tl.where(is_sal, a_1, tl.where(g == 1, a_s, a_c)) * sign1 + tl.where(is_sal, a_2 * sign2, 0.0)
-        if HAS_MEANS:
-            m_c = tl.load(mu_ptr + soff, mask=m2, other=0.0).to(tl.float32)
-            m_s = tl.load(mu_ptr + soff + 1, mask=m2, other=0.0).to(tl.float32)
-            m_1 = tl.load(mu_ptr + soff + 2, mask=m2, other=0.0).to(tl.float32)
-            m_2 = tl.load(mu_ptr + soff + 3, mask=m2, other=0.0).to(tl.float32)
-            w += tl.where(is_sal, m_1 + m_2, tl.where(g == 1, m_s, m_c))
-        w = tl.where(cmask[None, :], w, 0.0)  # (BR, BK)
-        acc = _accumulate(acc, x, w, BLOCK_T, DOT)
-    yoff = toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
-    tl.store(y_ptr + yoff, acc, mask=(toks[:, None] < T) & rmask[None, :])
+    for blk in range(pid_s * STEPS, tl.minimum(NB, pid_s * STEPS + STEPS)):
+        for k0 in range(0, BB * 8, BLOCK_K):
+            local = k0 + tl.arange(0, BLOCK_K)  # padded column within the block (BK,)
+            col = blk * BS + local  # input column
+            lmask = (local < BS) & (col < C)
+            x = tl.load(x_ptr + xrow[:, None] + col[None, :], mask=tmask[:, None] & lmask[None, :], other=0.0)
+            w = _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, blk, local, lmask,
+                            NBYTES, NB, BB, HAS_MEANS)
+            acc = _accumulate(acc, x, w, BLOCK_T, DOT)
+    yoff = pid_s * stride_ys + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
+    tl.store(y_ptr + yoff, acc, mask=tmask[:, None] & rmask[None, :])
 
 
 @triton.jit
-def _grid_kernel(x_ptr, planes_ptr, scale_ptr, off_ptr, cols_ptr, y_ptr,
-                 T, R, N, NBYTES, G, stride_xt, stride_yt,
+def _grid_kernel(x_ptr, planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, y_ptr,
+                 T, R, N, NBYTES, G, STEPS, stride_xt, stride_ys, stride_yt,
                  BITS: tl.constexpr, GS: tl.constexpr, GB: tl.constexpr, HAS_COLS: tl.constexpr,
-                 ACCUM: tl.constexpr, DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SHIFT: tl.constexpr, DOT: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     xrow = toks.to(tl.int64) * stride_xt  # (BT,) int64
     rmask = rows < R
+    tmask = toks < T
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, NBYTES * 8, BLOCK_K):
-        pc = k0 + tl.arange(0, BLOCK_K)
-        byte = pc // 8
-        bit = pc % 8
-        grp = pc // (GB * 8)
-        local = grp * GS + (pc - grp * GB * 8)  # column among the covered ones
-        cmask = ((pc - grp * GB * 8) < GS) & (local < N)
+    for grp in range(pid_s * STEPS, tl.minimum(G, pid_s * STEPS + STEPS)):
+        for k0 in range(0, GB * 8, BLOCK_K):
+            local = k0 + tl.arange(0, BLOCK_K)
+            j = grp * GS + local  # column among the covered ones
+            lmask = (local < GS) & (j < N)
+            if HAS_COLS:
+                col = tl.load(cols_ptr + j, mask=lmask, other=0)
+            else:
+                col = j
+            x = tl.load(x_ptr + xrow[:, None] + col[None, :], mask=tmask[:, None] & lmask[None, :], other=0.0)
+            w = _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, G, grp, local, lmask, NBYTES,
+                           BITS, GB, SIGNED, HAS_ZERO, HAS_SHIFT)
+            acc = _accumulate(acc, x, w, BLOCK_T, DOT)
+    yoff = pid_s * stride_ys + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
+    tl.store(y_ptr + yoff, acc, mask=tmask[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _billm_decode_kernel(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, w_ptr, R, C, NBYTES, NB, stride_w,
+                         BS: tl.constexpr, BB: tl.constexpr, HAS_MEANS: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_r = tl.program_id(0)
+    blk = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    for k0 in range(0, BB * 8, BLOCK_K):
+        local = k0 + tl.arange(0, BLOCK_K)
+        col = blk * BS + local
+        lmask = (local < BS) & (col < C)
+        w = _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, blk, local, lmask,
+                        NBYTES, NB, BB, HAS_MEANS)
+        woff = rows.to(tl.int64)[:, None] * stride_w + col[None, :]
+        tl.store(w_ptr + woff, w.to(w_ptr.dtype.element_ty), mask=rmask[:, None] & lmask[None, :])
+
+
+@triton.jit
+def _grid_decode_kernel(planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, w_ptr, R, N, NBYTES, G, stride_w,
+                        BITS: tl.constexpr, GS: tl.constexpr, GB: tl.constexpr, HAS_COLS: tl.constexpr,
+                        SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_r = tl.program_id(0)
+    grp = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    for k0 in range(0, GB * 8, BLOCK_K):
+        local = k0 + tl.arange(0, BLOCK_K)
+        j = grp * GS + local
+        lmask = (local < GS) & (j < N)
         if HAS_COLS:
-            col = tl.load(cols_ptr + local, mask=cmask, other=0)
+            col = tl.load(cols_ptr + j, mask=lmask, other=0)
         else:
-            col = local
-        x = tl.load(x_ptr + xrow[:, None] + col[None, :],
-                    mask=(toks[:, None] < T) & cmask[None, :], other=0.0)  # (BT, BK) in x's dtype
-        m2 = rmask[:, None] & cmask[None, :]
-        code = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
-        for b in tl.static_range(BITS):
-            plane = tl.load(planes_ptr + b * R * NBYTES + rows[:, None] * NBYTES + byte[None, :], mask=m2, other=0)
-            code += ((plane.to(tl.int32) >> bit[None, :]) & 1) << b
-        goff = rows[:, None] * G + grp[None, :]
-        w = tl.load(scale_ptr + goff, mask=m2, other=0.0) * code.to(tl.float32) + tl.load(off_ptr + goff, mask=m2, other=0.0)
-        w = tl.where(m2, w, 0.0)
-        acc = _accumulate(acc, x, w, BLOCK_T, DOT)
-    ymask = (toks[:, None] < T) & rmask[None, :]
-    yptr = y_ptr + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
-    if ACCUM:
-        acc += tl.load(yptr, mask=ymask, other=0.0)
-    tl.store(yptr, acc, mask=ymask)
+            col = j
+        w = _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, G, grp, local, lmask, NBYTES,
+                       BITS, GB, SIGNED, HAS_ZERO, HAS_SHIFT)
+        woff = rows.to(tl.int64)[:, None] * stride_w + col[None, :]
+        tl.store(w_ptr + woff, w.to(w_ptr.dtype.element_ty), mask=rmask[:, None] & lmask[None, :])
 
 
 def launch_guard(device: torch.device):
@@ -165,36 +252,58 @@ def _check_device(x: Tensor, planes: Tensor) -> None:
         raise ValueError(f"packed planes on {planes.device}, input on {x.device}: move the layer to the input's device")
 
 
+def _interpreted() -> bool:
+    return isinstance(_billm_kernel, InterpretedFunction)
+
+
 def device_smem_limit(device: torch.device) -> Optional[int]:
     """Shared memory one program may use on ``device`` (bytes), None where there is no such limit (the interpreter)."""
-    if device.type != "cuda" or isinstance(_billm_kernel, InterpretedFunction):
+    if device.type != "cuda" or _interpreted():
         return None
-    return _cuda_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def device_programs(device: torch.device) -> Optional[int]:
+    """Streaming multiprocessors of ``device``: what the split-K choice fills (None off CUDA: one split per program
+    of the interpreter is as good as any)."""
+    if device.type != "cuda" or _interpreted():
+        return None
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_smem_limit(index: int) -> int:
+def _cuda_props(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
     try:  # what Triton itself checks a launch against
-        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+        smem = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
     except (AttributeError, KeyError, RuntimeError):
-        props = torch.cuda.get_device_properties(index)
-        return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+        smem = int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+    return smem, int(props.multi_processor_count)
 
 
 def footprint(x: Tensor, layout) -> Footprint:
-    """Bytes a K step of the kernel for ``layout`` loads per tile element (see :mod:`.tiles`)."""
+    """Bytes a K step of the kernel for ``layout`` loads per tile element (see :mod:`.tiles`); scales are loaded
+    once per row and block, not per element."""
     if isinstance(layout, BiLLMPlanes):
-        scale_bytes = 4 * layout.scales.element_size() * (2 if layout.means is not None else 1)  # 4 slots per element
-        return Footprint(per_weight=3 + scale_bytes, per_input=x.element_size(), per_column=1)  # s1, grp, s2; sal
+        return Footprint(per_weight=3, per_input=x.element_size(), per_column=1)  # s1, grp, s2; sal
     bits = max(p.planes.shape[0] for p in layout)
     has_cols = any(p.cols is not None for p in layout)
-    return Footprint(per_weight=bits + 8, per_input=x.element_size(), per_column=8 if has_cols else 0)  # scale, offset fp32
+    return Footprint(per_weight=bits, per_input=x.element_size(), per_column=8 if has_cols else 0)
 
 
-def triton_matmul(x: Tensor, layout, blocks: Optional[tuple[int, int, int]] = None) -> Tensor:
+def _steps(layout) -> list[tuple[int, int]]:
+    """(blocks or groups, padded columns of each) of each part of ``layout``: the K loop of its kernel."""
+    if isinstance(layout, BiLLMPlanes):
+        return [(layout.scales.shape[1], (layout.blocksize + 7) // 8 * 8)]
+    return [(p.scale.shape[1], p.group_bytes * 8) for p in layout]
+
+
+def triton_matmul(x: Tensor, layout, blocks: Optional[tuple[int, int, int]] = None,
+                  splits: Optional[int] = None, warps: Optional[int] = None) -> Tensor:
     """``x`` (T, in) -> (T, out) float32 with the Triton kernels (CUDA, or the interpreter on CPU).
 
-    ``blocks``: (BLOCK_T, BLOCK_R, BLOCK_K) wanted instead of :func:`block_sizes` (tests, benchmarks).
+    ``blocks``: (BLOCK_T, BLOCK_R, BLOCK_K) wanted instead of :func:`block_sizes`; ``splits``: how many programs
+    share a row tile's blocks (default :func:`split_count`); ``warps``: per program (tests, benchmarks).
     Either way the tiles are shrunk to fit the device's shared memory (:func:`billm.kernels.tiles.fit_tiles`),
     and a launch that still runs out of it is retried with smaller tiles.
     """
@@ -202,11 +311,18 @@ def triton_matmul(x: Tensor, layout, blocks: Optional[tuple[int, int, int]] = No
     T = x.shape[0]
     R = layout.rows if isinstance(layout, BiLLMPlanes) else layout[0].rows
     fp = footprint(x, layout)
-    tiles = fit_tiles(Tiles(*(blocks or block_sizes(T, R))), fp, device_smem_limit(x.device))
-    y = torch.empty(T, R, dtype=torch.float32, device=x.device)
+    wanted = Tiles(*(blocks or block_sizes(T, R)))
+    if warps is not None:
+        wanted = Tiles(wanted.t, wanted.r, wanted.k, wanted.stages, warps)
+    tiles = fit_tiles(wanted, fp, device_smem_limit(x.device))
+    parts = _steps(layout)
+    programs = cdiv(T, tiles.t) * cdiv(R, tiles.r)
+    per_part = [split_count(programs, n, device_programs(x.device), splits) for n, _ in parts]
+    S = sum(s for s, _ in per_part)
+    buf = torch.empty(S, T, R, dtype=torch.float32, device=x.device)  # each split's partial sums
     with launch_guard(x.device):
-        launch_fitted(lambda t: _launch(x, layout, y, t), tiles, fp)
-    return y
+        launch_fitted(lambda t: _launch(x, layout, buf, t, per_part), tiles, fp)
+    return buf[0] if S == 1 else buf.sum(0)
 
 
 def launch_fitted(launch, tiles: Tiles, fp: Footprint) -> Tiles:
@@ -223,30 +339,99 @@ def launch_fitted(launch, tiles: Tiles, fp: Footprint) -> Tiles:
             tiles = smaller
 
 
-def _launch(x: Tensor, layout, y: Tensor, tiles: Tiles) -> None:
-    grid = launch_grid(x.shape[0], y.shape[1], tiles.blocks)
-    if isinstance(layout, BiLLMPlanes):
-        _launch_billm(x, layout, y, grid, tiles)
-    else:
-        for i, p in enumerate(layout):
-            _launch_grid(x, p, y, grid, i > 0, tiles)
+def _block_k(tiles: Tiles, padded: int) -> int:
+    """The K tile of a part whose blocks hold ``padded`` columns: no wider than a block (rounded up to a power of 2)."""
+    return max(16, min(tiles.k, triton.next_power_of_2(padded)))
 
 
-def _launch_billm(x: Tensor, p: BiLLMPlanes, y: Tensor, grid, tiles: Tiles) -> None:
+def _launch(x: Tensor, layout, buf: Tensor, tiles: Tiles, per_part: list[tuple[int, int]]) -> None:
+    """Every part's kernel; part ``i`` writes splits ``sum(S_<i) ..`` of ``buf`` (S, T, R)."""
+    first = 0
+    for i, (S, steps) in enumerate(per_part):
+        grid = launch_grid(x.shape[0], buf.shape[2], tiles.blocks) + (S,)
+        y = buf[first:first + S]
+        if isinstance(layout, BiLLMPlanes):
+            _launch_billm(x, layout, y, grid, tiles, steps)
+        else:
+            _launch_grid(x, layout[i], y, grid, tiles, steps)
+        first += S
+
+
+def _launch_billm(x: Tensor, p: BiLLMPlanes, y: Tensor, grid, tiles: Tiles, steps: int) -> None:
     _check_device(x, p.s1)
     mu = p.means if p.means is not None else p.scales  # any pointer when unused
-    dot = dot_mode(x.dtype, isinstance(_billm_kernel, InterpretedFunction))
+    bb = (p.blocksize + 7) // 8
     _billm_kernel[grid](x, p.s1, p.grp, p.s2, p.sal, p.scales, mu, y, x.shape[0], p.rows, p.cols, p.s1.shape[1],
-                        p.scales.shape[1], x.stride(0), y.stride(0), BS=p.blocksize, BB=(p.blocksize + 7) // 8,
-                        HAS_MEANS=p.means is not None, DOT=dot, BLOCK_T=tiles.t, BLOCK_R=tiles.r, BLOCK_K=tiles.k,
-                        num_stages=tiles.stages)
+                        p.scales.shape[1], steps, x.stride(0), y.stride(0), y.stride(1), BS=p.blocksize, BB=bb,
+                        HAS_MEANS=p.means is not None, DOT=dot_mode(x.dtype, _interpreted()), BLOCK_T=tiles.t,
+                        BLOCK_R=tiles.r, BLOCK_K=_block_k(tiles, bb * 8), num_stages=tiles.stages,
+                        num_warps=tiles.warps)
 
 
-def _launch_grid(x: Tensor, p: GridPlanes, y: Tensor, grid, accumulate: bool, tiles: Tiles) -> None:
+def _grid_values(p: GridPlanes) -> tuple[Tensor, Tensor, Tensor, bool, bool, bool]:
+    """(mult, zero, shift, signed, has zero, has shift) of grid planes (any pointer where unused).
+
+    Raises:
+        ValueError: planes without their exact values (every built-in format gives them).
+    """
+    v = p.values
+    if v is None:
+        raise ValueError("grid planes without exact values (GridValues): decode with the format instead")
+    return (v.mult, v.zero if v.zero is not None else v.mult, v.shift if v.shift is not None else v.mult,
+            v.signed, v.zero is not None, v.shift is not None)
+
+
+def _launch_grid(x: Tensor, p: GridPlanes, y: Tensor, grid, tiles: Tiles, steps: int) -> None:
     _check_device(x, p.planes)
     cols = p.cols if p.cols is not None else p.scale  # any pointer when unused
-    dot = dot_mode(x.dtype, isinstance(_grid_kernel, InterpretedFunction))
-    _grid_kernel[grid](x, p.planes, p.scale, p.offset, cols, y, x.shape[0], p.rows, p.n, p.planes.shape[2],
-                       p.scale.shape[1], x.stride(0), y.stride(0), BITS=p.planes.shape[0], GS=p.groupsize,
-                       GB=p.group_bytes, HAS_COLS=p.cols is not None, ACCUM=accumulate, DOT=dot, BLOCK_T=tiles.t,
-                       BLOCK_R=tiles.r, BLOCK_K=tiles.k, num_stages=tiles.stages)
+    mult, zero, shift, signed, has_zero, has_shift = _grid_values(p)
+    _grid_kernel[grid](x, p.planes, mult, zero, shift, cols, y, x.shape[0], p.rows, p.n, p.planes.shape[2],
+                       p.scale.shape[1], steps, x.stride(0), y.stride(0), y.stride(1), BITS=p.planes.shape[0],
+                       GS=p.groupsize, GB=p.group_bytes, HAS_COLS=p.cols is not None, SIGNED=signed,
+                       HAS_ZERO=has_zero, HAS_SHIFT=has_shift, DOT=dot_mode(x.dtype, _interpreted()),
+                       BLOCK_T=tiles.t, BLOCK_R=tiles.r, BLOCK_K=_block_k(tiles, p.group_bytes * 8),
+                       num_stages=tiles.stages, num_warps=tiles.warps)
+
+
+DECODE_BLOCK_R = 32
+"""Rows a program of :func:`triton_decode` writes (one block or group of columns each)."""
+
+
+def triton_decode(layout, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (rows, cols) weight of ``layout`` in ``dtype``, decoded by Triton in one pass (CUDA, or the interpreter):
+    it reads the packed planes and writes the weight once. Bit for bit :func:`billm.kernels.decode.decode_weight`
+    (rounded to ``dtype``) under the interpreter.
+
+    Raises:
+        ValueError: a layout whose columns do not match ``cols``, or grid planes without exact values.
+    """
+    if isinstance(layout, BiLLMPlanes):
+        if layout.cols != cols:
+            raise ValueError(f"BiLLM planes of {layout.cols} columns, the weight has {cols}")
+        p, dev, R = layout, layout.s1.device, layout.rows
+    else:
+        if sum(p.n for p in layout) != cols:
+            raise ValueError(f"the grid planes cover {sum(p.n for p in layout)} columns, the weight has {cols}")
+        dev, R = layout[0].planes.device, layout[0].rows
+    w = torch.empty(R, cols, dtype=dtype, device=dev)
+    BR = DECODE_BLOCK_R
+    with launch_guard(dev):
+        if isinstance(layout, BiLLMPlanes):
+            bb = (p.blocksize + 7) // 8
+            mu = p.means if p.means is not None else p.scales
+            grid = (cdiv(R, BR), p.scales.shape[1])
+            _billm_decode_kernel[grid](p.s1, p.grp, p.s2, p.sal, p.scales, mu, w, R, cols, p.s1.shape[1],
+                                       p.scales.shape[1], w.stride(0), BS=p.blocksize, BB=bb,
+                                       HAS_MEANS=p.means is not None, BLOCK_R=BR,
+                                       BLOCK_K=max(16, min(128, triton.next_power_of_2(bb * 8))))
+            return w
+        for part in layout:
+            mult, zero, shift, signed, has_zero, has_shift = _grid_values(part)
+            colmap = part.cols if part.cols is not None else mult
+            grid = (cdiv(R, BR), part.scale.shape[1])
+            _grid_decode_kernel[grid](part.planes, mult, zero, shift, colmap, w, R, part.n, part.planes.shape[2],
+                                      part.scale.shape[1], w.stride(0), BITS=part.planes.shape[0], GS=part.groupsize,
+                                      GB=part.group_bytes, HAS_COLS=part.cols is not None, SIGNED=signed,
+                                      HAS_ZERO=has_zero, HAS_SHIFT=has_shift, BLOCK_R=BR,
+                                      BLOCK_K=max(16, min(128, triton.next_power_of_2(part.group_bytes * 8))))
+    return w
