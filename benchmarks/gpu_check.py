@@ -135,7 +135,7 @@ def gpu_plan(data_dir: Optional[Path]) -> Plan:
                     "--prompt", "128,2048", "--sweep-shapes", "none"],
         shapes="llama7b", formats=["billm", "gptq2", "slim2"], tokens=[1, 2, 4, 8, 16, 32, 64, 128],
         fast_path="triton", repeat=5,
-        limits={"tests": 150, "quantize": 90, "refine": 60, "eval": 45, "tune": 120, "bench": 120, "compile": 80},
+        limits={"tests": 150, "quantize": 90, "refine": 60, "eval": 45, "tune": 150, "bench": 120, "compile": 80},
         budget=480,
     )
 
@@ -331,13 +331,20 @@ def step_crossover(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
     return out
 
 
+# (row block, column block, warps, split-K waves) timed by the tune step: one token (GEMV), 16 tokens (tl.dot)
+TUNE_GEMV = [(br, bk, w, waves) for br in (64, 128, 256) for bk in (32, 64) for w in (4, 8) for waves in (4, 16)]
+TUNE_DOT = [(br, bk, 4, 16) for br in (32, 64, 128) for bk in (32, 64)]
+TUNE_DECODE = [(64, 32), (128, 32), (64, 64), (32, 128)]  # (rows, columns) of triton_decode's steps
+
+
 def step_tune(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
     """The Triton kernels' tile choices timed through one decoder block's linears, beside fp16 dense.
 
-    For each format and token count of ``plan.tune_tokens``: tokens/s at each row block, warps per program and
-    split-K target (:data:`billm.kernels.tiles.WAVES`), timed from CUDA-graph replays; ``best`` is the fastest.
-    Also the seconds of :func:`billm.kernels.triton_kernels.triton_decode` over the block's weights (the ``dense``
-    path's decoder) beside a copy of the same weights in fp16 (the memory-bound floor of writing them).
+    For each format and token count of ``plan.tune_tokens``: tokens/s at each row block, column block, warps per
+    program and split-K target (:data:`billm.kernels.tiles.WAVES`) of :data:`TUNE_GEMV` / :data:`TUNE_DOT`, timed
+    from CUDA-graph replays; ``best`` is the fastest. Also the milliseconds of
+    :func:`billm.kernels.triton_kernels.triton_decode` over the block's weights (the ``dense`` path's decoder) at
+    each of :data:`TUNE_DECODE`, beside a copy of the same weights in fp16 (the memory-bound floor of writing them).
     Formats left when the budget runs out are listed under ``not_measured``.
     """
     import torch
@@ -366,7 +373,7 @@ def step_tune(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
                            "fp16_tok_s": {T: round(T / measure(dense_fn(T)), 1) for T in plan.tune_tokens},
                            "fp16_copy_ms": round(measure(lambda: [w.clone() for w in dense]) * 1e3, 4),
                            "formats": {}, "not_measured": []}
-    saved = tiles.WAVES
+    saved, saved_decode = tiles.WAVES, tk.DECODE_TILES
     stop = time.perf_counter() + plan.limits.get("tune", 120)
     try:
         for fmt in plan.formats:
@@ -376,31 +383,40 @@ def step_tune(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
             layouts = [bk.random_stored(fmt, r, c, g).to(dev).layout() for r, c in shapes]
             rows = []
             for T in plan.tune_tokens:
-                bt, _, bk_ = tiles.block_sizes(T, shapes[0][0])
-                for br in ((8, 16, 32) if bt == 1 else (16, 32, 64)):
-                    for warps in ((2, 4) if bt == 1 else (4, 8)):
-                        for waves in (1, 4, 16):
-                            if clock.left() < 20 or time.perf_counter() > stop:
-                                break
-                            tiles.WAVES = waves
-                            fn = lambda T=T, br=br, warps=warps: [  # noqa: E731
-                                tk.triton_matmul(xs[T][c], lay, blocks=(bt, br, bk_), warps=warps)
-                                for lay, (_, c) in zip(layouts, shapes)]
-                            row = {"tokens": T, "block_r": br, "warps": warps, "waves": waves}
-                            try:
-                                row["tok_s"] = round(T / measure(fn), 1)
-                                row["vs_fp16"] = round(row["tok_s"] / out["fp16_tok_s"][T], 3)
-                            except Exception as e:  # noqa: BLE001  (a config that does not launch is recorded)
-                                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                            rows.append(row)
+                bt = tiles.block_sizes(T, shapes[0][0])[0]
+                grid = TUNE_GEMV if bt == 1 else TUNE_DOT
+                for br, bk_, warps, waves in grid:
+                    if clock.left() < 20 or time.perf_counter() > stop:
+                        break
+                    tiles.WAVES = waves
+                    fn = lambda T=T, br=br, bk_=bk_, warps=warps: [  # noqa: E731
+                        tk.triton_matmul(xs[T][c], lay, blocks=(bt, br, bk_), warps=warps)
+                        for lay, (_, c) in zip(layouts, shapes)]
+                    row = {"tokens": T, "block_r": br, "block_k": bk_, "warps": warps, "waves": waves}
+                    try:
+                        row["tok_s"] = round(T / measure(fn), 1)
+                        row["vs_fp16"] = round(row["tok_s"] / out["fp16_tok_s"][T], 3)
+                    except Exception as e:  # noqa: BLE001  (a config that does not launch is recorded)
+                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    rows.append(row)
             tiles.WAVES = saved
             ok = [r for r in rows if "tok_s" in r]
             best = {T: max((r for r in ok if r["tokens"] == T), key=lambda r: r["tok_s"], default=None)
                     for T in plan.tune_tokens}
-            decode_ms = measure(lambda: [tk.triton_decode(lay, c, dtype) for lay, (_, c) in zip(layouts, shapes)]) * 1e3
-            out["formats"][fmt] = {"configs": rows, "best": best, "triton_decode_ms": round(decode_ms, 4)}
+            decode = {}
+            for dt in TUNE_DECODE:
+                if time.perf_counter() > stop:
+                    break
+                tk.DECODE_TILES = dt
+                decode["x".join(map(str, dt))] = round(measure(
+                    lambda: [tk.triton_decode(lay, c, dtype) for lay, (_, c) in zip(layouts, shapes)]) * 1e3, 4)
+            tk.DECODE_TILES = saved_decode
+            decode_ms = min(decode.values(), default=float("nan"))
+            out["formats"][fmt] = {"configs": rows, "best": best, "triton_decode_ms": decode_ms,
+                                   "triton_decode_ms_by_tiles": decode}
     finally:
         tiles.WAVES = saved
+        tk.DECODE_TILES = saved_decode
     out["ok"] = bool(out["formats"])
     return out
 

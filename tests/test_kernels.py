@@ -244,24 +244,25 @@ def test_triton_tiles_fit_a_small_device_limit(triton_matmul, stored, cfg, monke
                                                                    real(x, lay, y, t, parts)))
     st, q = stored(cfg, (17, 131))
     x = torch.randn(5, 131, generator=torch.Generator().manual_seed(1))
-    _close(triton_matmul(x, st.layout(), blocks=(16, 32, 128)), x @ q.t(), mag=_mag(x, q))
+    _close(triton_matmul(x.to(KDEV), st.to(KDEV).layout(), blocks=(16, 32, 128)).cpu(), x @ q.t(), mag=_mag(x, q))
     (fp, t), = launched
     assert fits(fp, t, limit) and t.blocks != (16, 32, 128)
 
 
 def test_triton_block_sizes_for_one_few_and_many_tokens(triton_matmul):
     k = _kernels(triton_matmul)
-    assert k.block_sizes(1, 576) == (1, 16, 128)  # a GEMV; programs come from split-K
-    assert k.block_sizes(5, 192) == (16, 16, 64)  # tl.dot tiles stay >= 16
-    assert k.block_sizes(4096, 4096) == (16, 64, 64)
-    assert k.block_sizes(1, 16 * 70_000)[1] == 32  # row tiles within CUDA's 65535
+    assert k.block_sizes(1, 576) == (1, 128, 32)  # a GEMV, a thread a row; programs come from split-K
+    assert k.block_sizes(5, 192) == (16, 64, 32)  # tl.dot tiles stay >= 16
+    assert k.block_sizes(4096, 4096) == (16, 64, 32)
+    assert k.block_sizes(1, 128 * 70_000)[1] == 256  # row tiles within CUDA's 65535
 
 
 def test_triton_split_k_fills_the_gpu_and_never_exceeds_the_blocks():
-    # a 4096-row decoding step in 16-row tiles: 256 programs; 132 SMs want 528, so each row tile's 32 blocks
-    # are split in 3 (11, 11, 10)
-    assert split_count(256, 32, 132) == (3, 11)
-    assert split_count(688, 32, 132) == (1, 32)  # 11008 rows already fill the GPU
+    # a 4096-row decoding step in 128-row tiles: 32 programs; 132 SMs want 16 x 132 = 2112, so each row tile's
+    # 32 blocks are split in 32
+    assert split_count(32, 32, 132) == (32, 1)
+    assert split_count(256, 32, 132) == (8, 4)  # 16-row tiles: 9 wanted; 4 blocks each cover the 32 in 8
+    assert split_count(4096, 32, 132) == (1, 32)  # enough programs already
     assert split_count(36, 5, 132) == (5, 1)  # SmolLM2: no more splits than blocks
     assert split_count(256, 32, None) == (1, 32)  # the interpreter: one split
     assert split_count(256, 32, 132, wanted=8) == (8, 4)
@@ -277,6 +278,27 @@ def test_triton_split_k_partial_sums_add_up_to_the_product(triton_matmul, stored
     x = torch.randn(1, 131, generator=torch.Generator().manual_seed(3))
     y = triton_matmul(x.to(KDEV), st.to(KDEV).layout(), splits=splits).cpu()
     _close(y, x @ q.t(), mag=_mag(x, q))
+
+
+def test_triton_kmajor_copies_are_made_once_refreshed_after_writes_and_dropped_with_the_tensor(triton_matmul):
+    import gc
+
+    k = _kernels(triton_matmul)
+    t = torch.arange(6, dtype=torch.uint8).view(2, 3)
+    made = []
+
+    def make(src):
+        made.append(src)
+        return src.t().contiguous()
+
+    a = k.kmajor(t, make)
+    assert k.kmajor(t, make) is a and len(made) == 1 and torch.equal(a, t.t())
+    t[0, 0] = 9  # an in-place write: the copy is stale
+    assert int(k.kmajor(t, make)[0, 0]) == 9 and len(made) == 2
+    key = id(t)
+    del t, a, made[:]
+    gc.collect()
+    assert key not in k._KMAJOR  # freed with its tensor
 
 
 @pytest.mark.parametrize("cfg", FAST)

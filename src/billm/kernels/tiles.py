@@ -16,7 +16,7 @@ from typing import Optional
 
 from ..errors import BillmError
 
-WAVES = 4
+WAVES = 16
 """Programs a launch aims for per streaming multiprocessor: a decoding step splits each row tile's blocks among
 this many times more programs than the GPU has SMs (split-K), so loads from many programs are in flight
 at once. ``benchmarks/bench_kernels.py --tune`` measures the choice."""
@@ -113,16 +113,16 @@ def shrink_below(tiles: Tiles, fp: Footprint) -> Optional[Tiles]:
 def block_sizes(T: int, R: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_R, BLOCK_K) wanted for ``T`` tokens and ``R`` rows, before fitting the device.
 
-    One token: a GEMV over 16-row tiles (the programs a small layer lacks come from splitting its blocks,
-    :func:`split_count`). A few tokens: 16-token ``tl.dot`` tiles (it needs >= 16 on each side) over 16 rows.
-    A prompt: 16 x 64 tiles. The K tile is cut to the format's block or group by the kernels.
+    The kernels read k-major planes, a thread a row: tiles are tall in rows and narrow in columns, so a
+    thread's column loop and sums stay in its registers. One token: a GEMV over 128 rows, 32 columns a
+    step (the programs a small layer lacks come from splitting its blocks, :func:`split_count`). More:
+    16-token ``tl.dot`` tiles (it needs >= 16 on each side) over 64 rows. The K tile is cut to the
+    format's block or group by the kernels.
     """
     if T == 1:
-        bt, br, bk = 1, 16, 128
-    elif T <= 16:
-        bt, br, bk = 16, 16, 64
+        bt, br, bk = 1, 128, 32
     else:
-        bt, br, bk = 16, 64, 64
+        bt, br, bk = 16, 64, 32
     while cdiv(R, br) > MAX_ROW_TILES:
         br *= 2
     return bt, br, bk

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
+import weakref
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -58,15 +59,31 @@ DOT_BF16_EMULATED = 2  # bf16 under the interpreter, whose bf16 dot multiplies t
 
 @triton.jit
 def _accumulate(acc, x, w, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
-    """``acc (BT, BR) + x (BT, BK) @ w (BR, BK)^T``: a row sum for one token, else ``tl.dot`` tiles (see DOT_*)."""
+    """``acc + x (BT, BK) @ w (BR, BK)^T``: for one token ``acc`` is (BR, BK), products summed over K only at
+    the end (:func:`_result`); else (BT, BR) on ``tl.dot`` tiles (see DOT_*)."""
     if BLOCK_T == 1:
-        acc += tl.sum(x.to(tl.float32) * w, axis=1)[None, :]
+        acc += x.to(tl.float32) * w
     elif DOT == 1:
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     elif DOT == 2:
         acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.bfloat16).to(tl.float32)), input_precision="ieee")
     else:
         acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _zero_acc(BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    if BLOCK_T == 1:
+        return tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    return tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+
+
+@triton.jit
+def _result(acc, BLOCK_T: tl.constexpr):
+    """(BT, BR) sums of an accumulator of :func:`_accumulate`."""
+    if BLOCK_T == 1:
+        return tl.sum(acc, axis=1)[None, :]
     return acc
 
 
@@ -83,50 +100,55 @@ def _row_values(ptr, off, rmask):
 
 
 @triton.jit
-def _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, blk, local, lmask, NBYTES, NB,
+def _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, R, blk, local, lmask,
                 BB: tl.constexpr, HAS_MEANS: tl.constexpr):
-    """(BR, BK) float32 weights of rows ``rows`` at the padded columns ``local`` of block ``blk`` (0 where masked).
+    """(BR, BK) float32 weights of rows ``rows`` at the padded columns ``local`` of block ``blk`` (0 where masked),
+    from k-major planes (bytes, R) and scales (blocks, 4, R).
 
     Non-salient: ``select(g, a_s, a_c) * S1 [+ select(g, m_s, m_c)]``; salient: ``(a_1 S1 [+ m_1]) + (a_2 S2
-    [+ m_2])``: the format decoder's operations in its order.
+    [+ m_2])``: the format decoder's operations in its order (a product by a sign is a select of +-a).
     """
     byte = blk * BB + local // 8  # (BK,)
-    bit = local % 8
+    bit = (local % 8)[None, :]
     m2 = rmask[:, None] & lmask[None, :]
-    boff = rows[:, None] * NBYTES + byte[None, :]  # weight offsets stay int32: a plane holds < 2^31 bytes
-    s1 = (2 * _bit(s1_ptr, boff, bit[None, :], m2) - 1).to(tl.float32)
-    g = _bit(grp_ptr, boff, bit[None, :], m2) == 1
-    s2 = (2 * _bit(s2_ptr, boff, bit[None, :], m2) - 1).to(tl.float32)
-    sal = _bit(sal_ptr, byte, bit, lmask)[None, :] == 1  # (1, BK)
-    soff = rows * (NB * 4) + blk * 4  # (BR,) this block's four slots
-    w = tl.where(g, _row_values(sc_ptr, soff + 1, rmask), _row_values(sc_ptr, soff, rmask)) * s1
-    first = _row_values(sc_ptr, soff + 2, rmask) * s1
-    second = _row_values(sc_ptr, soff + 3, rmask) * s2
+    boff = byte[None, :] * R + rows[:, None]  # k-major: neighbouring rows are neighbouring bytes
+    b1 = _bit(s1_ptr, boff, bit, m2) == 1
+    g = _bit(grp_ptr, boff, bit, m2) == 1
+    b2 = _bit(s2_ptr, boff, bit, m2) == 1
+    sal = _bit(sal_ptr, byte, local % 8, lmask)[None, :] == 1  # (1, BK)
+    soff = blk * 4 * R + rows  # (BR,) slot 0 of this block; slot s at + s R
+    a = tl.where(g, _row_values(sc_ptr, soff + R, rmask), _row_values(sc_ptr, soff, rmask))
+    w = tl.where(b1, a, -a)
+    a1 = _row_values(sc_ptr, soff + 2 * R, rmask)
+    a2 = _row_values(sc_ptr, soff + 3 * R, rmask)
+    first = tl.where(b1, a1, -a1)
+    second = tl.where(b2, a2, -a2)
     if HAS_MEANS:
-        w += tl.where(g, _row_values(mu_ptr, soff + 1, rmask), _row_values(mu_ptr, soff, rmask))
-        first += _row_values(mu_ptr, soff + 2, rmask)
-        second += _row_values(mu_ptr, soff + 3, rmask)
+        w += tl.where(g, _row_values(mu_ptr, soff + R, rmask), _row_values(mu_ptr, soff, rmask))
+        first += _row_values(mu_ptr, soff + 2 * R, rmask)
+        second += _row_values(mu_ptr, soff + 3 * R, rmask)
     w = tl.where(sal, first + second, w)
     return tl.where(m2, w, 0.0)
 
 
 @triton.jit
-def _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, G, grp, local, lmask, NBYTES,
+def _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, grp, local, lmask, NBYTES,
                BITS: tl.constexpr, GB: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
                HAS_SHIFT: tl.constexpr):
     """(BR, BK) float32 weights ``mult * (v - zero) + shift`` of rows ``rows`` at the padded columns ``local`` of
-    group ``grp``; ``v`` the code, or ``2 code - 1`` when ``SIGNED`` (0 where masked)."""
+    group ``grp``; ``v`` the code, or ``2 code - 1`` when ``SIGNED`` (0 where masked); from k-major planes
+    (bits, bytes, R) and values (groups, R)."""
     byte = grp * GB + local // 8
-    bit = local % 8
+    bit = (local % 8)[None, :]
     m2 = rmask[:, None] & lmask[None, :]
-    boff = rows[:, None] * NBYTES + byte[None, :]
+    boff = byte[None, :] * R + rows[:, None]
     code = tl.zeros(m2.shape, dtype=tl.int32)
     for b in tl.static_range(BITS):
-        code += _bit(planes_ptr + b * R * NBYTES, boff, bit[None, :], m2) << b
+        code += _bit(planes_ptr + b * NBYTES * R, boff, bit, m2) << b
     if SIGNED:
         code = 2 * code - 1
     w = code.to(tl.float32)
-    goff = rows * G + grp
+    goff = grp * R + rows
     if HAS_ZERO:
         w -= _row_values(zero_ptr, goff, rmask)
     w *= _row_values(mult_ptr, goff, rmask)
@@ -148,18 +170,18 @@ def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr
     xrow = toks.to(tl.int64) * stride_xt  # (BT,) int64: tokens * in_features may pass 2^31
     rmask = rows < R
     tmask = toks < T
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc = _zero_acc(BLOCK_T, BLOCK_R, BLOCK_K)
     for blk in range(pid_s * STEPS, tl.minimum(NB, pid_s * STEPS + STEPS)):
         for k0 in range(0, BB * 8, BLOCK_K):
             local = k0 + tl.arange(0, BLOCK_K)  # padded column within the block (BK,)
             col = blk * BS + local  # input column
             lmask = (local < BS) & (col < C)
             x = tl.load(x_ptr + xrow[:, None] + col[None, :], mask=tmask[:, None] & lmask[None, :], other=0.0)
-            w = _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, blk, local, lmask,
-                            NBYTES, NB, BB, HAS_MEANS)
+            w = _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, R, blk, local, lmask,
+                            BB, HAS_MEANS)
             acc = _accumulate(acc, x, w, BLOCK_T, DOT)
     yoff = pid_s * stride_ys + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
-    tl.store(y_ptr + yoff, acc, mask=tmask[:, None] & rmask[None, :])
+    tl.store(y_ptr + yoff, _result(acc, BLOCK_T), mask=tmask[:, None] & rmask[None, :])
 
 
 @triton.jit
@@ -176,7 +198,7 @@ def _grid_kernel(x_ptr, planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, y_p
     xrow = toks.to(tl.int64) * stride_xt  # (BT,) int64
     rmask = rows < R
     tmask = toks < T
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc = _zero_acc(BLOCK_T, BLOCK_R, BLOCK_K)
     for grp in range(pid_s * STEPS, tl.minimum(G, pid_s * STEPS + STEPS)):
         for k0 in range(0, GB * 8, BLOCK_K):
             local = k0 + tl.arange(0, BLOCK_K)
@@ -187,11 +209,11 @@ def _grid_kernel(x_ptr, planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, y_p
             else:
                 col = j
             x = tl.load(x_ptr + xrow[:, None] + col[None, :], mask=tmask[:, None] & lmask[None, :], other=0.0)
-            w = _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, G, grp, local, lmask, NBYTES,
+            w = _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, grp, local, lmask, NBYTES,
                            BITS, GB, SIGNED, HAS_ZERO, HAS_SHIFT)
             acc = _accumulate(acc, x, w, BLOCK_T, DOT)
     yoff = pid_s * stride_ys + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
-    tl.store(y_ptr + yoff, acc, mask=tmask[:, None] & rmask[None, :])
+    tl.store(y_ptr + yoff, _result(acc, BLOCK_T), mask=tmask[:, None] & rmask[None, :])
 
 
 @triton.jit
@@ -206,8 +228,8 @@ def _billm_decode_kernel(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, w_ptr
         local = k0 + tl.arange(0, BLOCK_K)
         col = blk * BS + local
         lmask = (local < BS) & (col < C)
-        w = _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, blk, local, lmask,
-                        NBYTES, NB, BB, HAS_MEANS)
+        w = _billm_tile(s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, rows, rmask, R, blk, local, lmask,
+                        BB, HAS_MEANS)
         woff = rows.to(tl.int64)[:, None] * stride_w + col[None, :]
         tl.store(w_ptr + woff, w.to(w_ptr.dtype.element_ty), mask=rmask[:, None] & lmask[None, :])
 
@@ -229,7 +251,7 @@ def _grid_decode_kernel(planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, w_p
             col = tl.load(cols_ptr + j, mask=lmask, other=0)
         else:
             col = j
-        w = _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, G, grp, local, lmask, NBYTES,
+        w = _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, grp, local, lmask, NBYTES,
                        BITS, GB, SIGNED, HAS_ZERO, HAS_SHIFT)
         woff = rows.to(tl.int64)[:, None] * stride_w + col[None, :]
         tl.store(w_ptr + woff, w.to(w_ptr.dtype.element_ty), mask=rmask[:, None] & lmask[None, :])
@@ -298,6 +320,54 @@ def _steps(layout) -> list[tuple[int, int]]:
     return [(p.scale.shape[1], p.group_bytes * 8) for p in layout]
 
 
+_KMAJOR: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def kmajor(t: Tensor, make: Callable[[Tensor], Tensor]) -> Tensor:
+    """``make(t)``, the k-major copy of a layout tensor the kernels read, made once per tensor (and again
+    after ``t`` changes in place), dropped when ``t`` is freed.
+
+    The stored planes run along each row's columns; the kernels read them column block by column block
+    for many rows at once, so neighbouring rows must be neighbouring bytes: (bytes, rows). The copy is
+    packed too (the same bits, transposed): a layer holds its packed bytes twice on the GPU, and nothing
+    decoded.
+    """
+    key = id(t)
+    hit = _KMAJOR.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    out = make(t)
+    _KMAJOR[key] = (weakref.ref(t, lambda _, k=key: _KMAJOR.pop(k, None)), t._version, out)
+    return out
+
+
+def _t2(t: Tensor) -> Tensor:
+    return t.t().contiguous()
+
+
+def _billm_kmajor(p: BiLLMPlanes) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(s1, grp, s2) as (bytes, R); scales and means as (blocks, 4, R)."""
+    slots = lambda t: t.permute(1, 2, 0).contiguous()  # noqa: E731
+    return (kmajor(p.s1, _t2), kmajor(p.grp, _t2), kmajor(p.s2, _t2), kmajor(p.scales, slots),
+            kmajor(p.means, slots) if p.means is not None else None)
+
+
+def _grid_kmajor(p: GridPlanes) -> tuple[Tensor, Tensor, Tensor, Tensor, bool, bool, bool]:
+    """(planes (bits, bytes, R), mult, zero, shift (groups, R); signed, has zero, has shift); any pointer where unused.
+
+    Raises:
+        ValueError: planes without their exact values (every built-in format gives them).
+    """
+    v = p.values
+    if v is None:
+        raise ValueError("grid planes without exact values (GridValues): decode with the format instead")
+    planes = kmajor(p.planes, lambda t: t.transpose(1, 2).contiguous())
+    mult = kmajor(v.mult, _t2)
+    zero = kmajor(v.zero, _t2) if v.zero is not None else mult
+    shift = kmajor(v.shift, _t2) if v.shift is not None else mult
+    return planes, mult, zero, shift, v.signed, v.zero is not None, v.shift is not None
+
+
 def triton_matmul(x: Tensor, layout, blocks: Optional[tuple[int, int, int]] = None,
                   splits: Optional[int] = None, warps: Optional[int] = None) -> Tensor:
     """``x`` (T, in) -> (T, out) float32 with the Triton kernels (CUDA, or the interpreter on CPU).
@@ -359,33 +429,20 @@ def _launch(x: Tensor, layout, buf: Tensor, tiles: Tiles, per_part: list[tuple[i
 
 def _launch_billm(x: Tensor, p: BiLLMPlanes, y: Tensor, grid, tiles: Tiles, steps: int) -> None:
     _check_device(x, p.s1)
-    mu = p.means if p.means is not None else p.scales  # any pointer when unused
+    s1, grp, s2, sc, mu = _billm_kmajor(p)
     bb = (p.blocksize + 7) // 8
-    _billm_kernel[grid](x, p.s1, p.grp, p.s2, p.sal, p.scales, mu, y, x.shape[0], p.rows, p.cols, p.s1.shape[1],
-                        p.scales.shape[1], steps, x.stride(0), y.stride(0), y.stride(1), BS=p.blocksize, BB=bb,
-                        HAS_MEANS=p.means is not None, DOT=dot_mode(x.dtype, _interpreted()), BLOCK_T=tiles.t,
-                        BLOCK_R=tiles.r, BLOCK_K=_block_k(tiles, bb * 8), num_stages=tiles.stages,
+    _billm_kernel[grid](x, s1, grp, s2, p.sal, sc, mu if mu is not None else sc, y, x.shape[0], p.rows, p.cols,
+                        p.s1.shape[1], p.scales.shape[1], steps, x.stride(0), y.stride(0), y.stride(1),
+                        BS=p.blocksize, BB=bb, HAS_MEANS=mu is not None, DOT=dot_mode(x.dtype, _interpreted()),
+                        BLOCK_T=tiles.t, BLOCK_R=tiles.r, BLOCK_K=_block_k(tiles, bb * 8), num_stages=tiles.stages,
                         num_warps=tiles.warps)
-
-
-def _grid_values(p: GridPlanes) -> tuple[Tensor, Tensor, Tensor, bool, bool, bool]:
-    """(mult, zero, shift, signed, has zero, has shift) of grid planes (any pointer where unused).
-
-    Raises:
-        ValueError: planes without their exact values (every built-in format gives them).
-    """
-    v = p.values
-    if v is None:
-        raise ValueError("grid planes without exact values (GridValues): decode with the format instead")
-    return (v.mult, v.zero if v.zero is not None else v.mult, v.shift if v.shift is not None else v.mult,
-            v.signed, v.zero is not None, v.shift is not None)
 
 
 def _launch_grid(x: Tensor, p: GridPlanes, y: Tensor, grid, tiles: Tiles, steps: int) -> None:
     _check_device(x, p.planes)
     cols = p.cols if p.cols is not None else p.scale  # any pointer when unused
-    mult, zero, shift, signed, has_zero, has_shift = _grid_values(p)
-    _grid_kernel[grid](x, p.planes, mult, zero, shift, cols, y, x.shape[0], p.rows, p.n, p.planes.shape[2],
+    planes, mult, zero, shift, signed, has_zero, has_shift = _grid_kmajor(p)
+    _grid_kernel[grid](x, planes, mult, zero, shift, cols, y, x.shape[0], p.rows, p.n, p.planes.shape[2],
                        p.scale.shape[1], steps, x.stride(0), y.stride(0), y.stride(1), BITS=p.planes.shape[0],
                        GS=p.groupsize, GB=p.group_bytes, HAS_COLS=p.cols is not None, SIGNED=signed,
                        HAS_ZERO=has_zero, HAS_SHIFT=has_shift, DOT=dot_mode(x.dtype, _interpreted()),
@@ -393,8 +450,9 @@ def _launch_grid(x: Tensor, p: GridPlanes, y: Tensor, grid, tiles: Tiles, steps:
                        num_stages=tiles.stages, num_warps=tiles.warps)
 
 
-DECODE_BLOCK_R = 32
-"""Rows a program of :func:`triton_decode` writes (one block or group of columns each)."""
+DECODE_TILES = (64, 32)
+"""(rows, columns) of the weight one step of a :func:`triton_decode` program writes (a program: one block or group
+of columns)."""
 
 
 def triton_decode(layout, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -408,30 +466,29 @@ def triton_decode(layout, cols: int, dtype: torch.dtype = torch.float32) -> Tens
     if isinstance(layout, BiLLMPlanes):
         if layout.cols != cols:
             raise ValueError(f"BiLLM planes of {layout.cols} columns, the weight has {cols}")
-        p, dev, R = layout, layout.s1.device, layout.rows
+        dev, R = layout.s1.device, layout.rows
     else:
         if sum(p.n for p in layout) != cols:
             raise ValueError(f"the grid planes cover {sum(p.n for p in layout)} columns, the weight has {cols}")
         dev, R = layout[0].planes.device, layout[0].rows
     w = torch.empty(R, cols, dtype=dtype, device=dev)
-    BR = DECODE_BLOCK_R
+    BR, BK = DECODE_TILES
     with launch_guard(dev):
         if isinstance(layout, BiLLMPlanes):
+            p = layout
+            s1, grp, s2, sc, mu = _billm_kmajor(p)
             bb = (p.blocksize + 7) // 8
-            mu = p.means if p.means is not None else p.scales
-            grid = (cdiv(R, BR), p.scales.shape[1])
-            _billm_decode_kernel[grid](p.s1, p.grp, p.s2, p.sal, p.scales, mu, w, R, cols, p.s1.shape[1],
-                                       p.scales.shape[1], w.stride(0), BS=p.blocksize, BB=bb,
-                                       HAS_MEANS=p.means is not None, BLOCK_R=BR,
-                                       BLOCK_K=max(16, min(128, triton.next_power_of_2(bb * 8))))
+            _billm_decode_kernel[(cdiv(R, BR), p.scales.shape[1])](
+                s1, grp, s2, p.sal, sc, mu if mu is not None else sc, w, R, cols, p.s1.shape[1], p.scales.shape[1],
+                w.stride(0), BS=p.blocksize, BB=bb, HAS_MEANS=mu is not None, BLOCK_R=BR,
+                BLOCK_K=max(16, min(BK, triton.next_power_of_2(bb * 8))))
             return w
         for part in layout:
-            mult, zero, shift, signed, has_zero, has_shift = _grid_values(part)
+            planes, mult, zero, shift, signed, has_zero, has_shift = _grid_kmajor(part)
             colmap = part.cols if part.cols is not None else mult
-            grid = (cdiv(R, BR), part.scale.shape[1])
-            _grid_decode_kernel[grid](part.planes, mult, zero, shift, colmap, w, R, part.n, part.planes.shape[2],
-                                      part.scale.shape[1], w.stride(0), BITS=part.planes.shape[0], GS=part.groupsize,
-                                      GB=part.group_bytes, HAS_COLS=part.cols is not None, SIGNED=signed,
-                                      HAS_ZERO=has_zero, HAS_SHIFT=has_shift, BLOCK_R=BR,
-                                      BLOCK_K=max(16, min(128, triton.next_power_of_2(part.group_bytes * 8))))
+            _grid_decode_kernel[(cdiv(R, BR), part.scale.shape[1])](
+                planes, mult, zero, shift, colmap, w, R, part.n, part.planes.shape[2], part.scale.shape[1],
+                w.stride(0), BITS=part.planes.shape[0], GS=part.groupsize, GB=part.group_bytes,
+                HAS_COLS=part.cols is not None, SIGNED=signed, HAS_ZERO=has_zero, HAS_SHIFT=has_shift, BLOCK_R=BR,
+                BLOCK_K=max(16, min(BK, triton.next_power_of_2(part.group_bytes * 8))))
     return w
