@@ -135,7 +135,7 @@ def gpu_plan(data_dir: Optional[Path]) -> Plan:
                     "--prompt", "128,2048", "--sweep-shapes", "none"],
         shapes="llama7b", formats=["billm", "gptq2", "slim2"], tokens=[1, 2, 4, 8, 16, 32, 64, 128],
         fast_path="triton", repeat=5,
-        limits={"tests": 150, "quantize": 90, "refine": 60, "eval": 45, "tune": 150, "bench": 120, "compile": 80},
+        limits={"tests": 150, "quantize": 90, "refine": 60, "eval": 45, "tune": 100, "bench": 120, "compile": 80},
         budget=480,
     )
 
@@ -332,9 +332,9 @@ def step_crossover(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:
 
 
 # (row block, column block, warps, split-K waves) timed by the tune step: one token (GEMV), 16 tokens (tl.dot)
-TUNE_GEMV = [(br, bk, w, waves) for br in (64, 128, 256) for bk in (32, 64) for w in (4, 8) for waves in (4, 16)]
-TUNE_DOT = [(br, bk, 4, 16) for br in (32, 64, 128) for bk in (32, 64)]
-TUNE_DECODE = [(64, 32), (128, 32), (64, 64), (32, 128)]  # (rows, columns) of triton_decode's steps
+TUNE_GEMV = [(br, bk, w, 16) for br in (64, 128, 256) for bk in (32, 64) for w in (4, 8)]
+TUNE_DOT = [(64, 32, 4, 16), (128, 32, 4, 16), (64, 64, 4, 16)]
+TUNE_DECODE = [(64, 32), (128, 32)]  # (rows, columns) of triton_decode's steps
 
 
 def step_tune(plan: Plan, work: Path, clock: Clock) -> dict[str, Any]:

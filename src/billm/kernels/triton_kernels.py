@@ -60,7 +60,7 @@ DOT_BF16_EMULATED = 2  # bf16 under the interpreter, whose bf16 dot multiplies t
 @triton.jit
 def _accumulate(acc, x, w, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
     """``acc + x (BT, BK) @ w (BR, BK)^T``: for one token ``acc`` is (BR, BK), products summed over K only at
-    the end (:func:`_result`); else (BT, BR) on ``tl.dot`` tiles (see DOT_*)."""
+    the end; else (BT, BR) on ``tl.dot`` tiles (see DOT_*)."""
     if BLOCK_T == 1:
         acc += x.to(tl.float32) * w
     elif DOT == 1:
@@ -69,21 +69,6 @@ def _accumulate(acc, x, w, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
         acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.bfloat16).to(tl.float32)), input_precision="ieee")
     else:
         acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-    return acc
-
-
-@triton.jit
-def _zero_acc(BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    if BLOCK_T == 1:
-        return tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    return tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-
-
-@triton.jit
-def _result(acc, BLOCK_T: tl.constexpr):
-    """(BT, BR) sums of an accumulator of :func:`_accumulate`."""
-    if BLOCK_T == 1:
-        return tl.sum(acc, axis=1)[None, :]
     return acc
 
 
@@ -170,7 +155,10 @@ def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr
     xrow = toks.to(tl.int64) * stride_xt  # (BT,) int64: tokens * in_features may pass 2^31
     rmask = rows < R
     tmask = toks < T
-    acc = _zero_acc(BLOCK_T, BLOCK_R, BLOCK_K)
+    if BLOCK_T == 1:  # products summed over K at the end
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for blk in range(pid_s * STEPS, tl.minimum(NB, pid_s * STEPS + STEPS)):
         for k0 in range(0, BB * 8, BLOCK_K):
             local = k0 + tl.arange(0, BLOCK_K)  # padded column within the block (BK,)
@@ -181,7 +169,10 @@ def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr
                             BB, HAS_MEANS)
             acc = _accumulate(acc, x, w, BLOCK_T, DOT)
     yoff = pid_s * stride_ys + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
-    tl.store(y_ptr + yoff, _result(acc, BLOCK_T), mask=tmask[:, None] & rmask[None, :])
+    if BLOCK_T == 1:
+        tl.store(y_ptr + yoff, tl.sum(acc, axis=1)[None, :], mask=tmask[:, None] & rmask[None, :])
+    else:
+        tl.store(y_ptr + yoff, acc, mask=tmask[:, None] & rmask[None, :])
 
 
 @triton.jit
@@ -198,7 +189,10 @@ def _grid_kernel(x_ptr, planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, y_p
     xrow = toks.to(tl.int64) * stride_xt  # (BT,) int64
     rmask = rows < R
     tmask = toks < T
-    acc = _zero_acc(BLOCK_T, BLOCK_R, BLOCK_K)
+    if BLOCK_T == 1:  # products summed over K at the end
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for grp in range(pid_s * STEPS, tl.minimum(G, pid_s * STEPS + STEPS)):
         for k0 in range(0, GB * 8, BLOCK_K):
             local = k0 + tl.arange(0, BLOCK_K)
@@ -213,7 +207,10 @@ def _grid_kernel(x_ptr, planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, y_p
                            BITS, GB, SIGNED, HAS_ZERO, HAS_SHIFT)
             acc = _accumulate(acc, x, w, BLOCK_T, DOT)
     yoff = pid_s * stride_ys + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
-    tl.store(y_ptr + yoff, _result(acc, BLOCK_T), mask=tmask[:, None] & rmask[None, :])
+    if BLOCK_T == 1:
+        tl.store(y_ptr + yoff, tl.sum(acc, axis=1)[None, :], mask=tmask[:, None] & rmask[None, :])
+    else:
+        tl.store(y_ptr + yoff, acc, mask=tmask[:, None] & rmask[None, :])
 
 
 @triton.jit
