@@ -23,7 +23,7 @@ Steps, each recorded with its seconds and whether it passed (a failed step does 
 
 The JSON is written again after every step, so a run cut short keeps the steps it finished.
 
-Each command has a time limit and the whole check a budget (450 s on the GPU), so it ends within
+Each command has a time limit and the whole check a budget (480 s on the GPU), so it ends within
 8 minutes even when something hangs.
 
 The JSON names the GPU (``torch.cuda.get_device_name``), the versions and the commit.
@@ -32,6 +32,7 @@ The JSON names the GPU (``torch.cuda.get_device_name``), the versions and the co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -89,7 +90,7 @@ class Plan:
     tune_tokens: list[int] = field(default_factory=lambda: [1, 16])
     compile_backend: str = "inductor"
     limits: dict[str, int] = field(default_factory=dict)
-    budget: int = 450
+    budget: int = 480
 
 
 class Clock:
@@ -466,10 +467,13 @@ def environment(device: str) -> dict[str, Any]:
     except ImportError:
         triton_version = None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    digest = hashlib.sha256()  # what ran, whatever the copy's git says (a copied tree may carry an older HEAD)
+    for f in sorted([*(REPO / "src").rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]):
+        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     return {"gpu": torch.cuda.get_device_name(0) if cuda else None, "device": device, "torch": torch.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "commit": commit.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "commit": commit.strip(), "source_sha256": digest.hexdigest()[:16], "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "triton_interpret": os.environ.get("TRITON_INTERPRET")}
 
 
