@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 import billm.kernels
 import billm.methods
-from billm import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm import ArbConfig, BiLLMConfig, GPTQConfig, LowRankConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.kernels import triton_available
 from billm.methods import available_methods, get_method
 from billm.methods.obc import hessian_error
@@ -104,6 +104,7 @@ PATH_CASES = [  # one per stored format and layout (test_path_cases_cover_every_
     pytest.param(SignConfig(centred=True), id="sign-centred"),
     pytest.param(PBLLMConfig(blocksize=32), id="pbllm"),
     pytest.param(ArbConfig(blocksize=32), id="arb"),
+    pytest.param(LowRankConfig(rank=8, admm_iters=5), id="lowrank-r8"),
 ]
 SHAPE = (24, 96)
 # The Triton path runs in the interpreter on CPU tensors without a GPU, compiled on CUDA tensors with one.

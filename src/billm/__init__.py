@@ -15,7 +15,7 @@ from . import kernels
 from .config import SCALE_DTYPES, BreakGrid, QuantConfig, SalientMetric, SearchDomain, option
 from .errors import BillmError, CheckpointError, DataError, ModelError, QuantizationError
 from .methods import (
-    ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig, WeightResult, available_methods, config_from_dict, config_from_spec, get_method, method_of, register_method,
+    ArbConfig, BiLLMConfig, GPTQConfig, LowRankConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig, WeightResult, available_methods, config_from_dict, config_from_spec, get_method, method_of, register_method,
 )
 from .packing.checkpoint import inspect as inspect_checkpoint, load, save
 from .packing.formats import FieldSpec, Format, StoredWeight, register_format, storage_bits
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArbConfig", "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "FieldSpec", "Format",
-    "GPTQConfig", "LayerReport", "ModelError", "PBLLMConfig", "PackedLinear", "QuantConfig", "QuantReport",
+    "GPTQConfig", "LowRankConfig", "LayerReport", "ModelError", "PBLLMConfig", "PackedLinear", "QuantConfig", "QuantReport",
     "QuantizationError", "RTNConfig", "SCALE_DTYPES", "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig",
     "StoredWeight", "WeightResult", "available_methods", "config_from_dict", "config_from_spec", "get_method",
     "inspect_checkpoint", "kernels", "load", "method_of", "option", "quantize", "register_format", "register_method",

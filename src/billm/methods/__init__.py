@@ -7,6 +7,7 @@ registers the last two (importing the module is enough): the plug-in shape of ``
 from .arb import ArbConfig
 from .billm import BiLLMConfig
 from .gptq import GPTQConfig
+from .lowrank import LowRankConfig
 from .pbllm import PBLLMConfig
 from .rtn import RTNConfig
 from .sign import SignConfig
@@ -16,6 +17,6 @@ from .registry import (
     register_method,
 )
 
-__all__ = ["ArbConfig", "BiLLMConfig", "GPTQConfig", "Method", "PBLLMConfig", "RTNConfig", "SBAError",
+__all__ = ["ArbConfig", "BiLLMConfig", "GPTQConfig", "LowRankConfig", "Method", "PBLLMConfig", "RTNConfig", "SBAError",
            "SignConfig", "SliMConfig", "WeightResult", "available_methods", "config_classes", "config_from_dict", "config_from_spec",
            "get_method", "method_of", "register_method"]

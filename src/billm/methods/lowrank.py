@@ -1,0 +1,234 @@
+"""Low-rank binary factors (NanoQuant's formulation): ``W ~ diag(s_out) U V diag(s_in)``, U and V in {-1, +1}.
+
+At rank ``r`` an (out, in) layer stores ``r (out + in)`` sign bits and ``out + in`` scales, so the rank
+sets the bits per weight continuously, below one bit too (``target_bits`` picks the rank per layer).
+
+Initialisation, as NanoQuant describes and releases it: the weight is weighted by the square root of
+each input's second moment (``diag(H)``, the calibration's ``mean x_j^2``; NanoQuant also weights the
+outputs by gradient statistics, which a forward-only pass does not have), then an ADMM splits the
+weighted matrix into continuous factors ``A B`` and their projections ``Z_A``, ``Z_B`` onto
+sign-times-rank-1-magnitude matrices (:func:`svid`), with a penalty ``rho`` rising linearly to 1
+over the iterations and a ridge ``lambda``. The exported signs are those of the projections. Then,
+with the signs fixed, the two scale vectors are solved by alternating weighted least squares
+(:func:`fit_scales`), each step exact, so the weighted error never rises; the scales are rounded to
+their stored dtype and the stored weight decodes to exactly what the model uses.
+
+Block reconstruction (``--reconstruct``) tunes the two scale vectors like any format's scales. A layer
+multiplies by the two factors (:func:`lowrank_matmul`), never forming the weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..config import SCALE_DTYPES, QuantConfig, check, option
+from ..kernels.bitpack import pack_bits, packed_len, unpack_bits
+from ..packing.formats import FieldSpec, Format, StoredWeight, pm1, register_format, round_to_stored, scale_dtype
+from .obc import OBCTimes
+from .registry import WeightResult, register_method
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class LowRankConfig(QuantConfig):
+    """Low-rank binary factors ``diag(s_out) U V diag(s_in)`` with ADMM initialisation (NanoQuant's formulation)."""
+
+    method: ClassVar[str] = "lowrank"
+    storage_estimate: ClassVar[float] = 2.0
+    abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
+        **QuantConfig.abbrev, "tb": "target_bits", "r": "rank", "it": "admm_iters"}
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "b1": {"target_bits": 1.0}, "b08": {"target_bits": 0.8}, "b055": {"target_bits": 0.55}}
+
+    target_bits: float = option(1.0, "storage bits a weight each layer's rank is chosen for: r (out + in) sign "
+                                     "bits and (out + in) scales within target_bits x out x in")
+    rank: int = option(0, "the rank of every layer (0: chosen from target_bits)")
+    admm_iters: int = option(100, "ADMM iterations of the initialisation (NanoQuant releases 400)")
+    admm_lambda: float = option(0.03, "ADMM ridge on the continuous factors")
+    admm_seed: int = option(0, "seed of the ADMM's random initial factors")
+    scale_rounds: int = option(8, "alternating least-squares rounds of the two scale vectors, signs fixed")
+    weighted: bool = option(True, "weight the error of each input column by sqrt(diag H), its calibration "
+                                  "second moment (off: plain Frobenius)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.target_bits > 0, f"target_bits must be > 0, got {self.target_bits}")
+        check(self.rank >= 0, f"rank must be >= 0, got {self.rank}")
+        check(self.admm_iters >= 1, f"admm_iters must be >= 1, got {self.admm_iters}")
+        check(self.admm_lambda >= 0, f"admm_lambda must be >= 0, got {self.admm_lambda}")
+        check(self.admm_seed >= 0, f"admm_seed must be >= 0, got {self.admm_seed}")
+        check(self.scale_rounds >= 1, f"scale_rounds must be >= 1, got {self.scale_rounds}")
+
+    @property
+    def uses_hessian(self) -> bool:  # type: ignore[override]
+        return self.weighted
+
+
+# ----------------------------------------------------------------------------- stored format: lowrank
+
+def stored_bits(rows: int, cols: int, rank: int, scale_bits: int) -> int:
+    """Bits a layer of ``rank`` stores: U's rows of ``rank`` packed signs, V's ``rank`` rows of ``cols`` packed
+    signs, and ``rows + cols`` scales."""
+    return 8 * (rows * -(-rank // 8) + rank * -(-cols // 8)) + scale_bits * (rows + cols)
+
+
+def choose_rank(rows: int, cols: int, target_bits: float, scale_bits: int) -> int:
+    """The largest rank (at most ``min(rows, cols)``) whose stored bytes fit ``target_bits`` a weight
+    (:func:`stored_bits`); 1 when none does (a layer too small for the budget: its scales alone may exceed it)."""
+    budget = target_bits * rows * cols
+    r = min(rows, cols, max(1, math.floor(budget / (rows + cols))))  # an upper bound: each rank costs >= rows + cols
+    while r > 1 and stored_bits(rows, cols, r, scale_bits) > budget:
+        r -= 1
+    return r
+
+
+def lowrank_values(u: Tensor, v: Tensor, s_out: Tensor, s_in: Tensor) -> Tensor:
+    """(out, in) float32 ``(s_out * (U V)) * s_in`` from the bool signs u (out, r), v (r, in) and the scales (float32).
+    ``U V`` is a sum of +-1 products, an integer below 2^24: exact in float32."""
+    m = pm1(u) @ pm1(v)  # (out, in)
+    return (s_out[:, None] * m) * s_in[None, :]
+
+
+def _fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
+    out, inp = shape
+    r = meta["rank"]
+    sd = scale_dtype(meta)
+    return {"u": FieldSpec((out, packed_len(r)), torch.uint8, "signs"),
+            "v": FieldSpec((r, packed_len(inp)), torch.uint8, "signs"),
+            "scales_out": FieldSpec((out,), sd, "scales"), "scales_in": FieldSpec((inp,), sd, "scales")}
+
+
+def _decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
+    r = meta["rank"]
+    return lowrank_values(unpack_bits(t["u"], r), unpack_bits(t["v"], shape[1]), t["scales_out"].float(),
+                          t["scales_in"].float())
+
+
+def lowrank_matmul(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any], x: Tensor) -> Tensor:
+    """``x (..., in) W^T`` as ``s_out * (((x * s_in) V^T) U^T)``: two products of rank ``r`` from the packed signs,
+    decoded to +-1 for this call only (``r (in + out)`` values, not the ``in x out`` weight), in x's dtype
+    (+-1 is exact in every float dtype). Equal to decode-then-matmul up to float rounding."""
+    r = meta["rank"]
+    u = pm1(unpack_bits(t["u"], r)).to(x.dtype)  # (out, r)
+    v = pm1(unpack_bits(t["v"], shape[1])).to(x.dtype)  # (r, in)
+    h = (x * t["scales_in"].to(x.dtype)) @ v.t()  # (..., r)
+    return (h @ u.t()) * t["scales_out"].to(x.dtype)  # (..., out)
+
+
+LOWRANK_FORMAT = register_format(Format(
+    "lowrank", _fields, _decode, lambda shape, meta: meta["rank"] * (shape[0] + shape[1]) / (shape[0] * shape[1]),
+    matmul=lowrank_matmul))
+
+
+# ----------------------------------------------------------------------------- ADMM initialisation
+
+def svid(m: Tensor, iters: int = 5) -> Tensor:
+    """``sign(m) * (sigma u v^T)``: the signs of ``m`` (0 counts as +) times the best rank-1 approximation of
+    ``|m|`` (its top singular triplet by ``iters`` power iterations). (p, q) -> (p, q)."""
+    a = m.abs()
+    v = torch.full((a.shape[1],), 1.0 / math.sqrt(a.shape[1]), dtype=a.dtype, device=a.device)  # (q,)
+    u = a @ v
+    for _ in range(iters):
+        u = a @ v
+        u = u / u.norm().clamp(min=1e-30)  # (p,)
+        v = a.t() @ u  # (q,) = sigma * right singular vector
+    return torch.where(m >= 0, 1.0, -1.0) * (u[:, None] * v[None, :])
+
+
+def _unit_columns(z: Tensor) -> Tensor:
+    return z / z.norm(dim=0, keepdim=True).clamp(min=1e-30)
+
+
+def admm_factors(w: Tensor, rank: int, iters: int, lam: float, seed: int) -> tuple[Tensor, Tensor, list[float]]:
+    """Binary-structured factors of ``w`` (p, q): (Z_A (p, r), Z_B (r, q), the relative error of ``Z_A Z_B``
+    under its best single scale after the first and the last iteration).
+
+    ADMM on ``min |w - A B|^2 + lam (|A|^2 + |B|^2)`` with ``A = Z_A``, ``B = Z_B`` and Z in the set
+    :func:`svid` projects on (signs times a rank-1 magnitude), scaled duals, ``rho = t / iters``. Each
+    factor's update regresses ``w`` on the other's projection with unit-norm columns.
+    """
+    p, q = w.shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    std = math.sqrt(float(w.norm()) / math.sqrt(p * q * rank) + 1e-30)
+    a = (torch.randn(p, rank, generator=g, device="cpu") * std).to(w.device)  # (p, r), drawn on the CPU: the same
+    b = (torch.randn(rank, q, generator=g, device="cpu") * std).to(w.device)  # (r, q) draws on every device
+    za, zb = svid(a), svid(b)
+    la, lb = a - za, b - zb
+    eye = torch.eye(rank, dtype=w.dtype, device=w.device)
+    errors = []
+    wn = float(w.norm()).__pow__(2) or 1.0
+    for t in range(1, iters + 1):
+        rho = t / iters
+        x = _unit_columns(zb.t())  # (q, r)
+        a = torch.linalg.solve(x.t() @ x + (rho + lam) * eye, (w @ x + rho * (za - la)).t()).t()  # (p, r)
+        y = _unit_columns(za)  # (p, r)
+        b = torch.linalg.solve(y.t() @ y + (rho + lam) * eye, y.t() @ w + rho * (zb - lb))  # (r, q)
+        za, zb = svid(a + la), svid(b + lb)
+        la, lb = la + a - za, lb + b - zb
+        if t in (1, iters):  # the first and the last iterate (a product per iteration would double the cost)
+            prod = za @ zb
+            c = float((prod * w).sum()) / max(float((prod * prod).sum()), 1e-30)  # the best single scale
+            errors.append(float((w - c * prod).pow(2).sum()) / wn)
+    return za, zb, errors
+
+
+def weighted_error(w: Tensor, q: Tensor, col_weight: Tensor) -> float:
+    """``sum_ij col_weight_j (w - q)_ij^2``."""
+    return float(((w - q).pow(2) * col_weight[None, :]).sum())
+
+
+def fit_scales(w: Tensor, m: Tensor, col_weight: Tensor, s_out: Tensor, s_in: Tensor, rounds: int,
+               sd: Optional[torch.dtype]) -> tuple[Tensor, Tensor, list[float]]:
+    """Scales minimising ``sum_ij c_j (w_ij - s_out_i m_ij s_in_j)^2`` for fixed ``m = U V`` (out, in), ``c`` the
+    column weights: alternating exact least squares, ``s_out`` then ``s_in`` per round, each rounded to ``sd``
+    (the stored dtype) as it is set. Returns (s_out (out,), s_in (in,), the error after each half-step)."""
+    errors = []
+    for _ in range(rounds):
+        t = m * s_in[None, :]  # (out, in)
+        num, den = (w * t * col_weight).sum(1), (t * t * col_weight).sum(1)
+        s_out = round_to_stored(torch.where(den > 0, num / den.clamp(min=1e-30), s_out), sd)  # (out,)
+        errors.append(weighted_error(w, s_out[:, None] * t, col_weight))
+        t = s_out[:, None] * m
+        num, den = (w * t).sum(0), (t * t).sum(0)  # the column weight cancels within a column
+        s_in = round_to_stored(torch.where(den > 0, num / den.clamp(min=1e-30), s_in), sd)  # (in,)
+        errors.append(weighted_error(w, t * s_in[None, :], col_weight))
+    return s_out, s_in, errors
+
+
+@register_method(LowRankConfig)
+def lowrank_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: LowRankConfig,
+                            times: Optional[OBCTimes] = None) -> WeightResult:
+    """ADMM sign factors of the input-weighted W, then least-squares scales (see the module docstring)."""
+    W = W.to(torch.float32)
+    rows, cols = W.shape
+    sd = SCALE_DTYPES[cfg.scale_dtype]
+    scale_bits = torch.finfo(sd).bits
+    rank = min(cfg.rank, rows, cols) if cfg.rank else choose_rank(rows, cols, cfg.target_bits, scale_bits)
+    if cfg.weighted and H is not None:
+        c = torch.diagonal(H).to(W.device, torch.float32).clamp(min=0)  # (cols,) calibration second moments
+        c = c / c.mean().clamp(min=1e-30) + 1e-6  # scale-free; a dead input keeps a tiny weight
+    else:
+        c = torch.ones(cols, dtype=torch.float32, device=W.device)
+    d = c.sqrt()  # (cols,)
+    za, zb, admm_errors = admm_factors(W * d[None, :], rank, cfg.admm_iters, cfg.admm_lambda, cfg.admm_seed)
+    u, v = za >= 0, zb >= 0  # (rows, r), (r, cols) signs
+    m = pm1(u) @ pm1(v)  # (rows, cols) integers
+    # start: the ADMM factors' magnitudes carried to per-row and per-column scales, weighting undone
+    b = zb / d[None, :]
+    beta = math.sqrt(float(b.norm()) / max(float(za.norm()), 1e-30))
+    s_out0 = (za.abs() * beta).mean(1)  # (rows,)
+    s_in0 = (b.abs() / beta).mean(0)  # (cols,)
+    s_out, s_in, scale_errors = fit_scales(W, m, c, round_to_stored(s_out0, sd), round_to_stored(s_in0, sd),
+                                           cfg.scale_rounds, sd)
+    tensors = {"u": pack_bits(u), "v": pack_bits(v), "scales_out": s_out.to(sd), "scales_in": s_in.to(sd)}
+    stored = StoredWeight("lowrank", (rows, cols), {"rank": rank, "scale_dtype": cfg.scale_dtype}, tensors)
+    q = _decode(stored.tensors, stored.shape, stored.meta)
+    info = {"rank": rank, "admm_error": admm_errors[-1], "weighted_error": scale_errors[-1] / max(
+        weighted_error(W, torch.zeros_like(W), c), 1e-30)}
+    return WeightResult(stored=stored, q=q, info=info)

@@ -1,0 +1,164 @@
+"""The low-rank binary method (``lowrank``, NanoQuant's formulation): rank from bits, the ADMM and scale fits,
+the stored form, and a model round trip."""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import billm
+from billm import LowRankConfig
+from billm.errors import BillmError
+from billm.methods import get_method
+from billm.methods.lowrank import admm_factors, choose_rank, fit_scales, stored_bits, svid, weighted_error
+from billm.packing import formats
+from billm.packing.formats import pm1
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (192, 576), (4096, 11008)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bits", [1.0, 0.8, 0.55])
+def test_rank_from_target_bits_is_the_largest_whose_bytes_fit(shape, bits):
+    rows, cols = shape
+    r = choose_rank(rows, cols, bits, 16)
+    cost = lambda k: (rows * -(-k // 8) + k * -(-cols // 8) + 2 * (rows + cols)) * 8 / (rows * cols)  # noqa: E731
+    assert cost(r) <= bits < cost(r + 1)
+    assert r == stored_bits_rank(rows, cols, bits)
+
+
+def stored_bits_rank(rows, cols, bits):
+    """The same choice by brute force over every rank."""
+    return max(k for k in range(1, min(rows, cols) + 1) if stored_bits(rows, cols, k, 16) <= bits * rows * cols)
+
+
+def test_rank_is_1_when_nothing_fits_and_at_most_the_smaller_side():
+    assert choose_rank(32, 64, 0.8, 16) == 1  # fp16 scales alone cost 0.75 bits a weight here
+    assert choose_rank(16, 4096, 40.0, 16) == 16
+
+
+def test_svid_keeps_the_signs_and_recovers_a_signed_rank_one_magnitude():
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.rand(7, generator=g) + 0.5, torch.rand(5, generator=g) + 0.5
+    s = pm1(torch.rand(7, 5, generator=g) > 0.5)
+    m = s * (u[:, None] * v[None, :])  # already signs times a rank-1 magnitude: a fixed point
+    torch.testing.assert_close(svid(m, iters=50), m, rtol=1e-5, atol=1e-6)
+    x = torch.randn(7, 5, generator=g)
+    out = svid(x)
+    assert torch.equal(out >= 0, x >= 0) and torch.linalg.matrix_rank(out.abs()) == 1
+
+
+def test_scale_fits_never_raise_the_weighted_error():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 20, generator=g)
+    m = pm1(torch.rand(12, 3, generator=g) > 0.5) @ pm1(torch.rand(3, 20, generator=g) > 0.5)
+    c = torch.rand(20, generator=g) + 0.1
+    start = weighted_error(w, m * 0.1, c)
+    _, _, errors = fit_scales(w, m, c, torch.full((12,), 0.1), torch.ones(20), rounds=6, sd=None)
+    assert errors[0] < start and all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:]))
+
+
+def test_admm_signs_fit_a_binary_low_rank_matrix_better_than_signs_of_the_svd():
+    # A planted W = diag(s) U V diag(t) + noise. The ADMM is an initialiser: it does not find the planted signs
+    # (a combinatorial search; on this matrix it leaves 44 % of the energy, the planted signs 0.001 %), but it
+    # must beat the obvious alternative, the signs of the truncated SVD's factors (58 %).
+    g = torch.Generator().manual_seed(2)
+    r = 8
+    u0, v0 = pm1(torch.rand(48, r, generator=g) > 0.5), pm1(torch.rand(r, 64, generator=g) > 0.5)
+    s_out, s_in = torch.rand(48, generator=g) + 0.5, torch.rand(64, generator=g) + 0.5
+    w = (s_out[:, None] * (u0 @ v0)) * s_in[None, :] + 0.01 * torch.randn(48, 64, generator=g)
+    za, zb, errors = admm_factors(w, r, iters=100, lam=0.03, seed=0)
+    ones = torch.ones(64)
+    _, _, fit = fit_scales(w, pm1(za >= 0) @ pm1(zb >= 0), ones, torch.ones(48), torch.ones(64), 10, None)
+    U, S, Vh = torch.linalg.svd(w)  # the obvious alternative: signs of the truncated SVD's factors
+    base = pm1(U[:, :r] * S[:r] >= 0) @ pm1(Vh[:r] >= 0)
+    _, _, fit_svd = fit_scales(w, base, ones, torch.ones(48), torch.ones(64), 10, None)
+    total = float(w.pow(2).sum())
+    assert fit[-1] / total < 0.5 and fit[-1] < 0.8 * fit_svd[-1]
+    assert errors[-1] < errors[0]  # the ADMM's own iterate improved (it is not monotone step by step)
+
+
+@pytest.mark.parametrize("shape,rank", [((4, 5), 1), ((3, 4), 2)], ids=["4x5-r1", "3x4-r2"])
+def test_the_quantizer_is_close_to_the_best_signs_found_by_brute_force(shape, rank):
+    # every sign assignment of U (rows x r) and V (r x cols), each with its least-squares scales
+    rows, cols = shape
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(rows, cols, generator=g)
+    H = torch.eye(cols)
+    ones = torch.ones(cols)
+    best = float("inf")
+    for ub in itertools.product([False, True], repeat=rows * rank):
+        u = pm1(torch.tensor(ub).view(rows, rank))
+        for vb in itertools.product([False, True], repeat=rank * cols):
+            m = u @ pm1(torch.tensor(vb).view(rank, cols))
+            _, _, e = fit_scales(W, m, ones, torch.ones(rows), torch.ones(cols), 6, None)
+            best = min(best, e[-1])
+    res = get_method("lowrank")(W.clone(), H, LowRankConfig(rank=rank, scale_dtype="float32", weighted=False))
+    got = weighted_error(W, res.q, ones)
+    assert got <= best * 1.25 + 1e-6, (got, best)
+
+
+def test_stored_bytes_decode_to_the_quantized_weights_and_count_every_byte(random_problem):
+    W, H = random_problem(24, 96, seed=4)
+    res = get_method("lowrank")(W.clone(), H, LowRankConfig(rank=16, admm_iters=20))
+    st = res.stored
+    assert torch.equal(st.decode(), res.q)
+    rows, cols = W.shape
+    assert st.storage_bits == pytest.approx((rows * 2 + 16 * cols // 8 + 2 * (rows + cols)) * 8 / (rows * cols))
+    assert st.weight_bits == pytest.approx(16 * (rows + cols) / (rows * cols))
+    assert res.info["rank"] == 16 and 0 < res.info["weighted_error"] < 1
+
+
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_bytes(random_problem):
+    W, H = random_problem(24, 96, seed=5)
+    run = lambda seed: get_method("lowrank")(W.clone(), H, LowRankConfig(rank=8, admm_iters=10, admm_seed=seed))  # noqa: E731
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a.stored.tensors[k], b.stored.tensors[k]) for k in a.stored.tensors)
+    assert not torch.equal(a.stored.tensors["u"], c.stored.tensors["u"])
+
+
+@pytest.mark.parametrize("bad", [{"target_bits": 0}, {"rank": -1}, {"admm_iters": 0}, {"admm_lambda": -1.0},
+                                 {"scale_rounds": 0}], ids=lambda d: next(iter(d)))
+def test_bad_options_are_refused(bad):
+    with pytest.raises(BillmError, match=next(iter(bad))):
+        LowRankConfig(**bad)
+
+
+def test_specs_and_presets_reach_the_options():
+    assert billm.config_from_spec("lowrank:tb0.8+it50") == LowRankConfig(target_bits=0.8, admm_iters=50)
+    assert billm.config_from_spec("lowrank:b055") == LowRankConfig(target_bits=0.55)
+    assert billm.config_from_spec("lowrank:r64") == LowRankConfig(rank=64)
+
+
+def test_a_tiny_model_quantizes_saves_and_loads_with_equal_logits(tiny_model, tmp_path):
+    model = tiny_model("llama", 0)
+    calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(0))
+    rep = billm.quantize(model, calib, LowRankConfig(target_bits=0.8, admm_iters=20), progress=False)
+    ranks = [l.info["rank"] for l in rep.layers]
+    assert all(l.storage_bits <= 0.8 + 1e-9 for l, r in zip(rep.layers, ranks) if r > 1)  # rank 1: nothing fits
+    assert rep.storage_bits < 1.0 and min(ranks) >= 1
+    out = billm.save(model, tmp_path / "ck", report=rep)
+    loaded = billm.load(out)
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_layer_multiplies_by_the_two_factors_as_decode_then_matmul_would(random_problem, dtype, monkeypatch):
+    from billm.methods import lowrank
+
+    W, H = random_problem(24, 96, seed=6)
+    res = get_method("lowrank")(W.clone(), H, LowRankConfig(rank=16, admm_iters=10))
+    layer = billm.PackedLinear.from_stored(res.stored)
+    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
+    calls = []
+    counting = dataclasses.replace(lowrank.LOWRANK_FORMAT, matmul=lambda *a: (calls.append(1), lowrank.lowrank_matmul(*a))[1])
+    monkeypatch.setitem(formats.FORMATS, "lowrank", counting)
+    with torch.no_grad():
+        y = layer(x)
+        billm.set_kernel(layer, "dequant")
+        ref = layer(x)
+    assert calls == [1] and y.dtype == dtype and y.shape == (3, 5, 24)  # auto took the factors, dequant did not
+    assert torch.equal(ref.float(), (x.float() @ res.q.t()).to(dtype).float()) or dtype != torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max()))
