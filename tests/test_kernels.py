@@ -407,7 +407,12 @@ def test_layout_follows_the_buffers(stored):
 
 
 @pytest.mark.parametrize("cfg", [BiLLMConfig(blocksize=16), SliMConfig(bits=2, groupsize=16)], ids=["billm", "slim"])
-def test_a_loaded_model_decodes_tokens_through_the_lookup_path(tiny_model, cfg, tmp_path):
+def test_a_loaded_model_decodes_tokens_through_the_lookup_path(tiny_model, cfg, tmp_path, monkeypatch):
+    from billm.kernels import lut
+
+    taken = []
+    real = lut.lut_matmul
+    monkeypatch.setattr(lut, "lut_matmul", lambda x, layout: (taken.append(x.shape[0]), real(x, layout))[1])
     model = tiny_model("llama", 0)
     calib = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(0))
     rep = billm.quantize(model, calib, cfg, progress=False)
@@ -419,6 +424,7 @@ def test_a_loaded_model_decodes_tokens_through_the_lookup_path(tiny_model, cfg, 
         ref = loaded(ids).logits
         set_kernel(loaded, "auto")
         out = loaded.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert taken and set(taken) == {1, 12}  # every layer's decoding steps and the 12-token prompt took it
         set_kernel(loaded, "dequant")
         out_ref = loaded.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
         set_kernel(loaded, "lut")
