@@ -6,7 +6,7 @@
 #
 # Sections: smollm2 (every method side by side), beyond (the options beyond BiLLM), packed (checkpoint
 # size, load and evaluation speed), kernels (the fast paths' speed), pareto (perplexity against storage
-# bits measured from each checkpoint file), speed (quantize time against the
+# bits measured from each checkpoint file), lowrank (low-rank binary factors at three budgets), speed (quantize time against the
 # protocol's floor, and where the rest goes). Data: $BILLM_DATA_DIR, else
 # ../shared/data (C4 train shard and WikiText-2 test, see docs/data.md).
 set -euo pipefail
@@ -77,6 +77,27 @@ for section in "${SECTIONS[@]}"; do
       } > "$out/README.md"
       stamp "$out/README.md" "$made"
       stamp "$out/compare.md" "$made" ;;
+    lowrank)
+      out=docs/results/lowrank; mkdir -p "$out"
+      # low-rank binary factors at three budgets, at the pareto protocol (about an hour on 2 CPU cores)
+      methods="lowrank:b1,lowrank:b08,lowrank:b055"
+      cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2 --calib c4 --nsamples 64 --seqlen 512
+           --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
+      "${cmd[@]}"
+      made="billm pareto smollm2 --methods $methods --tasks wikitext2 --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
+      { printf '# SmolLM2-135M: low-rank binary factors (lowrank) below and at one bit
+
+'; cat "$out/compare.md"
+        printf '
+The same protocol as [../pareto](../pareto/README.md), whose table holds BiLLM, the baselines and full
+'
+        printf 'precision. Storage bits: measured from each checkpoint file (signs of both factors, both scale vectors).
+'
+        printf 'Seconds: quantization and evaluation of the row, on 2 CPU threads.
+'
+      } > "$out/README.md"
+      stamp "$out/README.md" "$made"
+      stamp "$out/compare.md" "$made" ;;
     speed)
       out=docs/results/speed; mkdir -p "$out"
       { printf '# Quantize time against the protocol floor (SmolLM2-135M, 64 x 512 C4 calibration)\n\n'
@@ -90,6 +111,6 @@ for section in "${SECTIONS[@]}"; do
         python benchmarks/profile_quantize.py --method billm --json "$out/profile-billm.json"
       } | tee "$out/README.md"
       stamp "$out/README.md" "python benchmarks/bench_quantize.py --method M (M = billm, billm:plus, gptq:w2g128); python benchmarks/profile_quantize.py --method billm" ;;
-    *) echo "unknown section $section (smollm2, beyond, packed, kernels, pareto, speed)" >&2; exit 2 ;;
+    *) echo "unknown section $section (smollm2, beyond, packed, kernels, pareto, speed, lowrank)" >&2; exit 2 ;;
   esac
 done
