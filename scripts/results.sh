@@ -85,16 +85,10 @@ for section in "${SECTIONS[@]}"; do
            --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
       "${cmd[@]}"
       made="billm pareto smollm2 --methods $methods --tasks wikitext2 --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
-      { printf '# SmolLM2-135M: low-rank binary factors (lowrank) below and at one bit
-
-'; cat "$out/compare.md"
-        printf '
-The same protocol as [../pareto](../pareto/README.md), whose table holds BiLLM, the baselines and full
-'
-        printf 'precision. Storage bits: measured from each checkpoint file (signs of both factors, both scale vectors).
-'
-        printf 'Seconds: quantization and evaluation of the row, on 2 CPU threads.
-'
+      { printf '# SmolLM2-135M: low-rank binary factors (lowrank) below and at one bit\n\n'; cat "$out/compare.md"
+        printf '\nThe same protocol as [../pareto](../pareto/README.md), whose table holds BiLLM, the baselines and full\n'
+        printf 'precision. Storage bits: measured from each checkpoint file (signs of both factors, both scale vectors).\n'
+        printf 'Seconds: quantization only (the report'"'"'s), on 2 CPU threads.\n'
       } > "$out/README.md"
       stamp "$out/README.md" "$made"
       stamp "$out/compare.md" "$made" ;;
