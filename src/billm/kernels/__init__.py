@@ -48,8 +48,9 @@ tokens, which puts the crossover near 16 by the lookup path's measured speed aga
 (docs/kernels.md). ``benchmarks/bench_prompt.py --paths lut,dense`` measures it directly on a quiet machine."""
 TRITON_MAX_TOKENS = 16
 """Largest token count CUDA inputs send to the Triton kernels under ``auto``; above it one decode and a
-cuBLAS ``F.linear`` win. A conservative guess, not yet measured: ``benchmarks/gpu_check.sh`` times both
-sides of it on a GPU."""
+cuBLAS ``F.linear`` win. Not a measured crossover: on an H200 the kernels before the k-major planes lost to
+decode-then-cuBLAS at every count for BiLLM and won up to 1 (GPTQ) and 64 (SliM-LLM) tokens
+(docs/kernels.md); the k-major kernels are untimed. ``benchmarks/gpu_check.sh``'s ``crossover`` step measures it."""
 
 
 def triton_available() -> bool:
