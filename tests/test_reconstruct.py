@@ -35,7 +35,7 @@ def _block_error(block, hidden, kwargs, targets):
 
 
 @pytest.mark.parametrize("spec", ["billm", "billm:tiny", "billm:tiny+hadamard", "sign:centred", "gptq:w2g32",
-                                  "rtn:w2g32", "pbllm", "arb"])
+                                  "rtn:w2g32", "pbllm", "arb", "lowrank:r8"])
 def test_reconstruction_lowers_the_block_output_error(quantized_block, spec):
     block, hidden, kwargs, targets = quantized_block(spec)
     before = _block_error(block, hidden, kwargs, targets)
@@ -134,3 +134,33 @@ def test_quantize_with_reconstruction_records_it_and_changes_only_scales(tiny_mo
     first = [_buffers(m.model.layers[0]) for m in models]  # block 0 sees the same inputs in both runs
     assert all(torch.equal(first[0][k], first[1][k]) for k in first[0] if not first[0][k].is_floating_point())
     assert any(not torch.equal(first[0][k], first[1][k]) for k in first[0])
+
+
+def test_sign_latents_flip_signs_lower_the_error_and_the_stored_signs_are_the_tuned_ones(quantized_block):
+    block, hidden, kwargs, targets = quantized_block("lowrank:r8")
+    scales_only = copy.deepcopy(block)
+    before = _block_error(block, hidden, kwargs, targets)
+    old = _buffers(block)
+    stats = reconstruct_block(block, hidden, kwargs, targets, Settings(steps=60, lr=1e-2, batch=2, signs=True,
+                                                                       sign_lr=0.05), torch.device("cpu"))
+    reconstruct_block(scales_only, hidden, kwargs, targets, Settings(steps=60, lr=1e-2, batch=2), torch.device("cpu"))
+    new = _buffers(block)
+    assert stats.signs == sum(m.out_features * 8 + 8 * m.in_features for m in _packed(block).values())
+    assert 0 < stats.flipped < stats.signs
+    flipped_planes = {k for k in old if k.endswith((".u", ".v")) and not torch.equal(old[k], new[k])}
+    assert flipped_planes and all(old[k].dtype == torch.uint8 for k in flipped_planes)
+    after = _block_error(block, hidden, kwargs, targets)
+    assert after < 0.95 * before
+    unchanged = _buffers(scales_only)  # without signs=True not one sign byte moves
+    assert all(torch.equal(old[k], unchanged[k]) for k in old if k.endswith((".u", ".v")))
+
+
+def test_sign_latents_change_nothing_for_a_format_without_sign_planes(quantized_block):
+    runs = []
+    for signs in (False, True):
+        block, hidden, kwargs, targets = quantized_block("billm:tiny")
+        stats = reconstruct_block(block, hidden, kwargs, targets, Settings(steps=5, lr=1e-2, batch=2, signs=signs),
+                                  torch.device("cpu"))
+        runs.append((_buffers(block), stats))
+    (a, sa), (b, sb) = runs
+    assert sb.signs == 0 and sb.flipped == 0 and all(torch.equal(a[k], b[k]) for k in a)

@@ -18,7 +18,7 @@ from .methods import (
     ArbConfig, BiLLMConfig, GPTQConfig, LowRankConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig, WeightResult, available_methods, config_from_dict, config_from_spec, get_method, method_of, register_method,
 )
 from .packing.checkpoint import inspect as inspect_checkpoint, load, save
-from .packing.formats import FieldSpec, Format, StoredWeight, register_format, storage_bits
+from .packing.formats import FieldSpec, Format, SignPlanes, StoredWeight, register_format, storage_bits
 from .packing.linear import PackedLinear, prepare_model, set_kernel
 from .driver import LayerReport, QuantReport, quantize
 
@@ -29,7 +29,7 @@ _hf.register()  # AutoModelForCausalLM.from_pretrained(folder) loads billm check
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArbConfig", "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "FieldSpec", "Format",
+    "ArbConfig", "BiLLMConfig", "BillmError", "BreakGrid", "CheckpointError", "DataError", "FieldSpec", "Format", "SignPlanes",
     "GPTQConfig", "LowRankConfig", "LayerReport", "ModelError", "PBLLMConfig", "PackedLinear", "QuantConfig", "QuantReport",
     "QuantizationError", "RTNConfig", "SCALE_DTYPES", "SalientMetric", "SearchDomain", "SignConfig", "SliMConfig",
     "StoredWeight", "WeightResult", "available_methods", "config_from_dict", "config_from_spec", "get_method",

@@ -128,6 +128,12 @@ class QuantConfig:
                                                 "model's own inputs (fpinputs, a second activation stream)",
                                      choices=("qinputs", "fpinputs"), record_default=False)
     reconstruct_seed: int = option(0, "block reconstruction: seed of the mini-batch draws", record_default=False)
+    reconstruct_signs: bool = option(False, "block reconstruction: also flip the format's sign planes, through "
+                                            "latent weights with a straight-through sign (formats that declare "
+                                            "them: lowrank)", record_default=False)
+    reconstruct_sign_lr: float = option(0.05, "block reconstruction: Adam learning rate of the sign latents "
+                                              "(they start at +-1; a sign flips when its latent crosses 0)",
+                                        record_default=False)
     # --- end block reconstruction
 
     def __post_init__(self) -> None:
@@ -144,6 +150,7 @@ class QuantConfig:
         check(self.reconstruct_lr > 0, f"reconstruct_lr must be > 0, got {self.reconstruct_lr}")
         check(self.reconstruct_batch >= 1, f"reconstruct_batch must be >= 1, got {self.reconstruct_batch}")
         check(self.reconstruct_seed >= 0, f"reconstruct_seed must be >= 0, got {self.reconstruct_seed}")
+        check(self.reconstruct_sign_lr > 0, f"reconstruct_sign_lr must be > 0, got {self.reconstruct_sign_lr}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``method`` and ``version``."""

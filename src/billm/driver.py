@@ -451,12 +451,15 @@ def _reconstruct(run: _Run, i: int, targets: list[Tensor], done: list[LayerRepor
     """After block ``i`` is quantized: tune its stored scales and means toward ``targets``; figures in its reports."""
     c = run.config
     stats = reconstruct_block(run.blocks[i], run.inputs.hidden, [run.inputs.for_block(b, i) for b in range(len(targets))],
-                              targets, Settings(c.reconstruct, c.reconstruct_lr, c.reconstruct_batch, c.reconstruct_seed),
+                              targets, Settings(c.reconstruct, c.reconstruct_lr, c.reconstruct_batch, c.reconstruct_seed,
+                                                c.reconstruct_signs, c.reconstruct_sign_lr),
                               run.device, i)
     run.phases["reconstruct"] += stats.seconds
     for r in done:
         r.info["reconstruct"] = {"block_rel_err_first": stats.loss_first, "block_rel_err_last": stats.loss_last,
                                  "steps": stats.steps}
+        if stats.signs:
+            r.info["reconstruct"].update(block_signs=stats.signs, block_signs_flipped=stats.flipped)
 
 
 # ----------------------------------------------------------------------------- resume

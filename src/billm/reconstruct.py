@@ -7,7 +7,9 @@ to a target (the full-precision block's output). The values are trained in the f
 stored: the forward decodes the weight from the tuned values *rounded to the stored dtype*
 (fp16, fp8, ...), the backward passes the gradient straight through that rounding
 (:func:`stored_round`). The tuned values are written back in the stored dtype, so the layer
-decodes to exactly the weights of the tuned forward. Signs, bitmaps and codes are not changed.
+decodes to exactly the weights of the tuned forward. Bitmaps and codes are not changed; the sign planes a
+format declares (``Format.signs``) are tuned too when asked (``Settings.signs``), through latent weights
+and a straight-through sign (:func:`ste_sign`), and written back packed.
 
 Pure torch: no ``transformers`` import. The driver (:mod:`billm.driver`) hands the block, its
 inputs and keyword arguments per calibration batch, and the target outputs.
@@ -40,12 +42,18 @@ class Settings:
             ``v0 + s u``, ``s = max(|v0|, mean |v0| / 100)`` of its tensor, with Adam on ``u``).
         batch: calibration sequences per step (at most one calibration batch's).
         seed: seeds the choice of mini-batches (with the block index).
+        signs: also tune the sign planes a format declares (``Format.signs``) through latent weights: each
+            starts at +-1, the forward takes its sign, the backward passes the gradient where ``|latent| <= 1``
+            (a clipped straight-through estimator); a sign flips when its latent crosses 0.
+        sign_lr: Adam's learning rate on those latents.
     """
 
     steps: int
     lr: float = 1e-2
     batch: int = 1
     seed: int = 0
+    signs: bool = False
+    sign_lr: float = 0.05
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Stats:
         loss_first: relative squared error ``|out - target|^2 / |target|^2`` of the first mini-batch, before tuning.
         loss_last: the same, averaged over the last (up to 10) mini-batches, before each one's step.
         seconds: wall time.
+        signs: sign-plane entries tuned (``Settings.signs``), flipped: how many of them changed.
     """
 
     steps: int = 0
@@ -65,6 +74,8 @@ class Stats:
     loss_first: float = float("nan")
     loss_last: float = float("nan")
     seconds: float = 0.0
+    signs: int = 0
+    flipped: int = 0
 
 
 def tunable_fields(stored: StoredWeight) -> list[str]:
@@ -114,6 +125,12 @@ def select_rows(obj: Any, rows: Tensor, n: int) -> Any:
     return obj
 
 
+def ste_sign(z: Tensor) -> Tensor:
+    """Forward: +1 where ``z >= 0``, else -1 (float32); backward: the gradient where ``|z| <= 1``, else 0."""
+    clipped = z.clamp(-1.0, 1.0)
+    return torch.where(z >= 0, 1.0, -1.0).detach() + (clipped - clipped.detach())
+
+
 def relative_step(v0: Tensor) -> Tensor:
     """The per-value step size of :class:`Settings`' ``lr``: ``max(|v0|, mean |v0| / 100)`` (a value at 0 still moves)."""
     a = v0.abs()
@@ -123,7 +140,7 @@ def relative_step(v0: Tensor) -> Tensor:
 class _Layer:
     """One packed layer under tuning: each tunable field as ``v0 + step * u``, ``u`` (zeros at first) the parameter."""
 
-    def __init__(self, module: PackedLinear) -> None:
+    def __init__(self, module: PackedLinear, signs: bool = False) -> None:
         self.module = module
         st = module.stored()
         self.fixed = dict(st.tensors)
@@ -131,6 +148,9 @@ class _Layer:
         self.start = {f: st.tensors[f].detach().float() for f in self.dtypes}
         self.step = {f: relative_step(v) for f, v in self.start.items()}
         self.params = {f: nn.Parameter(torch.zeros_like(v)) for f, v in self.start.items()}
+        self.planes = get_format(st.format).signs if signs else None
+        self.latents = {} if self.planes is None else {  # +-1 where the stored signs are +1 / -1
+            f: nn.Parameter(torch.where(b, 1.0, -1.0)) for f, b in self.planes.unpack(st.tensors, st.shape, st.meta).items()}
 
     def values(self, f: str) -> Tensor:
         """Field ``f``'s tuned float32 values (not yet rounded to the stored dtype)."""
@@ -140,11 +160,23 @@ class _Layer:
         """(out, in) float32 weight decoded from the tuned values as stored (straight-through rounding)."""
         m = self.module
         tensors = {**self.fixed, **{f: straight_through(self.values(f), d) for f, d in self.dtypes.items()}}
+        if self.planes is not None:
+            return self.planes.decode(tensors, {f: ste_sign(z) for f, z in self.latents.items()}, m.shape, m.meta)
         return get_format(m.format).decode(tensors, m.shape, m.meta)
 
-    def write_back(self) -> None:
-        """Store the tuned values in their stored dtypes (the layer then decodes to exactly what was tuned)."""
-        self.module.replace_fields({f: stored_round(self.values(f), d).to(d) for f, d in self.dtypes.items()})
+    def write_back(self) -> int:
+        """Store the tuned values in their stored dtypes and the tuned signs packed (the layer then decodes to exactly
+        what was tuned). Returns how many signs flipped."""
+        new = {f: stored_round(self.values(f), d).to(d) for f, d in self.dtypes.items()}
+        flipped = 0
+        if self.planes is not None:
+            m = self.module
+            before = self.planes.unpack(self.fixed, m.shape, m.meta)
+            after = {f: (z.detach() >= 0) for f, z in self.latents.items()}
+            flipped = sum(int((before[f] != after[f]).sum()) for f in after)
+            new.update(self.planes.pack(after, m.shape, m.meta))
+        self.module.replace_fields(new)
+        return flipped
 
 
 def _draws(sizes: Sequence[int], batch: int, steps: int, gen: torch.Generator) -> list[tuple[int, Tensor]]:
@@ -176,13 +208,15 @@ def reconstruct_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequen
         :class:`Stats`. With 0 steps, or no tunable field in the block, nothing changes (not one byte).
     """
     t0 = time.perf_counter()
-    layers = [_Layer(m) for m in block.modules() if isinstance(m, PackedLinear)]
-    layers = [la for la in layers if la.params]
+    layers = [_Layer(m, settings.signs) for m in block.modules() if isinstance(m, PackedLinear)]
+    layers = [la for la in layers if la.params or la.latents]
     if settings.steps <= 0 or not layers:
         return Stats()
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
     draws = _draws([h.shape[0] for h in hidden], settings.batch, settings.steps, gen)
-    opt = torch.optim.Adam([p for la in layers for p in la.params.values()], lr=settings.lr)
+    groups = [{"params": [p for la in layers for p in la.params.values()], "lr": settings.lr},
+              {"params": [z for la in layers for z in la.latents.values()], "lr": settings.sign_lr}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     frozen = {p: p.requires_grad for p in block.parameters()}
     kernels = {la.module: la.module.kernel for la in layers}
     losses: list[float] = []
@@ -213,11 +247,12 @@ def reconstruct_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequen
         for la in layers:
             la.module.kernel = kernels[la.module]
             la.module._decoded = None
-    for la in layers:
-        la.write_back()
+    flipped = sum(la.write_back() for la in layers)
     stats = Stats(steps=len(draws), values=sum(p.numel() for la in layers for p in la.params.values()),
                   loss_first=losses[0], loss_last=sum(losses[-10:]) / len(losses[-10:]),
-                  seconds=time.perf_counter() - t0)
-    log.info("block %d reconstructed: %d steps, %d values, rel. error %.4f -> %.4f, %.1fs", index, stats.steps,
-             stats.values, stats.loss_first, stats.loss_last, stats.seconds)
+                  seconds=time.perf_counter() - t0, signs=sum(z.numel() for la in layers for z in la.latents.values()),
+                  flipped=flipped)
+    log.info("block %d reconstructed: %d steps, %d values, %d of %d signs flipped, rel. error %.4f -> %.4f, %.1fs",
+             index, stats.steps, stats.values, stats.flipped, stats.signs, stats.loss_first, stats.loss_last,
+             stats.seconds)
     return stats

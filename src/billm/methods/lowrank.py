@@ -13,7 +13,8 @@ with the signs fixed, the two scale vectors are solved by alternating weighted l
 (:func:`fit_scales`), each step exact, so the weighted error never rises; the scales are rounded to
 their stored dtype and the stored weight decodes to exactly what the model uses.
 
-Block reconstruction (``--reconstruct``) tunes the two scale vectors like any format's scales. A layer
+Block reconstruction (``--reconstruct``) tunes the two scale vectors like any format's scales, and with
+``--reconstruct-signs`` the signs of U and V too, through latent weights (NanoQuant's block stage). A layer
 multiplies by the two factors (:func:`lowrank_matmul`), never forming the weight.
 """
 
@@ -28,7 +29,9 @@ from torch import Tensor
 
 from ..config import SCALE_DTYPES, QuantConfig, check, option
 from ..kernels.bitpack import pack_bits, packed_len, unpack_bits
-from ..packing.formats import FieldSpec, Format, StoredWeight, pm1, register_format, round_to_stored, scale_dtype
+from ..packing.formats import (
+    FieldSpec, Format, SignPlanes, StoredWeight, pm1, register_format, round_to_stored, scale_dtype,
+)
 from .obc import OBCTimes
 from .registry import WeightResult, register_method
 
@@ -121,9 +124,24 @@ def lowrank_matmul(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str,
     return (h @ u.t()) * t["scales_out"].to(x.dtype)  # (..., out)
 
 
+def _unpack_signs(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, Tensor]:
+    return {"u": unpack_bits(t["u"], meta["rank"]), "v": unpack_bits(t["v"], shape[1])}  # (out, r), (r, in) bool
+
+
+def _pack_signs(planes: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, Tensor]:
+    return {f: pack_bits(b) for f, b in planes.items()}
+
+
+def _decode_signs(t: dict[str, Tensor], planes: dict[str, Tensor], shape: tuple[int, int],
+                  meta: dict[str, Any]) -> Tensor:
+    """:func:`_decode` with U and V given as float +-1 (out, r), (r, in): the same operations in the same order."""
+    m = planes["u"] @ planes["v"]  # (out, in)
+    return (t["scales_out"].float()[:, None] * m) * t["scales_in"].float()[None, :]
+
+
 LOWRANK_FORMAT = register_format(Format(
     "lowrank", _fields, _decode, lambda shape, meta: meta["rank"] * (shape[0] + shape[1]) / (shape[0] * shape[1]),
-    matmul=lowrank_matmul))
+    matmul=lowrank_matmul, signs=SignPlanes(("u", "v"), _unpack_signs, _pack_signs, _decode_signs)))
 
 
 # ----------------------------------------------------------------------------- ADMM initialisation

@@ -43,6 +43,25 @@ class FieldSpec:
 
 
 @dataclass(frozen=True)
+class SignPlanes:
+    """Sign planes of a format that block reconstruction may flip, through latent weights (straight-through).
+
+    Attributes:
+        fields: the stored fields holding them.
+        unpack: ``(tensors, shape, meta) -> {field: bool tensor}``, True for +1.
+        pack: ``({field: bool tensor}, shape, meta) -> {field: stored tensor}``, the inverse.
+        decode: ``(tensors, {field: float +-1 tensor}, shape, meta) -> (rows, cols) float32``: the format's decode
+            with the planes given as floats (the gradient reaches them), bit for bit ``Format.decode`` when they
+            are the stored planes.
+    """
+
+    fields: tuple[str, ...]
+    unpack: Callable[[Tensors, Shape, Meta], dict[str, Tensor]]
+    pack: Callable[[dict[str, Tensor], Shape, Meta], dict[str, Tensor]]
+    decode: Callable[[Tensors, dict[str, Tensor], Shape, Meta], Tensor]
+
+
+@dataclass(frozen=True)
 class Format:
     """A stored form: what a checkpoint keeps for one quantized linear, and everything derived from it.
 
@@ -59,6 +78,7 @@ class Format:
             rather than in tensors (counted in its storage bits).
         tunable: the fields holding continuous values that block reconstruction may tune
             (:mod:`billm.reconstruct`); None: every floating-point field (scales, means).
+        signs: the sign planes block reconstruction may flip (``reconstruct_signs``); None: none.
         matmul: ``(tensors, shape, meta, x) -> x W^T`` straight from the stored fields, for a format whose
             weight has a cheaper product than its decode (factors, say); when given, every path but
             ``dequant`` takes it instead of a layout's kernels. None: the layout's paths (or ``dequant``).
@@ -72,6 +92,7 @@ class Format:
     map_bytes: Callable[[Meta], int] = lambda meta: 0
     tunable: Optional[tuple[str, ...]] = None
     matmul: Optional[Callable[[Tensors, Shape, Meta, Tensor], Tensor]] = None
+    signs: Optional[SignPlanes] = None
 
 
 FORMATS: dict[str, Format] = {}
