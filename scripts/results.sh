@@ -79,8 +79,8 @@ for section in "${SECTIONS[@]}"; do
       stamp "$out/compare.md" "$made" ;;
     lowrank)
       out=docs/results/lowrank; mkdir -p "$out"
-      # low-rank binary factors at three budgets, at the pareto protocol (about an hour on 2 CPU cores)
-      methods="lowrank:b1,lowrank:b08,lowrank:b055"
+      # low-rank binary factors at three budgets and one with reconstruction, at the pareto protocol (about 1.5 hours on 2 CPU cores)
+      methods="lowrank:b1,lowrank:b08,lowrank:b055,lowrank:b1+rec50+reconstruct_signs"
       cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2 --calib c4 --nsamples 64 --seqlen 512
            --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
       "${cmd[@]}"
