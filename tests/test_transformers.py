@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import billm
-from billm import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm import ArbConfig, BiLLMConfig, GPTQConfig, LowRankConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.packing.checkpoint import QUANT_MAP
 from billm.packing.guard import GUARD_MODEL_TYPE, REAL_TYPE_KEY
 
@@ -28,6 +28,7 @@ FORMAT_CONFIGS = {
     "sign": SignConfig(),
     "pbllm": PBLLMConfig(blocksize=32),
     "arb": ArbConfig(blocksize=32),
+    "lowrank": LowRankConfig(rank=8, admm_iters=10),
 }
 
 
