@@ -60,7 +60,7 @@ DOT_BF16_EMULATED = 2  # bf16 under the interpreter, whose bf16 dot multiplies t
 @triton.jit
 def _accumulate(acc, x, w, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
     """``acc + x (BT, BK) @ w (BR, BK)^T``: for one token ``acc`` is (BR, BK), products summed over K only at
-    the end; else (BT, BR) on ``tl.dot`` tiles (see DOT_*)."""
+    the end (:func:`_new_acc`, :func:`_store_acc`); else (BT, BR) on ``tl.dot`` tiles (see DOT_*)."""
     if BLOCK_T == 1:
         acc += x.to(tl.float32) * w
     elif DOT == 1:
@@ -70,6 +70,38 @@ def _accumulate(acc, x, w, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
     else:
         acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
     return acc
+
+
+@triton.jit
+def _new_acc(BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The accumulator of :func:`_accumulate`: (BR, BK) for one token (summed over K at the end), else (BT, BR)."""
+    if BLOCK_T == 1:
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    return acc  # one return: compiled Triton refuses a helper that returns from both branches
+
+
+@triton.jit
+def _store_acc(ptr, acc, mask, BLOCK_T: tl.constexpr):
+    """Store the (BT, BR) sums of an accumulator of :func:`_new_acc` at ``ptr`` (BT, BR)."""
+    if BLOCK_T == 1:
+        tl.store(ptr, tl.sum(acc, axis=1)[None, :], mask=mask)
+    else:
+        tl.store(ptr, acc, mask=mask)
+
+
+@triton.jit
+def _grid_columns(cols_ptr, grp, local, GS: tl.constexpr, N, HAS_COLS: tl.constexpr):
+    """(input column, mask) of the padded columns ``local`` of group ``grp`` of grid planes over ``N`` columns
+    (mapped through ``cols_ptr`` when the planes cover a subset)."""
+    j = grp * GS + local  # column among the covered ones
+    lmask = (local < GS) & (j < N)
+    if HAS_COLS:
+        col = tl.load(cols_ptr + j, mask=lmask, other=0)
+    else:
+        col = j
+    return col, lmask
 
 
 @triton.jit
@@ -155,10 +187,7 @@ def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr
     xrow = toks.to(tl.int64) * stride_xt  # (BT,) int64: tokens * in_features may pass 2^31
     rmask = rows < R
     tmask = toks < T
-    if BLOCK_T == 1:  # products summed over K at the end
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc = _new_acc(BLOCK_T, BLOCK_R, BLOCK_K)
     for blk in range(pid_s * STEPS, tl.minimum(NB, pid_s * STEPS + STEPS)):
         for k0 in range(0, BB * 8, BLOCK_K):
             local = k0 + tl.arange(0, BLOCK_K)  # padded column within the block (BK,)
@@ -169,10 +198,7 @@ def _billm_kernel(x_ptr, s1_ptr, grp_ptr, s2_ptr, sal_ptr, sc_ptr, mu_ptr, y_ptr
                             BB, HAS_MEANS)
             acc = _accumulate(acc, x, w, BLOCK_T, DOT)
     yoff = pid_s * stride_ys + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
-    if BLOCK_T == 1:
-        tl.store(y_ptr + yoff, tl.sum(acc, axis=1)[None, :], mask=tmask[:, None] & rmask[None, :])
-    else:
-        tl.store(y_ptr + yoff, acc, mask=tmask[:, None] & rmask[None, :])
+    _store_acc(y_ptr + yoff, acc, tmask[:, None] & rmask[None, :], BLOCK_T)
 
 
 @triton.jit
@@ -189,28 +215,17 @@ def _grid_kernel(x_ptr, planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, y_p
     xrow = toks.to(tl.int64) * stride_xt  # (BT,) int64
     rmask = rows < R
     tmask = toks < T
-    if BLOCK_T == 1:  # products summed over K at the end
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc = _new_acc(BLOCK_T, BLOCK_R, BLOCK_K)
     for grp in range(pid_s * STEPS, tl.minimum(G, pid_s * STEPS + STEPS)):
         for k0 in range(0, GB * 8, BLOCK_K):
             local = k0 + tl.arange(0, BLOCK_K)
-            j = grp * GS + local  # column among the covered ones
-            lmask = (local < GS) & (j < N)
-            if HAS_COLS:
-                col = tl.load(cols_ptr + j, mask=lmask, other=0)
-            else:
-                col = j
+            col, lmask = _grid_columns(cols_ptr, grp, local, GS, N, HAS_COLS)
             x = tl.load(x_ptr + xrow[:, None] + col[None, :], mask=tmask[:, None] & lmask[None, :], other=0.0)
             w = _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, grp, local, lmask, NBYTES,
                            BITS, GB, SIGNED, HAS_ZERO, HAS_SHIFT)
             acc = _accumulate(acc, x, w, BLOCK_T, DOT)
     yoff = pid_s * stride_ys + toks.to(tl.int64)[:, None] * stride_yt + rows[None, :]
-    if BLOCK_T == 1:
-        tl.store(y_ptr + yoff, tl.sum(acc, axis=1)[None, :], mask=tmask[:, None] & rmask[None, :])
-    else:
-        tl.store(y_ptr + yoff, acc, mask=tmask[:, None] & rmask[None, :])
+    _store_acc(y_ptr + yoff, acc, tmask[:, None] & rmask[None, :], BLOCK_T)
 
 
 @triton.jit
@@ -242,12 +257,7 @@ def _grid_decode_kernel(planes_ptr, mult_ptr, zero_ptr, shift_ptr, cols_ptr, w_p
     rmask = rows < R
     for k0 in range(0, GB * 8, BLOCK_K):
         local = k0 + tl.arange(0, BLOCK_K)
-        j = grp * GS + local
-        lmask = (local < GS) & (j < N)
-        if HAS_COLS:
-            col = tl.load(cols_ptr + j, mask=lmask, other=0)
-        else:
-            col = j
+        col, lmask = _grid_columns(cols_ptr, grp, local, GS, N, HAS_COLS)
         w = _grid_tile(planes_ptr, mult_ptr, zero_ptr, shift_ptr, rows, rmask, R, grp, local, lmask, NBYTES,
                        BITS, GB, SIGNED, HAS_ZERO, HAS_SHIFT)
         woff = rows.to(tl.int64)[:, None] * stride_w + col[None, :]

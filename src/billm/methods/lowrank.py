@@ -92,9 +92,9 @@ def choose_rank(rows: int, cols: int, target_bits: float, scale_bits: int) -> in
 
 
 def lowrank_values(u: Tensor, v: Tensor, s_out: Tensor, s_in: Tensor) -> Tensor:
-    """(out, in) float32 ``(s_out * (U V)) * s_in`` from the bool signs u (out, r), v (r, in) and the scales (float32).
-    ``U V`` is a sum of +-1 products, an integer below 2^24: exact in float32."""
-    m = pm1(u) @ pm1(v)  # (out, in)
+    """(out, in) float32 ``(s_out * (U V)) * s_in`` from the float +-1 signs u (out, r), v (r, in) and the scales
+    (float32). ``U V`` is a sum of +-1 products, an integer below 2^24: exact in float32."""
+    m = u @ v  # (out, in)
     return (s_out[:, None] * m) * s_in[None, :]
 
 
@@ -109,7 +109,7 @@ def _fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec
 
 def _decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
     r = meta["rank"]
-    return lowrank_values(unpack_bits(t["u"], r), unpack_bits(t["v"], shape[1]), t["scales_out"].float(),
+    return lowrank_values(pm1(unpack_bits(t["u"], r)), pm1(unpack_bits(t["v"], shape[1])), t["scales_out"].float(),
                           t["scales_in"].float())
 
 
@@ -135,8 +135,7 @@ def _pack_signs(planes: dict[str, Tensor], shape: tuple[int, int], meta: dict[st
 def _decode_signs(t: dict[str, Tensor], planes: dict[str, Tensor], shape: tuple[int, int],
                   meta: dict[str, Any]) -> Tensor:
     """:func:`_decode` with U and V given as float +-1 (out, r), (r, in): the same operations in the same order."""
-    m = planes["u"] @ planes["v"]  # (out, in)
-    return (t["scales_out"].float()[:, None] * m) * t["scales_in"].float()[None, :]
+    return lowrank_values(planes["u"], planes["v"], t["scales_out"].float(), t["scales_in"].float())
 
 
 LOWRANK_FORMAT = register_format(Format(
@@ -151,7 +150,7 @@ def svid(m: Tensor, iters: int = 5) -> Tensor:
     ``|m|`` (its top singular triplet by ``iters`` power iterations). (p, q) -> (p, q)."""
     a = m.abs()
     v = torch.full((a.shape[1],), 1.0 / math.sqrt(a.shape[1]), dtype=a.dtype, device=a.device)  # (q,)
-    u = a @ v
+    u = v.new_zeros(a.shape[0])  # (p,), set by the first iteration
     for _ in range(iters):
         u = a @ v
         u = u / u.norm().clamp(min=1e-30)  # (p,)
@@ -180,7 +179,7 @@ def admm_factors(w: Tensor, rank: int, iters: int, lam: float, seed: int) -> tup
     la, lb = a - za, b - zb
     eye = torch.eye(rank, dtype=w.dtype, device=w.device)
     errors = []
-    wn = float(w.norm()).__pow__(2) or 1.0
+    wn = float(w.pow(2).sum()) or 1.0
     for t in range(1, iters + 1):
         rho = t / iters
         x = _unit_columns(zb.t())  # (q, r)
