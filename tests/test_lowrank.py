@@ -162,15 +162,3 @@ def test_a_layer_multiplies_by_the_two_factors_as_decode_then_matmul_would(rando
     assert torch.equal(ref.float(), (x.float() @ res.q.t()).to(dtype).float()) or dtype != torch.float32
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max()))
-
-
-def test_the_sign_planes_decode_is_the_formats_decode_bit_for_bit(random_problem):
-    from billm.methods.lowrank import LOWRANK_FORMAT
-
-    W, H = random_problem(24, 96, seed=7)
-    st = get_method("lowrank")(W.clone(), H, LowRankConfig(rank=12, admm_iters=10)).stored
-    planes = LOWRANK_FORMAT.signs
-    bits = planes.unpack(st.tensors, st.shape, st.meta)
-    assert torch.equal(planes.decode(st.tensors, {f: pm1(b) for f, b in bits.items()}, st.shape, st.meta), st.decode())
-    repacked = planes.pack(bits, st.shape, st.meta)
-    assert all(torch.equal(repacked[f], st.tensors[f]) for f in ("u", "v"))

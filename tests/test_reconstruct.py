@@ -136,8 +136,28 @@ def test_quantize_with_reconstruction_records_it_and_changes_only_scales(tiny_mo
     assert any(not torch.equal(first[0][k], first[1][k]) for k in first[0])
 
 
-def test_sign_latents_flip_signs_lower_the_error_and_the_stored_signs_are_the_tuned_ones(quantized_block):
-    block, hidden, kwargs, targets = quantized_block("lowrank:r8")
+# every spec whose format declares sign planes (Format.signs), at each salient order / stored layout
+SIGN_SPECS = {"lowrank:r8": ("u", "v"), "billm:tiny": ("signs", "signs2"), "billm:salient_order=1+centred": ("signs",),
+              "billm:tiny+hadamard": ("signs", "signs2")}
+
+
+@pytest.mark.parametrize("spec", SIGN_SPECS)
+def test_the_sign_planes_decode_is_the_formats_decode_bit_for_bit(quantized_block, spec):
+    block = quantized_block(spec)[0]
+    for m in _packed(block).values():
+        st = m.stored()
+        planes = formats.get_format(st.format).signs
+        bits = planes.unpack(st.tensors, st.shape, st.meta)
+        assert set(bits) == set(SIGN_SPECS[spec])
+        decoded = planes.decode(st.tensors, {f: formats.pm1(b) for f, b in bits.items()}, st.shape, st.meta)
+        assert torch.equal(decoded.view(torch.int32), st.decode().view(torch.int32))  # -0.0 and 0.0 alike
+        repacked = planes.pack(bits, st.shape, st.meta)
+        assert set(repacked) == set(bits) and all(torch.equal(repacked[f], st.tensors[f]) for f in bits)
+
+
+@pytest.mark.parametrize("spec", ["lowrank:r8", "billm:tiny"])
+def test_sign_latents_flip_signs_lower_the_error_and_the_stored_signs_are_the_tuned_ones(quantized_block, spec):
+    block, hidden, kwargs, targets = quantized_block(spec)
     scales_only = copy.deepcopy(block)
     before = _block_error(block, hidden, kwargs, targets)
     old = _buffers(block)
@@ -145,20 +165,22 @@ def test_sign_latents_flip_signs_lower_the_error_and_the_stored_signs_are_the_tu
                                                                        sign_lr=0.05), torch.device("cpu"))
     reconstruct_block(scales_only, hidden, kwargs, targets, Settings(steps=60, lr=1e-2, batch=2), torch.device("cpu"))
     new = _buffers(block)
-    assert stats.signs == sum(m.out_features * 8 + 8 * m.in_features for m in _packed(block).values())
+    fields = tuple(f".{f}" for f in SIGN_SPECS[spec])
+    assert stats.signs == sum(b.numel() for m in _packed(block).values() for b in formats.get_format(
+        m.format).signs.unpack(m.stored().tensors, m.shape, m.meta).values())
     assert 0 < stats.flipped < stats.signs
-    flipped_planes = {k for k in old if k.endswith((".u", ".v")) and not torch.equal(old[k], new[k])}
+    flipped_planes = {k for k in old if k.endswith(fields) and not torch.equal(old[k], new[k])}
     assert flipped_planes and all(old[k].dtype == torch.uint8 for k in flipped_planes)
     after = _block_error(block, hidden, kwargs, targets)
     assert after < 0.95 * before
     unchanged = _buffers(scales_only)  # without signs=True not one sign byte moves
-    assert all(torch.equal(old[k], unchanged[k]) for k in old if k.endswith((".u", ".v")))
+    assert all(torch.equal(old[k], unchanged[k]) for k in old if k.endswith(fields))
 
 
 def test_sign_latents_change_nothing_for_a_format_without_sign_planes(quantized_block):
     runs = []
     for signs in (False, True):
-        block, hidden, kwargs, targets = quantized_block("billm:tiny")
+        block, hidden, kwargs, targets = quantized_block("gptq:w2g32")
         stats = reconstruct_block(block, hidden, kwargs, targets, Settings(steps=5, lr=1e-2, batch=2, signs=signs),
                                   torch.device("cpu"))
         runs.append((_buffers(block), stats))

@@ -130,7 +130,7 @@ class QuantConfig:
     reconstruct_seed: int = option(0, "block reconstruction: seed of the mini-batch draws", record_default=False)
     reconstruct_signs: bool = option(False, "block reconstruction: also flip the format's sign planes, through "
                                             "latent weights with a straight-through sign (formats that declare "
-                                            "them: lowrank)", record_default=False)
+                                            "them: billm, lowrank)", record_default=False)
     reconstruct_sign_lr: float = option(0.05, "block reconstruction: Adam learning rate of the sign latents "
                                               "(they start at +-1; a sign flips when its latent crosses 0)",
                                         record_default=False)

@@ -12,7 +12,7 @@ from ..config import SCALE_DTYPES, BreakGrid, QuantConfig, SalientMetric, Search
 from ..kernels.bitpack import pack_bits, packed_len, unpack_bits
 from ..kernels.layout import BiLLMPlanes, aligned, grouped_planes
 from ..packing.formats import (FieldSpec, Format, Meta, Shape, StoredWeight, Tensors, block_index, n_blocks,
-                               per_column, pm1, register_format, round_to_stored, scale_dtype)
+                               per_column, pm1, register_format, round_to_stored, scale_dtype, SignPlanes)
 from .binarize import binarize_params
 from .gptq import gptq_block
 from .obc import OBCTimes, damped_hessian, obc_quantize, prepare_hessian
@@ -116,10 +116,10 @@ def billm_values(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Optional[Tenso
     """Decode BiLLM from unpacked bits.
 
     Args:
-        s1: (r, c) bool first sign plane.
+        s1: (r, c) bool first sign plane (or float +-1: block reconstruction's straight-through signs).
         salient: (c,) bool salient-column flags.
         sparse: (r, c) bool, True for the sparse group (ignored on salient columns).
-        s2: (r, c) bool second plane (used on salient columns), or None for order 1.
+        s2: (r, c) bool second plane (used on salient columns; or float +-1), or None for order 1.
         scales: (nb, 2 + order, r) float32, slots as :data:`BILLM_SLOTS`.
         means: same shape as ``scales`` or None (not centred).
         blocksize: columns per block.
@@ -138,15 +138,20 @@ def billm_values(s1: Tensor, salient: Tensor, sparse: Tensor, s2: Optional[Tenso
     def first(t: Tensor) -> Tensor:
         return torch.where(sal, slot(t, 2), torch.where(sparse, slot(t, 1), slot(t, 0)))
 
-    q = first(scales) * pm1(s1)
+    q = first(scales) * _pm(s1)
     if means is not None:
         q = q + first(means)
     if s2 is not None:
-        q2 = torch.where(sal, slot(scales, 3), 0.0) * pm1(s2)
+        q2 = torch.where(sal, slot(scales, 3), 0.0) * _pm(s2)
         if means is not None:
             q2 = q2 + torch.where(sal, slot(means, 3), 0.0)
         q = q + q2
     return q
+
+
+def _pm(plane: Tensor) -> Tensor:
+    """A sign plane as float +-1: bool planes through :func:`pm1`, float ones (already +-1) as they are."""
+    return plane if plane.is_floating_point() else pm1(plane)
 
 
 def _column_split(meta: dict[str, Any]) -> bool:
@@ -248,7 +253,33 @@ def _billm_layout(t: Tensors, shape: Shape, meta: Meta) -> BiLLMPlanes:
                        per_row(t["scales"]), per_row(t["means"]) if meta["centred"] else None, bs, shape[1])
 
 
-BILLM_FORMAT = register_format(Format("billm", _billm_fields, _billm_decode, _billm_weight_bits, _billm_layout))
+def _unpack_signs(t: Tensors, shape: Shape, meta: Meta) -> dict[str, Tensor]:
+    """The sign planes as stored: ``signs`` (r, c) and, at order 2, ``signs2`` (r, k) of the k salient columns."""
+    out = {"signs": unpack_bits(t["signs"], shape[1])}
+    if meta["salient_order"] == 2:
+        out["signs2"] = unpack_bits(t["signs2"], meta["n_salient"])
+    return out
+
+
+def _pack_signs(planes: dict[str, Tensor], shape: Shape, meta: Meta) -> dict[str, Tensor]:
+    return {f: pack_bits(b.contiguous()) for f, b in planes.items()}
+
+
+def _decode_signs(t: Tensors, planes: dict[str, Tensor], shape: Shape, meta: Meta) -> Tensor:
+    """:func:`_billm_decode` with the sign planes given as float +-1 (``signs`` (r, c), ``signs2`` (r, k)); the second
+    plane is -1 off the salient columns, as the stored decode reads it there (where its scale is 0)."""
+    _, sal, sparse, _ = billm_unpack(t, shape, meta)
+    s2 = None
+    if "signs2" in planes:
+        cols = sal.nonzero().squeeze(1)  # (k,)
+        s2 = torch.full(shape, -1.0, device=sal.device).index_copy(1, cols, planes["signs2"])  # (r, c)
+    means = t["means"].float() if meta["centred"] else None
+    return billm_values(planes["signs"], sal, sparse, s2, t["scales"].float(), means, meta["blocksize"])
+
+
+BILLM_SIGNS = SignPlanes(("signs", "signs2"), _unpack_signs, _pack_signs, _decode_signs)
+BILLM_FORMAT = register_format(Format("billm", _billm_fields, _billm_decode, _billm_weight_bits, _billm_layout,
+                                      signs=BILLM_SIGNS))
 
 
 
