@@ -26,16 +26,52 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import functools, json, os, resource, sys, threading, time
 t0 = time.perf_counter()
 rc = 0
+phase, peaks = ["imports"], {}  # the step running now; the highest resident memory seen in each step
+
+
+def sample():  # resident memory every 10 ms, charged to the step running then
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as f:
+        while True:
+            f.seek(0)
+            rss = int(f.read().split()[1]) * page
+            peaks[phase[0]] = max(peaks.get(phase[0], 0), rss)
+            time.sleep(0.01)
+
+
+def step(module, name, label):  # module.name, wrapped: the time inside it is charged to ``label``
+    fn = getattr(module, name)
+
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        outer, phase[0] = phase[0], label
+        try:
+            return fn(*a, **k)
+        finally:
+            phase[0] = outer
+    setattr(module, name, wrapped)
+
+
+if os.path.exists("/proc/self/statm"):
+    threading.Thread(target=sample, daemon=True).start()
 if sys.argv[1] != "--idle":
-    from billm.cli import main
-    rc = main(sys.argv[2:])
+    import billm, billm.cli, billm.driver as d
+    phase[0] = "load and calibration data"
+    for name, label in [("capture_inputs", "capture"), ("_fill_block", "read a block"),
+                        ("_accumulate_hessians", "Hessians"), ("_quantize_block", "quantize a block"),
+                        ("_reconstruct", "reconstruct"), ("_propagate", "propagate"),
+                        ("return_freed_memory", "propagate")]:
+        step(d, name, label)
+    step(billm.cli.billm, "save", "save")
+    rc = billm.cli.main(sys.argv[2:])
 else:
     import torch, transformers, billm  # noqa: F401  (the imports every run pays for)
+time.sleep(0.05)
 print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rc": rc,
-                  "seconds": time.perf_counter() - t0}))
+                  "seconds": time.perf_counter() - t0, "peak_rss_bytes_by_step": peaks}))
 """
 
 

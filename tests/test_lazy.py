@@ -48,6 +48,24 @@ def test_block_by_block_checkpoint_is_byte_identical_to_the_eager_one(method, fp
     assert _sha(billm.save(model, tmp_path / "lazy")) == _sha(_eager(fp16_folder, CONFIGS[method], tmp_path / "eager"))
 
 
+def test_the_embeddings_and_head_are_empty_while_the_blocks_are_quantized(fp16_folder, monkeypatch):
+    import billm.driver as driver
+
+    model, weights = load_skeleton(fp16_folder)
+    seen = []
+    hessians = driver._accumulate_hessians
+
+    def spy(run, i):
+        seen.append((model.model.embed_tokens.weight.is_meta, model.lm_head.weight.is_meta))
+        return hessians(run, i)
+
+    monkeypatch.setattr(driver, "_accumulate_hessians", spy)
+    billm.quantize(model, CALIB, CONFIGS["gptq"], progress=False, weights=weights)
+    assert seen == [(True, True)] * len(model.model.layers)  # read for the capture, then released; the head never
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):  # read back at the end
+        assert torch.equal(model.get_parameter(name), weights.read(name))
+
+
 @pytest.mark.parametrize("method", ["billm", "gptq"])
 def test_accelerate_disk_offload_quantizes_to_the_same_bytes(method, fp16_folder, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import billm
@@ -152,8 +153,17 @@ def test_decode_once_gives_the_same_outputs_and_then_lets_the_copy_go():
     layer.keep_decoded(w)
     layer.to("cpu")  # any move drops it: it would not follow the buffers
     assert layer._decoded is None
-    with pytest.raises(ValueError, match="keep_decoded"):
-        layer.keep_decoded(w.double())
+    half = layer.to(torch.float16)  # a copy kept in the inputs' dtype: the same outputs, half the memory
+    half.keep_decoded(w.half())
+    x16 = xs[2].half()
+    with decode_once([half]):
+        assert half(x16).dtype == torch.float16
+        assert torch.equal(half(x16), F.linear(x16, w.half(), None if half.bias is None else half.bias.half()))
+        bias = None if half.bias is None else half.bias.float()  # float32 inputs: decoded anew, not the fp16 copy
+        assert torch.equal(half(xs[2]), F.linear(xs[2], w, bias))
+    for bad in (w.to(torch.int32), w[:1]):
+        with pytest.raises(ValueError, match="keep_decoded"):
+            layer.keep_decoded(bad)
 
 # ----------------------------------------------------------------------------- checkpoint round trip
 

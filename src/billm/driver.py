@@ -348,7 +348,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     Raises:
         QuantizationError: the method failed, or its stored form does not decode to its simulated weights.
     """
-    home = get_weight(mod).device
+    home, dtype = get_weight(mod).device, get_weight(mod).dtype
     W = get_weight(mod).to(device=device or home, dtype=torch.float32)  # (out, in): float32 whatever the model's dtype
     t0 = clock([W.device])
     rot = Rotation.make(config.rotate, W.shape[1], config.rotate_seed, W.device)  # None unless config.rotate
@@ -364,7 +364,8 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
         raise QuantizationError(f"{full}: the {method.name} stored form does not decode to the weights it simulated "
                                 f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
     packed = PackedLinear.from_stored(st.to(home), getattr(mod, "bias", None), source=type(mod).__name__)
-    packed.keep_decoded(Q.to(home))  # the propagation forward reuses it (decode_once)
+    # the propagation forward reuses it (decode_once), in the model's dtype (what its forward casts it to)
+    packed.keep_decoded(Q.to(home, dtype if dtype.is_floating_point else torch.float32))
     took = clock([W.device]) - t0
     rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
     wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
@@ -381,6 +382,7 @@ def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> l
     With several devices the linears are spread over them (the j-th on device j mod n) and quantized at once.
     """
     items = list(run.targets[i].items())
+    names = [name for name, _ in items]
 
     def one(j: int) -> tuple[PackedLinear, LayerReport, OBCTimes]:
         name, mod = items[j]
@@ -389,18 +391,25 @@ def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> l
         times = OBCTimes()
         return (*quantize_linear(mod, H, run.config, run.method, run.name(i, name), times, dev), times)
 
-    if len(run.devices) == 1:
-        results = [one(j) for j in range(len(items))]
-    else:
-        with ThreadPoolExecutor(len(run.devices)) as pool:
-            results = list(pool.map(one, range(len(items))))
-    done = []
-    for (name, _), (packed, rep, times) in zip(items, results):
+    def place(name: str, result: tuple[PackedLinear, LayerReport, OBCTimes]) -> LayerReport:
+        packed, rep, times = result
         replace_module(run.blocks[i], name, packed)
         run.phases["search"] += times.quantize
         run.phases["compensation"] += times.compensate
         run.phases["hessian"] += rep.seconds - times.quantize - times.compensate
-        done.append(rep)
+        return rep
+
+    if len(run.devices) == 1:  # each float linear (and its Hessian, once its group is done) let go when packed
+        done = []
+        for j, name in enumerate(names):
+            done.append(place(name, one(j)))
+            items[j] = (name, None)
+            run.targets[i].pop(name)
+            accs.pop(name, None)
+    else:
+        with ThreadPoolExecutor(len(run.devices)) as pool:
+            results = list(pool.map(one, range(len(items))))
+        done = [place(name, r) for name, r in zip(names, results)]
     run.targets[i] = {}  # the float linears are gone from the model: nothing keeps them alive
     return done
 
@@ -545,8 +554,9 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
     run = _plan(model, config, batches[0].shape[1], device)
     run.weights = weights
     run.activations = run.device if activations_on_device else run.offload
+    outside: list[str] = []  # an empty model's tensors outside the blocks, read for the capture only
     if weights is not None:
-        fill_outside_blocks(model, run.blocks_name, weights)
+        outside = fill_outside_blocks(model, run.blocks_name, weights, head=False)  # lm_head: read at the end
         _fill_block(run, 0)  # the capture's probe runs block 0
     was_training = model.training
     model.eval()
@@ -555,6 +565,11 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         t0 = clock(run.devices)
         run.inputs = capture_inputs(model, batches, device=run.device, offload=run.activations)
         run.phases["capture"] += clock(run.devices) - t0
+        if outside:  # not used again until the blocks are done: read back at the end
+            LazyWeights.release(model, outside)
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()  # a tied lm_head still held the embeddings
+            return_freed_memory()
         if config.reconstruct:
             run.phases["reconstruct"] = 0.0
             if config.reconstruct_target == "fpinputs":  # the second stream starts from the same captured inputs
@@ -590,6 +605,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         if current is not None:
             current.to(run.offload)
         model.train(was_training)
+    if weights is not None:
+        fill_outside_blocks(model, run.blocks_name, weights)  # the embeddings, final norm and lm_head, for use and save
     _mark_quantized(model, config)
     return QuantReport(config=config.to_dict(), layers=run.layers, phases=run.phases,
                        nsamples=sum(b.shape[0] for b in batches), seqlen=batches[0].shape[1], resumed_blocks=start)

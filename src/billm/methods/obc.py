@@ -159,26 +159,31 @@ _MEMO = _FactorMemo()
 
 
 def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
+    """At most three (cols, cols) matrices alive at once besides ``H``: each step frees the one before it."""
     if not torch.isfinite(H).all():
         raise QuantizationError("the Hessian has non-finite entries (NaN/Inf in the calibration activations?)")
-    H = H.clone()
     cols = H.shape[0]
     diag = torch.arange(cols, device=H.device)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    mean_diag = torch.mean(torch.diag(H))
+    dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
+    mean_diag = torch.mean(torch.diag(H).masked_fill(dead, 1.0))
     damp_frac = percdamp
     for attempt in range(max_tries):
-        Hd = H.clone()
+        Hd = H.clone()  # (cols, cols)
+        Hd[dead_idx, dead_idx] = 1.0
         Hd[diag, diag] += damp_frac * mean_diag
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and torch.isfinite(U).all():
                 if attempt:
                     log.warning("Hessian not positive definite at percdamp=%g; used percdamp=%g", percdamp, damp_frac)
                 return PreparedHessian(U=U, dead=dead, percdamp=damp_frac)
+            del U
         damp_frac = damp_frac * 10 if damp_frac > 0 else 1e-4
     raise QuantizationError(
         f"the Hessian could not be factored even with percdamp={damp_frac / 10:g} "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -105,14 +105,18 @@ class LazyWeights:
         return self.loaders[name]()
 
     def materialize(self, module: nn.Module, prefix: str = "", skip: Callable[[str], bool] = lambda name: False,
-                    strict: bool = True) -> None:
+                    strict: bool = True) -> list[str]:
         """Read every ``meta`` parameter and buffer of ``module`` (named ``prefix`` in the model) onto the CPU,
         in the empty tensor's dtype.
 
         Args:
             skip: qualified submodule names to leave empty.
             strict: a tensor missing from the source is an error (else it stays on ``meta``).
+
+        Returns:
+            The qualified names of the tensors read.
         """
+        done = []
         for sub_name, sub in module.named_modules():
             full = ".".join(x for x in (prefix, sub_name) if x)
             if skip(full):
@@ -128,6 +132,20 @@ class LazyWeights:
                     raise ModelError(f"{self.source}: {name} is {tuple(t.shape)}, the model expects {tuple(old.shape)}")
                 t = (t.to(old.dtype) if t.is_floating_point() else t).contiguous()
                 slot[key] = nn.Parameter(t, requires_grad=False) if slot is sub._parameters else t
+                done.append(name)
+        return done
+
+    @staticmethod
+    def release(module: nn.Module, names: Sequence[str]) -> None:
+        """Empty the tensors ``names`` (qualified in ``module``) again: each back on ``meta``, same shape and dtype,
+        its memory freed once nothing else holds it (:meth:`materialize` reads it anew)."""
+        for name in names:
+            owner, _, key = name.rpartition(".")
+            sub = module.get_submodule(owner)
+            slot = sub._parameters if key in sub._parameters else sub._buffers
+            old = slot[key]
+            empty = torch.empty_like(old, device="meta")
+            slot[key] = nn.Parameter(empty, requires_grad=False) if slot is sub._parameters else empty
 
 
 def is_lazy(model: nn.Module) -> bool:
@@ -162,17 +180,28 @@ def config_dtype(config) -> torch.dtype:
     return d if isinstance(d, torch.dtype) and d.is_floating_point else torch.float32
 
 
-def fill_outside_blocks(model: nn.Module, blocks_name: str, weights: LazyWeights) -> None:
+def fill_outside_blocks(model: nn.Module, blocks_name: str, weights: LazyWeights, head: bool = True) -> list[str]:
     """Materialize everything that is not a decoder block (embeddings, final norm, lm_head), and re-tie.
+
+    Args:
+        head: also the output head (``get_output_embeddings()``) when it is not tied to the input embeddings;
+            without it, what runs before the first block (the capture) has what it needs.
+
+    Returns:
+        The qualified names of the tensors read (what :meth:`LazyWeights.release` may empty again).
 
     Raises:
         ModelError: a tensor outside the blocks is neither in the source nor tied to one that is.
     """
     prefix = blocks_name + "."
     inside = lambda name: name == blocks_name or name.startswith(prefix)  # noqa: E731
-    weights.materialize(model, skip=inside, strict=False)
+    out = model.get_output_embeddings() if not head and hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
+    skip = inside if head_name is None else (lambda name: inside(name) or name == head_name)
+    read = weights.materialize(model, skip=skip, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied lm_head is not in the file
-    left = [n for n, p in model.named_parameters() if p.is_meta and not inside(n.rpartition(".")[0])]
+    left = [n for n, p in model.named_parameters() if p.is_meta and not skip(n.rpartition(".")[0])]
     if left:
         raise ModelError(f"{weights.source}: no data for {left[:5]}")
+    return read

@@ -136,15 +136,18 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _move_outside_blocks(model: nn.Module, blocks_name: str, device: Device) -> None:
-    """Move every parameter and buffer that is not inside the block list (embeddings, norms, rotary)."""
+    """Move every parameter and buffer that is not inside the block list (embeddings, norms, rotary); an empty
+    (``meta``) one stays empty (an empty model's head, read only after the blocks)."""
     prefix = blocks_name + "."
     for name, mod in model.named_modules():
         if name == blocks_name or name.startswith(prefix):
             continue
         for _, p in list(mod.named_parameters(recurse=False)):
-            p.data = p.data.to(device)
+            if not p.is_meta:
+                p.data = p.data.to(device)
         for bname, b in list(mod.named_buffers(recurse=False)):
-            mod._buffers[bname] = b.to(device)
+            if not b.is_meta:
+                mod._buffers[bname] = b.to(device)
 
 
 def _split_call(block: nn.Module, args: tuple, kw: dict) -> tuple[Tensor, dict[str, Any]]:

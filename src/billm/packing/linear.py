@@ -214,15 +214,19 @@ class PackedLinear(nn.Module):
         return self._layout
 
     def keep_decoded(self, w: Tensor) -> None:
-        """Hold ``w``, this layer's decoded (out, in) float32 weight (``stored().decode()``, e.g. from a check
-        just made), for the next :func:`decode_once`; dropped by it, or by any move of the layer.
+        """Hold ``w``, this layer's decoded (out, in) weight (``stored().decode()``, e.g. from a check just made),
+        for the next :func:`decode_once`; dropped by it, or by any move of the layer.
+
+        ``w`` is float32, or already cast to the dtype of the inputs the layer will see (half the memory for an
+        fp16 model): the forward casts the weight to the input's dtype anyway, so both give the very same
+        outputs. An input of another dtype decodes the weight anew instead (never a lossy copy upcast).
 
         Raises:
-            ValueError: ``w`` is not this layer's shape, float32, on its buffers' device.
+            ValueError: ``w`` is not this layer's shape, a floating dtype, on its buffers' device.
         """
         ref = next(b for n, b in self.named_buffers(recurse=False) if n.startswith(PREFIX))
-        if tuple(w.shape) != self.shape or w.dtype != torch.float32 or w.device != ref.device:
-            raise ValueError(f"keep_decoded: expected a float32 {self.shape} tensor on {ref.device}, "
+        if tuple(w.shape) != self.shape or not w.is_floating_point() or w.device != ref.device:
+            raise ValueError(f"keep_decoded: expected a floating {self.shape} tensor on {ref.device}, "
                              f"got {w.dtype} {tuple(w.shape)} on {w.device}")
         self._decoded = w
 
@@ -267,7 +271,9 @@ class PackedLinear(nn.Module):
         rot = self.rotation()
         if rot is not None:
             x = rot.input(x)
-        w = self._decoded if self._decoded is not None else self.stored().decode()  # (out, in) float32
+        w = self._decoded  # (out, in): float32, or a copy in x's dtype
+        if w is None or w.dtype not in (torch.float32, x.dtype):
+            w = self.stored().decode()
         return F.linear(x, w.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
 
     def extra_repr(self) -> str:
