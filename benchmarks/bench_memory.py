@@ -1,18 +1,22 @@
-"""Peak memory of ``billm quantize`` against the model's size: block by block (default) against the eager path.
+"""Peak memory of ``billm quantize`` against the model's size, per method and loading mode, step by step.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py [--layers 24 --hidden 1536 --intermediate 6144] [--method rtn] [--out DIR]
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py [--layers 24 --hidden 1536 --intermediate 6144]
+        [--runs rtn/lazy,gptq/lazy,billm/lazy,rtn/eager-fp16] [--out DIR]
 
 Builds a synthetic LLaMA-architecture model of about 2 GB in fp16 (random weights, written one
 block at a time as several safetensors shards, with a byte-level tokenizer), then quantizes it
-with the CLI three times, each in its own process, and reads that process's peak resident memory
-(``getrusage(RUSAGE_SELF).ru_maxrss``):
+with the CLI once per run, each in its own process, and reads that process's peak resident memory
+(``getrusage(RUSAGE_SELF).ru_maxrss``). Modes:
 
 * ``lazy``: the default, an empty model whose blocks are read one at a time, in the model's fp16;
-* ``eager fp16``: ``--eager-load``, the whole model in memory in fp16;
-* ``eager fp32``: ``--eager-load --dtype float32``, what every run did before (the whole model in float32).
+* ``eager-fp16``: ``--eager-load``, the whole model in memory in fp16;
+* ``eager-fp32``: ``--eager-load --dtype float32`` (the whole model in float32).
 
-A process that imports torch and transformers and does nothing else is measured too (the floor
-every run pays). The figures go to ``DIR/memory.json`` and a table on stdout.
+Each run also samples its resident memory every 10 ms and charges it to the step running then
+(loading, capture, reading a block, Hessians, quantizing a block, reconstruction, propagation,
+saving): the breakdown of where the peak is. A process that imports torch, transformers and billm
+and does nothing else is measured too (the floor every run pays). The figures go to
+``DIR/memory.json``, the tables to stdout.
 """
 
 from __future__ import annotations
@@ -134,17 +138,36 @@ def run_child(argv: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def markdown(results: dict[str, dict], fp16_bytes: int) -> str:
+    """Two tables: each run's peak against the fp16 model, and the peak of each step of the runs that traced them."""
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    lines = ["| run | peak RSS GiB | x fp16 model | seconds |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {gib(r['peak_rss_bytes'])} | {r['ratio_to_fp16_model']:.2f} | {r['seconds']:.0f} |"
+              for name, r in results.items()]
+    traced = {n: r["peak_rss_bytes_by_step"] for n, r in results.items() if n != "idle imports"
+              and r.get("peak_rss_bytes_by_step")}
+    if traced:
+        steps = list(dict.fromkeys(s for t in traced.values() for s in t))
+        lines += ["", "Peak resident memory during each step, GiB (x the fp16 model):", "",
+                  "| step | " + " | ".join(traced) + " |", "|---|" + "---:|" * len(traced)]
+        for step in steps:
+            cells = [f"{gib(t[step])} ({t[step] / fp16_bytes:.2f})" if step in t else "" for t in traced.values()]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--intermediate", type=int, default=6144)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--method", default="rtn", help="billm quantize --method (rtn: the weights' path without a "
-                                                     "method's own workspace, and minutes rather than hours on 2 cores)")
+    ap.add_argument("--runs", default="rtn/lazy,gptq/lazy,billm/lazy,rtn/eager-fp16",
+                    help="METHOD/MODE pairs: METHOD as billm quantize --method takes it (rtn: the weights' path without "
+                         "a method's workspace), MODE lazy (block by block, the default), eager-fp16 (--eager-load) "
+                         "or eager-fp32 (--eager-load --dtype float32)")
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--runs", default="lazy,eager-fp16,eager-fp32")
     ap.add_argument("--work", default=None, help="folder for the model and checkpoints (default: a temp folder)")
     ap.add_argument("--out", default="docs/results/memory")
     args = ap.parse_args()
@@ -160,23 +183,25 @@ def main() -> None:
     print(f"synthetic LLaMA: {args.layers} blocks, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"vocab {args.vocab}: {fp16_bytes / 2**30:.2f} GiB in fp16 ({time.perf_counter() - t0:.0f} s to write)")
     activations = args.nsamples * args.seqlen * args.hidden * 2  # one copy of the block inputs, fp16
-    base = ["quantize", str(model_dir), "--method", args.method, "--calib", "pydoc", "--nsamples", str(args.nsamples),
-            "--seqlen", str(args.seqlen), "--quiet", "--force"]
     flags = {"lazy": [], "eager-fp16": ["--eager-load"], "eager-fp32": ["--eager-load", "--dtype", "float32"]}
+    runs = [tuple(r.split("/")) for r in args.runs.split(",")]
+    bad = [r for r in runs if len(r) != 2 or r[1] not in flags]
+    if bad:
+        raise SystemExit(f"--runs: expected METHOD/MODE pairs with MODE one of {sorted(flags)}, got {bad}")
     results = {"idle imports": run_child(["--idle"])}
-    for name in args.runs.split(","):
-        results[name] = run_child(["--run", *base, "--out", str(work / f"q-{name}"), *flags[name]])
-    rows = []
-    for name, r in results.items():
+    for method, mode in runs:
+        argv = ["quantize", str(model_dir), "--method", method, "--calib", "pydoc", "--nsamples", str(args.nsamples),
+                "--seqlen", str(args.seqlen), "--quiet", "--force", "--out", str(work / f"q-{method}-{mode}")]
+        results[f"{method} {mode}"] = run_child(["--run", *argv, *flags[mode]])
+        print(f"{method} {mode}: {results[f'{method} {mode}']['peak_rss_bytes'] / 2**30:.2f} GiB peak", flush=True)
+    for r in results.values():
         r["ratio_to_fp16_model"] = r["peak_rss_bytes"] / fp16_bytes
-        rows.append(f"| {name} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['ratio_to_fp16_model']:.2f} | {r['seconds']:.0f} |")
-    sys.stdout.flush()
-    print("| run | peak RSS GiB | x fp16 model | seconds |\n|---|---:|---:|---:|\n" + "\n".join(rows))
+    print(markdown(results, fp16_bytes))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                      "vocab": args.vocab, "fp16_bytes": fp16_bytes},
-           "method": args.method, "nsamples": args.nsamples, "seqlen": args.seqlen,
+           "nsamples": args.nsamples, "seqlen": args.seqlen,
            "activation_bytes": activations, "runs": results, "threads": os.cpu_count()}
     (out / "memory.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(f"written {out / 'memory.json'}")

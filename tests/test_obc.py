@@ -49,6 +49,18 @@ def test_prepare_hessian_gives_chol_of_inverse_and_zeroes_dead_columns():
     assert torch.allclose(prep.U, torch.triu(prep.U))
 
 
+def test_the_in_place_factorisation_is_the_out_of_place_one_bit_for_bit():
+    H = _spd(300, seed=3)
+    H[7, :] = 0
+    H[:, 7] = 0
+    Hd = H.clone()  # what the factorisation did before it worked in place, step by step
+    Hd[7, 7] = 1.0
+    diag = torch.arange(300)
+    Hd[diag, diag] += 0.01 * torch.diag(Hd).mean()
+    U = torch.linalg.cholesky_ex(torch.cholesky_inverse(torch.linalg.cholesky_ex(Hd)[0]), upper=True)[0]
+    assert torch.equal(prepare_hessian(H, torch.zeros(2, 300), 0.01).U, U)
+
+
 def test_linears_fed_one_hessian_share_one_factorisation_released_with_it(monkeypatch):
     calls = []
     real = obc._factor
@@ -143,9 +155,11 @@ def test_accumulation_equals_full_product_and_is_exactly_symmetric(cols, tile):
 
 def test_hessian_that_stays_singular_after_retries_is_a_clear_error(monkeypatch):
     # Force every factorisation to fail: the error must say damping was raised and still failed.
-    def never(*a, **k):
-        L = torch.zeros(4, 4)
-        return L, torch.tensor(1)
+    def never(*a, out=None, **k):
+        if out is not None:  # the in-place form (on the CPU) reports through its out= info
+            out[1].fill_(1)
+            return out
+        return torch.zeros(4, 4), torch.tensor(1)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", never)
     with pytest.raises(QuantizationError, match=r"could not be factored even with percdamp=.*6 tries"):

@@ -159,7 +159,8 @@ _MEMO = _FactorMemo()
 
 
 def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
-    """At most three (cols, cols) matrices alive at once besides ``H``: each step frees the one before it."""
+    """One (cols, cols) matrix alive besides ``H`` on the CPU, where LAPACK works in place (``out=`` its own input,
+    the same result bit for bit); elsewhere at most three, each step freeing the one before it."""
     if not torch.isfinite(H).all():
         raise QuantizationError("the Hessian has non-finite entries (NaN/Inf in the calibration activations?)")
     cols = H.shape[0]
@@ -167,23 +168,28 @@ def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
     dead = torch.diag(H) == 0
     dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
     mean_diag = torch.mean(torch.diag(H).masked_fill(dead, 1.0))
+    in_place = H.device.type == "cpu"
     damp_frac = percdamp
     for attempt in range(max_tries):
-        Hd = H.clone()  # (cols, cols)
-        Hd[dead_idx, dead_idx] = 1.0
-        Hd[diag, diag] += damp_frac * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
+        A = H.clone()  # (cols, cols): the damped H, then L, then H^-1, then U
+        A[dead_idx, dead_idx] = 1.0
+        A[diag, diag] += damp_frac * mean_diag
+        info = torch.zeros((), dtype=torch.int32, device=H.device)
+        if in_place:
+            torch.linalg.cholesky_ex(A, out=(A, info))
+        else:
+            A, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if int(info) == 0 and torch.isfinite(U).all():
+            A = torch.cholesky_inverse(A, out=A) if in_place else torch.cholesky_inverse(A)
+            if in_place:
+                torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+            else:
+                A, info = torch.linalg.cholesky_ex(A, upper=True)
+            if int(info) == 0 and torch.isfinite(A).all():
                 if attempt:
                     log.warning("Hessian not positive definite at percdamp=%g; used percdamp=%g", percdamp, damp_frac)
-                return PreparedHessian(U=U, dead=dead, percdamp=damp_frac)
-            del U
+                return PreparedHessian(U=A, dead=dead, percdamp=damp_frac)
+        del A
         damp_frac = damp_frac * 10 if damp_frac > 0 else 1e-4
     raise QuantizationError(
         f"the Hessian could not be factored even with percdamp={damp_frac / 10:g} "
