@@ -66,6 +66,35 @@ def test_the_embeddings_and_head_are_empty_while_the_blocks_are_quantized(fp16_f
         assert torch.equal(model.get_parameter(name), weights.read(name))
 
 
+def test_an_empty_models_packed_blocks_wait_in_the_store_and_a_resumed_run_writes_the_same_bytes(
+        fp16_folder, tmp_path, monkeypatch):
+    import billm.driver as driver
+    from billm.packing.linear import PackedLinear
+    from billm.resume import ProgressStore
+
+    hessians, seen, stop = driver._accumulate_hessians, [], [True]
+
+    def spy(run, i):  # at each block: are the packed layers of the blocks before it emptied (on meta)?
+        seen.append([all(b.is_meta for b in m.buffers()) for j in range(i) for m in run.blocks[j].modules()
+                     if isinstance(m, PackedLinear)])
+        if stop[0] and i == 1:
+            raise RuntimeError("stopped")
+        return hessians(run, i)
+
+    monkeypatch.setattr(driver, "_accumulate_hessians", spy)
+    store = lambda: ProgressStore(tmp_path / "progress", {"run": "lazy"})  # noqa: E731
+    model, weights = load_skeleton(fp16_folder)
+    with pytest.raises(RuntimeError, match="stopped"):
+        billm.quantize(model, CALIB, CONFIGS["gptq"], progress=False, weights=weights, store=store())
+    stop[0] = False
+    model, weights = load_skeleton(fp16_folder)  # a new process, as it were: resumes after block 0
+    report = billm.quantize(model, CALIB, CONFIGS["gptq"], progress=False, weights=weights, store=store())
+    assert report.resumed_blocks == 1
+    assert seen == [[], [True] * 7, [True] * 7]  # block 0 emptied once recorded, and again once replayed
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    assert _sha(billm.save(model, tmp_path / "lazy")) == _sha(_eager(fp16_folder, CONFIGS["gptq"], tmp_path / "eager"))
+
+
 @pytest.mark.parametrize("method", ["billm", "gptq"])
 def test_accelerate_disk_offload_quantizes_to_the_same_bytes(method, fp16_folder, tmp_path):
     from transformers import AutoModelForCausalLM

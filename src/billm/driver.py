@@ -33,6 +33,7 @@ from .model.walker import (
     run_block, select_linears, to_host,
 )
 from .packing.checkpoint import quantization_record
+from .packing.formats import StoredWeight
 from .packing.linear import PackedLinear, decode_once
 from .packing.rotation import Rotation
 from .reconstruct import Settings, reconstruct_block
@@ -478,14 +479,7 @@ def _replay(run: _Run, store: "ProgressStore") -> int:
     state = store.load()
     if state is None:
         return 0
-    for name, st in state.stored.items():
-        old = run.model.get_submodule(name)
-        w = get_weight(old)
-        bias = getattr(old, "bias", None)
-        if bias is not None and bias.is_meta:  # an empty model: the bias from the source, the packed weight from the store
-            bias = run.weights.read(f"{name}.bias").to(bias.dtype)
-        replace_module(run.model, name, PackedLinear.from_stored(st.to(run.offload if w.is_meta else w.device), bias,
-                                                                 source=type(old).__name__))
+    _swap_in(run, state.stored)
     for i in range(state.next_block):
         run.targets[i] = {}
         _fill_block(run, i)  # what the store does not hold (norms) of an empty model's finished blocks
@@ -498,6 +492,28 @@ def _replay(run: _Run, store: "ProgressStore") -> int:
         run.fp_hidden = [h.to(run.activations) for h in state.fp_hidden]
     log.info("resumed: blocks 0..%d were finished by an earlier run", state.next_block - 1)
     return state.next_block
+
+
+def _swap_in(run: _Run, stored: dict[str, StoredWeight]) -> None:
+    """Put the recorded packed layers ``stored`` (qualified name -> stored weight) in the model, in place of what is
+    there (a float linear, an emptied packed layer)."""
+    for name, st in stored.items():
+        old = run.model.get_submodule(name)
+        w = get_weight(old) if not isinstance(old, PackedLinear) else next(old.buffers())
+        bias = getattr(old, "bias", None)
+        if bias is not None and bias.is_meta:  # an empty model: the bias from the source, the packed weight from the store
+            bias = run.weights.read(f"{name}.bias").to(bias.dtype)
+        source = old.source if isinstance(old, PackedLinear) else type(old).__name__
+        replace_module(run.model, name, PackedLinear.from_stored(st.to(run.offload if w.is_meta else w.device), bias,
+                                                                 source=source))
+
+
+def _spill(run: _Run, i: int) -> None:
+    """Empty block ``i``'s packed layers (on ``meta``): the progress store holds them; :func:`_swap_in` reads them
+    back once every block is done. An empty model's run then holds one block at a time, not the packed model."""
+    for m in run.blocks[i].modules():
+        if isinstance(m, PackedLinear):
+            m.to("meta")
 
 
 def _record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", before: dict[str, float]) -> None:
@@ -533,8 +549,11 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             and a run that finds earlier progress continues after its last finished block.
         weights: for an empty model (parameters on ``meta``, from :func:`billm.model.load_skeleton`),
             where its tensors are read: the embeddings for the capture, then one block at a time,
-            in the model's dtype. A model dispatched by accelerate (``device_map``, disk or CPU
-            offload) needs nothing: its offloaded tensors are read through accelerate's maps.
+            in the model's dtype, then the embeddings and head again at the end. With a ``store``,
+            each packed block is emptied once recorded there and all are read back at the end, so
+            the run holds one block at a time rather than the packed model. A model dispatched by
+            accelerate (``device_map``, disk or CPU offload) needs nothing: its offloaded tensors are
+            read through accelerate's maps.
         activations_on_device: keep the calibration activations on ``device`` (when they fit)
             instead of the model's home device (the CPU, where they move a batch at a time).
 
@@ -544,7 +563,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
 
     Raises:
         QuantizationError: a weight or activation is not finite, or a Hessian cannot be factored.
-            Blocks finished before the failure stay quantized in place; reload the model to retry.
+            Blocks finished before the failure stay quantized in place (an empty model's: in ``store``,
+            where a rerun resumes from them); reload the model to retry.
     """
     batches = _as_batches(calibration, batch_size)
     weights = weights or LazyWeights.from_accelerate(model)  # None unless accelerate dispatched it
@@ -575,6 +595,9 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             if config.reconstruct_target == "fpinputs":  # the second stream starts from the same captured inputs
                 run.fp_hidden = [h.clone() for h in run.inputs.hidden]
         start = _replay(run, store) if store is not None else 0
+        if weights is not None:
+            for i in range(start):  # finished by an earlier run: read back with the others at the end
+                _spill(run, i)
         bar = tqdm(range(start, len(run.blocks)), desc=f"{config.method} blocks", disable=not progress, unit="block",
                    initial=start, total=len(run.blocks))
         for i in bar:
@@ -594,11 +617,14 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             if i + 1 < len(run.blocks):
                 _propagate(run, i)
             current.to(run.offload)
+            current = None  # home again (and emptied below once recorded, for an empty model)
             return_freed_memory()
             run.phases["propagation"] += clock(run.devices) - t0
             run.layers.extend(done)
             if store is not None:
                 _record(run, i, done, store, before)
+                if weights is not None:
+                    _spill(run, i)
             if done:
                 bar.set_postfix(err=f"{done[-1].hessian_rel_err:.3f}")
     finally:  # on any failure: the block back where it was, the mode restored
@@ -606,6 +632,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             current.to(run.offload)
         model.train(was_training)
     if weights is not None:
+        if store is not None:  # the packed blocks, emptied as each was recorded
+            _swap_in(run, store.packed(len(run.blocks) - 1))
         fill_outside_blocks(model, run.blocks_name, weights)  # the embeddings, final norm and lm_head, for use and save
     _mark_quantized(model, config)
     return QuantReport(config=config.to_dict(), layers=run.layers, phases=run.phases,

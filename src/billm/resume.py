@@ -179,6 +179,17 @@ class ProgressStore:
                     if "fp0" in f.keys() else None
         else:
             return None
+        layers, stored, phases = self._read_blocks(last)
+        log.info("resuming after block %d (%d layers done) from %s", last, len(layers), self.folder)
+        return ResumeState(last + 1, layers, stored, hidden, phases, fp_hidden)
+
+    def packed(self, last: int) -> dict[str, StoredWeight]:
+        """The packed layers of blocks ``0..last`` as recorded (qualified layer name -> stored weight)."""
+        return self._read_blocks(last)[1]
+
+    def _read_blocks(self, last: int) -> tuple[list[dict[str, Any]], dict[str, StoredWeight], dict[str, float]]:
+        from safetensors import safe_open
+
         layers: list[dict[str, Any]] = []
         stored: dict[str, StoredWeight] = {}
         phases: dict[str, float] = {}
@@ -195,8 +206,7 @@ class ProgressStore:
             layers.extend(meta["layers"])
             for k, v in meta["phases"].items():
                 phases[k] = phases.get(k, 0.0) + v
-        log.info("resuming after block %d (%d layers done) from %s", last, len(layers), self.folder)
-        return ResumeState(last + 1, layers, stored, hidden, phases, fp_hidden)
+        return layers, stored, phases
 
     def record_block(self, i: int, layers: list, stored: dict[str, StoredWeight], hidden: Optional[list[Tensor]],
                      phases: dict[str, float], fp_hidden: Optional[list[Tensor]] = None) -> None:
