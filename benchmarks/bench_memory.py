@@ -6,7 +6,8 @@
 Builds a synthetic LLaMA-architecture model of about 2 GB in fp16 (random weights, written one
 block at a time as several safetensors shards, with a byte-level tokenizer), then quantizes it
 with the CLI once per run, each in its own process, and reads that process's peak resident memory
-(``getrusage(RUSAGE_SELF).ru_maxrss``). Modes:
+(``VmHWM`` of ``/proc/self/status``; ``ru_maxrss`` where there is no ``/proc``, which also counts the
+parent's resident size at the fork). Modes:
 
 * ``lazy``: the default, an empty model whose blocks are read one at a time, in the model's fp16;
 * ``eager-fp16``: ``--eager-load``, the whole model in memory in fp16;
@@ -74,7 +75,11 @@ if sys.argv[1] != "--idle":
 else:
     import torch, transformers, billm  # noqa: F401  (the imports every run pays for)
 time.sleep(0.05)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rc": rc,
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if os.path.exists("/proc/self/status"):  # this process's own high-water mark: ru_maxrss also keeps the parent's
+    with open("/proc/self/status") as f:  # resident size at the fork that started this process
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_bytes": peak, "rc": rc,
                   "seconds": time.perf_counter() - t0, "peak_rss_bytes_by_step": peaks}))
 """
 
@@ -172,9 +177,19 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/memory")
     args = ap.parse_args()
 
+    import shutil
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="billm-mem-"))
+    try:
+        measure(args, work)
+    finally:
+        if not args.work:  # a temporary folder: its 2 GB model and checkpoints go with it
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    """Write (if absent) the synthetic model in ``work``, run every requested quantization, write the figures."""
     model_dir = work / "model"
     t0 = time.perf_counter()
     if not (model_dir / "config.json").is_file():

@@ -6,7 +6,8 @@
 #
 # Sections: smollm2 (every method side by side), beyond (the options beyond BiLLM), packed (checkpoint
 # size, load and evaluation speed), kernels (the fast paths' speed), pareto (perplexity against storage
-# bits measured from each checkpoint file), lowrank (low-rank binary factors at three budgets), speed (quantize time against the
+# bits measured from each checkpoint file), lowrank (low-rank binary factors at three budgets), memory (peak memory of
+# quantize against the model's size), speed (quantize time against the
 # protocol's floor, and where the rest goes). Data: $BILLM_DATA_DIR, else
 # ../shared/data (C4 train shard and WikiText-2 test, see docs/data.md).
 set -euo pipefail
@@ -92,6 +93,36 @@ for section in "${SECTIONS[@]}"; do
       } > "$out/README.md"
       stamp "$out/README.md" "$made"
       stamp "$out/compare.md" "$made" ;;
+    memory)
+      out=docs/results/memory; mkdir -p "$out"
+      # peak resident memory of billm quantize on a synthetic 2 GB fp16 LLaMA, per method, step by step (about
+      # an hour on 2 CPU cores, most of it BiLLM's and GPTQ's searches on 1536 x 6144 layers)
+      cmd=(env OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --runs rtn/lazy,gptq/lazy,billm/lazy,rtn/eager-fp16
+           --out "$out")
+      { printf '# Peak memory of `billm quantize`, block by block, against the fp16 model
+
+'
+        printf 'A synthetic LLaMA (24 blocks, hidden 1536, intermediate 6144, vocabulary 32000, random fp16 weights in
+'
+        printf '27 safetensors shards), quantized by the CLI once per run, each in its own process (4 x 128 calibration
+'
+        printf 'tokens). Peak: the process'"'"'s `ru_maxrss`. Steps: its resident memory sampled every 10 ms, charged to the
+'
+        printf 'step running then. `lazy` is the default (blocks read one at a time); `eager-fp16` is `--eager-load`.
+
+'
+        "${cmd[@]}" | grep -v '^synthetic\|^written\|GiB peak$'
+        printf '
+Where the block-by-block run keeps its memory: the imports (the first row); one block in the model'"'"'s
+'
+        printf 'dtype, its largest layer'"'"'s Hessian and factor (6144 x 6144 float32 each) and float32 working copies;
+'
+        printf 'each finished block goes to the progress folder and is read back at the end, with the embeddings and
+'
+        printf 'head, for saving. `memory.json` has every figure.
+'
+      } > "$out/README.md"
+      stamp "$out/README.md" "${cmd[*]}" ;;
     speed)
       out=docs/results/speed; mkdir -p "$out"
       { printf '# Quantize time against the protocol floor (SmolLM2-135M, 64 x 512 C4 calibration)\n\n'
@@ -105,6 +136,6 @@ for section in "${SECTIONS[@]}"; do
         python benchmarks/profile_quantize.py --method billm --json "$out/profile-billm.json"
       } | tee "$out/README.md"
       stamp "$out/README.md" "python benchmarks/bench_quantize.py --method M (M = billm, billm:plus, gptq:w2g128); python benchmarks/profile_quantize.py --method billm" ;;
-    *) echo "unknown section $section (smollm2, beyond, packed, kernels, pareto, speed, lowrank)" >&2; exit 2 ;;
+    *) echo "unknown section $section (smollm2, beyond, packed, kernels, pareto, speed, lowrank, memory)" >&2; exit 2 ;;
   esac
 done
