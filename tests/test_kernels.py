@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import billm
-from billm import BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
+from billm import BiLLMConfig, GPTQConfig, LowRankConfig, PBLLMConfig, RTNConfig, SignConfig, SliMConfig
 from billm.errors import BillmError
 from billm import set_kernel
 from billm.kernels import LUT_MAX_TOKENS, TRITON_MAX_TOKENS, choose_path, triton_available
@@ -39,6 +39,7 @@ FAST = [  # each with a stable, readable test id
     pytest.param(SignConfig(), id="sign"),
     pytest.param(SignConfig(centred=True), id="sign-centred"),
     pytest.param(BiLLMConfig(blocksize=32, scale_dtype="float8_e4m3fn"), id="billm-b32-fp8-scales"),
+    pytest.param(LowRankConfig(rank=5, admm_iters=5), id="lowrank-r5"),  # two factors, neither byte-aligned
 ]
 SHAPES = [(17, 131), (5, 9), (70, 200), (1, 64)]
 

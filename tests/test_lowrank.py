@@ -1,7 +1,6 @@
 """The low-rank binary method (``lowrank``, NanoQuant's formulation): rank from bits, the ADMM and scale fits,
 the stored form, and a model round trip."""
 
-import dataclasses
 import itertools
 
 import pytest
@@ -12,7 +11,6 @@ from billm import LowRankConfig
 from billm.errors import BillmError
 from billm.methods import get_method
 from billm.methods.lowrank import admm_factors, choose_rank, fit_scales, stored_bits, svid, weighted_error
-from billm.packing import formats
 from billm.packing.formats import pm1
 
 
@@ -143,22 +141,33 @@ def test_a_tiny_model_quantizes_saves_and_loads_with_equal_logits(tiny_model, tm
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("path", ["dense", "lut"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_a_layer_multiplies_by_the_two_factors_as_decode_then_matmul_would(random_problem, dtype, monkeypatch):
-    from billm.methods import lowrank
+def test_a_layer_multiplies_by_the_two_factors_as_decode_then_matmul_would(random_problem, dtype, path, monkeypatch):
+    from billm.kernels import decode
+    from billm.kernels.layout import Factors
 
     W, H = random_problem(24, 96, seed=6)
-    res = get_method("lowrank")(W.clone(), H, LowRankConfig(rank=16, admm_iters=10))
+    res = get_method("lowrank")(W.clone(), H, LowRankConfig(rank=12, admm_iters=10))
+    layout = res.stored.layout()
+    assert isinstance(layout, Factors) and layout.first[0].rows == 12 and layout.rows == 24
+    assert torch.equal(decode.decode_weight(layout, 96), res.q)  # the layout's weight is the format's, bit for bit
     layer = billm.PackedLinear.from_stored(res.stored)
     x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
-    calls = []
-    counting = dataclasses.replace(lowrank.LOWRANK_FORMAT, matmul=lambda *a: (calls.append(1), lowrank.lowrank_matmul(*a))[1])
-    monkeypatch.setitem(formats.FORMATS, "lowrank", counting)
     with torch.no_grad():
-        y = layer(x)
         billm.set_kernel(layer, "dequant")
         ref = layer(x)
-    assert calls == [1] and y.dtype == dtype and y.shape == (3, 5, 24)  # auto took the factors, dequant did not
-    assert torch.equal(ref.float(), (x.float() @ res.q.t()).to(dtype).float()) or dtype != torch.float32
+        whole = []  # the factored paths never decode the whole (24, 96) weight, only each factor
+
+        def spy(lay, cols):
+            assert isinstance(lay, list), "the whole weight was decoded"
+            whole.append(cols)
+            return decode.grid_weight(lay, cols)
+
+        monkeypatch.setattr(decode, "decode_weight", spy)
+        billm.set_kernel(layer, path)
+        y = layer(x)
+    assert y.dtype == dtype and y.shape == (3, 5, 24)
+    assert sorted(whole) == ([12, 96] if path == "dense" else [])  # dense: V (12 x 96), then U (24 x 12)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max()))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BillmError
-from .layout import BiLLMPlanes, GridPlanes, Layout
+from .layout import BiLLMPlanes, Factors, GridPlanes, Layout, factored
 
 KERNELS = ("auto", "dequant", "dense", "lut", "triton")
 LUT_MAX_TOKENS = 16
@@ -96,6 +96,9 @@ def packed_matmul(x: Tensor, layout, path: str, bias: Optional[Tensor] = None) -
     """``x`` (..., in) times the layout's weight transposed (plus ``bias``), by ``dense``, ``lut`` or ``triton``:
     (..., out) in x's dtype."""
     if path == "dense":
+        if isinstance(layout, Factors):  # two dense products of rank r, never the whole weight
+            y = factored(x, layout, lambda h, part: F.linear(h, dense_weight(part, h.shape[-1], h)))
+            return y + bias if bias is not None else y
         return F.linear(x, dense_weight(layout, x.shape[-1], x), bias)
     y = _packed_matmul(x, layout, path)
     return y + bias if bias is not None else y
@@ -128,5 +131,5 @@ def _packed_matmul(x: Tensor, layout, path: str) -> Tensor:
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
-__all__ = ["BiLLMPlanes", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "Layout", "TRITON_MAX_TOKENS", "auto_path", "dense_weight",
+__all__ = ["BiLLMPlanes", "Factors", "GridPlanes", "KERNELS", "LUT_MAX_TOKENS", "Layout", "TRITON_MAX_TOKENS", "auto_path", "dense_weight",
            "choose_path", "packed_matmul", "requested_kernel", "triton_available"]

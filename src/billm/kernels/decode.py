@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import BiLLMPlanes, GridPlanes
+from .layout import BiLLMPlanes, Factors, GridPlanes
 
 CHUNK_ELEMENTS = 1 << 15
 """Weights decoded at a time on the CPU: PyTorch's parallel grain, so a chunk's operations run serially
@@ -252,10 +252,19 @@ def _grid_columns(out: Tensor, p: GridPlanes) -> None:
     for_chunks(r, nbytes * 8, out.device, chunk)
 
 
+def factors_weight(u: Tensor, v: Tensor, layout: Factors) -> Tensor:
+    """(out, in) float32 ``(s_out * (U V)) * s_in`` from the decoded factors u (out, r), v (r, in): the order of
+    operations of the low-rank format's own decode (``U V`` of +-1 entries is an exact integer in float32)."""
+    return (layout.s_out.float()[:, None] * (u @ v)) * layout.s_in.float()[None, :]
+
+
 def can_decode(layout) -> bool:
-    """Whether :func:`decode_weight` can decode ``layout`` exactly (BiLLM planes; grid planes with their values)."""
+    """Whether :func:`decode_weight` can decode ``layout`` exactly (BiLLM planes; grid planes with their values;
+    factors of such)."""
     if isinstance(layout, BiLLMPlanes):
         return True
+    if isinstance(layout, Factors):
+        return can_decode(layout.first) and can_decode(layout.second)
     return isinstance(layout, list) and bool(layout) and all(isinstance(p, GridPlanes) and p.values is not None
                                                              for p in layout)
 
@@ -270,6 +279,9 @@ def decode_weight(layout, cols: int) -> Tensor:
         if layout.cols != cols:
             raise ValueError(f"BiLLM planes of {layout.cols} columns, the weight has {cols}")
         return billm_weight(layout)
+    if isinstance(layout, Factors):
+        return factors_weight(decode_weight(layout.second, layout.first[0].rows), decode_weight(layout.first, cols),
+                              layout)
     if not isinstance(layout, list) or not layout or not all(isinstance(p, GridPlanes) for p in layout):
         raise ValueError(f"not a layout: {type(layout).__name__}")
     return grid_weight(layout, cols)

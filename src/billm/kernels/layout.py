@@ -9,7 +9,7 @@ A kernel wants every plane aligned to the input columns, so that byte ``k`` of a
 columns ``8k .. 8k+7`` in every plane. Rows are padded with zero bits to whole blocks (BiLLM) or
 groups (grid formats), so each block or group starts on a byte.
 
-Two layouts cover every built-in format but PB-LLM:
+Three layouts cover every built-in format but PB-LLM:
 
 * :class:`BiLLMPlanes`: ``s1``, ``grp`` (1 = sparse group, 0 on salient columns), ``s2`` (0 off
   the salient columns), each (r, nbytes) uint8, a column mask ``sal`` (nbytes,), and per row and
@@ -18,12 +18,14 @@ Two layouts cover every built-in format but PB-LLM:
   group of columns: RTN/GPTQ (``offset = -scale * zero``), plain sign (code = sign bit,
   ``scale = 2 alpha``, ``offset = mean - alpha``), and each width of a SliM-LLM layer over its own
   columns.
+* :class:`Factors`: a product of two grid layouts with a scale per output row and input column
+  (low-rank binary factors); every path multiplies by the two factors in turn.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -109,7 +111,37 @@ class GridPlanes:
         return (self.groupsize + 7) // 8
 
 
-Layout = Union[BiLLMPlanes, list[GridPlanes]]
+@dataclass
+class Factors:
+    """A weight held as a product of two narrow ones: ``W = s_out * (U V) * s_in`` (per output row and input
+    column), ``V`` (r, in) and ``U`` (out, r) each a grid layout (low-rank binary factors: 1-bit signs). Its
+    product ``x W^T = s_out * (((x * s_in) V^T) U^T)`` is two of the kernels' products of rank ``r``; its weight is
+    only decoded where something asks for it whole (:func:`billm.kernels.decode.decode_weight`).
+
+    Attributes:
+        first: V's planes (r rows over the ``in`` columns).
+        second: U's planes (``out`` rows over r columns).
+        s_in: (in,) float32; s_out: (out,) float32.
+    """
+
+    first: list[GridPlanes]
+    second: list[GridPlanes]
+    s_in: Tensor
+    s_out: Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.second[0].rows
+
+
+Layout = Union[BiLLMPlanes, list[GridPlanes], Factors]
+
+
+def factored(x: Tensor, layout: Factors, matmul: Callable[[Tensor, Any], Tensor]) -> Tensor:
+    """``x`` (T, in) times a :class:`Factors` layout's weight transposed, by ``matmul(x, grid layout)`` twice:
+    ``s_out * matmul(matmul(x * s_in, V), U)``, in the dtype ``matmul`` returns."""
+    h = matmul(x * layout.s_in.to(x.dtype), layout.first)  # (T, r)
+    return matmul(h, layout.second) * layout.s_out.to(h.dtype)  # (T, out)
 
 
 def aligned(n: int, groupsize: int) -> bool:
@@ -147,6 +179,10 @@ def grid_planes(codes: Tensor, bits: int, scale: Tensor, offset: Tensor, groupsi
 def flatten(layout: Layout) -> tuple[dict, list[Tensor]]:
     """A layout as (a JSON-able description, its tensors in order): what a custom op can take
     (:func:`billm.packing.linear.packed_linear`). :func:`unflatten` is the inverse."""
+    if isinstance(layout, Factors):
+        (first, t1), (second, t2) = flatten(layout.first), flatten(layout.second)
+        return {"kind": "factors", "first": first, "second": second, "n_first": len(t1), "n_second": len(t2)}, \
+            [*t1, *t2, layout.s_in, layout.s_out]
     if isinstance(layout, BiLLMPlanes):
         tensors = [layout.s1, layout.grp, layout.s2, layout.sal, layout.scales]
         if layout.means is not None:
@@ -171,6 +207,13 @@ def unflatten(spec: dict, tensors: list[Tensor]) -> Layout:
     Raises:
         ValueError: the description and the tensors do not match.
     """
+    if spec.get("kind") == "factors":
+        a, b = spec["n_first"], spec["n_first"] + spec["n_second"]
+        if len(tensors) != b + 2:
+            raise ValueError(f"a factors layout takes {b + 2} tensors, got {len(tensors)}")
+        first, second = unflatten(spec["first"], tensors[:a]), unflatten(spec["second"], tensors[a:b])
+        assert isinstance(first, list) and isinstance(second, list)
+        return Factors(first, second, tensors[b], tensors[b + 1])
     it = iter(tensors)
 
     def take() -> Tensor:

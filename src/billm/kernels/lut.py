@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import BiLLMPlanes, GridPlanes
+from .layout import BiLLMPlanes, Factors, GridPlanes, factored
 
 _BITS: dict[torch.device, Tensor] = {}
 
@@ -109,8 +109,11 @@ def grid_lut(x: Tensor, p: GridPlanes) -> Tensor:
 
 
 def lut_matmul(x: Tensor, layout) -> Tensor:
-    """``x`` (T, in) -> (T, out) float32 from a layout (:class:`BiLLMPlanes` or a list of :class:`GridPlanes`)."""
+    """``x`` (T, in) -> (T, out) float32 from a layout (:class:`BiLLMPlanes`, a list of :class:`GridPlanes`, or
+    :class:`Factors` of those)."""
     x = x.float()
+    if isinstance(layout, Factors):
+        return factored(x, layout, lut_matmul)
     if isinstance(layout, BiLLMPlanes):
         return billm_lut(x, layout)
     return sum(grid_lut(x, p) for p in layout)

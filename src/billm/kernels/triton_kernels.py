@@ -47,7 +47,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 from triton.runtime.interpreter import InterpretedFunction
 
-from .layout import BiLLMPlanes, GridPlanes
+from .layout import BiLLMPlanes, Factors, GridPlanes, factored
 from .tiles import Footprint, Tiles, block_sizes, cdiv, fit_tiles, launch_grid, shrink_below, split_count
 
 # How a tile product is formed (the kernels' DOT constant):
@@ -384,6 +384,8 @@ def triton_matmul(x: Tensor, layout, blocks: Optional[tuple[int, int, int]] = No
     Either way the tiles are shrunk to fit the device's shared memory (:func:`billm.kernels.tiles.fit_tiles`),
     and a launch that still runs out of it is retried with smaller tiles.
     """
+    if isinstance(layout, Factors):  # two products of rank r
+        return factored(x, layout, lambda h, part: triton_matmul(h, part, blocks, splits, warps))
     x = x.contiguous()
     T = x.shape[0]
     R = layout.rows if isinstance(layout, BiLLMPlanes) else layout[0].rows
@@ -470,6 +472,11 @@ def triton_decode(layout, cols: int, dtype: torch.dtype = torch.float32) -> Tens
     Raises:
         ValueError: a layout whose columns do not match ``cols``, or grid planes without exact values.
     """
+    if isinstance(layout, Factors):  # each factor decoded by Triton, then the format's own product
+        from .decode import factors_weight
+
+        u = triton_decode(layout.second, layout.first[0].rows)  # (out, r) +-1
+        return factors_weight(u, triton_decode(layout.first, cols), layout).to(dtype)
     if isinstance(layout, BiLLMPlanes):
         if layout.cols != cols:
             raise ValueError(f"BiLLM planes of {layout.cols} columns, the weight has {cols}")

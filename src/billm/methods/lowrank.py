@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..config import SCALE_DTYPES, QuantConfig, check, option
 from ..kernels.bitpack import pack_bits, packed_len, unpack_bits
+from ..kernels.layout import Factors, GridPlanes, GridValues, grid_planes
 from ..packing.formats import (
     FieldSpec, Format, SignPlanes, StoredWeight, pm1, register_format, round_to_stored, scale_dtype,
 )
@@ -113,15 +114,18 @@ def _decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) 
                           t["scales_in"].float())
 
 
-def lowrank_matmul(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any], x: Tensor) -> Tensor:
-    """``x (..., in) W^T`` as ``s_out * (((x * s_in) V^T) U^T)``: two products of rank ``r`` from the packed signs,
-    decoded to +-1 for this call only (``r (in + out)`` values, not the ``in x out`` weight), in x's dtype
-    (+-1 is exact in every float dtype). Equal to decode-then-matmul up to float rounding."""
-    r = meta["rank"]
-    u = pm1(unpack_bits(t["u"], r)).to(x.dtype)  # (out, r)
-    v = pm1(unpack_bits(t["v"], shape[1])).to(x.dtype)  # (r, in)
-    h = (x * t["scales_in"].to(x.dtype)) @ v.t()  # (..., r)
-    return (h @ u.t()) * t["scales_out"].to(x.dtype)  # (..., out)
+def _layout(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Factors:
+    """V (r, in) and U (out, r) as 1-bit grid planes of +-1 (scale 2, offset -1), with the two scale vectors: every
+    path multiplies by the factors in turn, ``r (in + out)`` values a call rather than the ``in x out`` weight."""
+    r, (out, inp) = meta["rank"], shape
+
+    def signs(stored: Tensor, rows: int, cols: int) -> GridPlanes:  # (rows, cols) +-1 over one group of cols
+        codes = unpack_bits(stored, cols).to(torch.int32)
+        ones = torch.ones(rows, 1, device=stored.device)
+        return grid_planes(codes, 1, 2 * ones, -ones, cols, stored_planes=stored.unsqueeze(0),
+                           values=GridValues(ones, signed=True))
+
+    return Factors([signs(t["v"], r, inp)], [signs(t["u"], out, r)], t["scales_in"].float(), t["scales_out"].float())
 
 
 def _unpack_signs(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, Tensor]:
@@ -140,7 +144,7 @@ def _decode_signs(t: dict[str, Tensor], planes: dict[str, Tensor], shape: tuple[
 
 LOWRANK_FORMAT = register_format(Format(
     "lowrank", _fields, _decode, lambda shape, meta: meta["rank"] * (shape[0] + shape[1]) / (shape[0] * shape[1]),
-    matmul=lowrank_matmul, signs=SignPlanes(("u", "v"), _unpack_signs, _pack_signs, _decode_signs)))
+    _layout, signs=SignPlanes(("u", "v"), _unpack_signs, _pack_signs, _decode_signs)))
 
 
 # ----------------------------------------------------------------------------- ADMM initialisation

@@ -79,9 +79,6 @@ class Format:
         tunable: the fields holding continuous values that block reconstruction may tune
             (:mod:`billm.reconstruct`); None: every floating-point field (scales, means).
         signs: the sign planes block reconstruction may flip (``reconstruct_signs``); None: none.
-        matmul: ``(tensors, shape, meta, x) -> x W^T`` straight from the stored fields, for a format whose
-            weight has a cheaper product than its decode (factors, say); when given, every path but
-            ``dequant`` takes it instead of a layout's kernels. None: the layout's paths (or ``dequant``).
     """
 
     name: str
@@ -91,7 +88,6 @@ class Format:
     layout: Optional[Callable[[Tensors, Shape, Meta], Optional[Layout]]] = None
     map_bytes: Callable[[Meta], int] = lambda meta: 0
     tunable: Optional[tuple[str, ...]] = None
-    matmul: Optional[Callable[[Tensors, Shape, Meta, Tensor], Tensor]] = None
     signs: Optional[SignPlanes] = None
 
 

@@ -21,7 +21,7 @@ from ..errors import BillmError
 from ..kernels import choose_path, packed_matmul, requested_kernel
 from ..kernels.decode import can_decode
 from ..kernels.layout import flatten, unflatten
-from .formats import ROTATION_FIELD, StoredWeight, get_format, layer_fields
+from .formats import ROTATION_FIELD, StoredWeight, layer_fields
 from .rotation import Rotation
 
 PREFIX = "packed_"  # packed fields are buffers named packed_<field>: "<layer>.packed_signs" in a checkpoint
@@ -36,13 +36,9 @@ def _packed_linear(x: Tensor, layout_tensors: list[Tensor], stored_tensors: list
                    spec: str, kernel: str) -> Tensor:
     s = _spec(spec)
     layout = unflatten(s["layout"], layout_tensors) if s["layout"] is not None else None
-    own = get_format(s["format"]).matmul  # the format's own product (factors), instead of a layout's kernels
-    path = choose_path(requested_kernel(kernel or None), x, layout is not None or own is not None, can_decode(layout))
-    if path == "dequant" or own is not None:
+    path = choose_path(requested_kernel(kernel or None), x, layout is not None, can_decode(layout))
+    if path == "dequant":
         st = StoredWeight(s["format"], tuple(s["shape"]), dict(s["meta"]), dict(zip(s["fields"], stored_tensors)))
-        if path != "dequant":
-            y = own(st.tensors, st.shape, st.meta, x)  # type: ignore[misc]
-            return y + bias if bias is not None else y
         return F.linear(x, st.decode().to(x.dtype), bias)  # (out, in) float32 weight, for this call only
     return packed_matmul(x, layout, path, bias).contiguous()  # lut's is a transposed view; the fake promises contiguous
 
