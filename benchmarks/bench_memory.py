@@ -135,6 +135,30 @@ def synthetic_llama(folder: Path, layers: int, hidden: int, intermediate: int, v
     return total
 
 
+def spec_argv(spec: str) -> list[str]:
+    """``billm quantize`` flags for a compare spec (``gptq:w2g128``): the method, then every option that differs
+    from the method's default config, as the CLI derives its flags from the config's fields."""
+    import dataclasses
+
+    import billm
+
+    cfg = billm.config_from_spec(spec)
+    base = type(cfg)()
+    argv = ["--method", cfg.method]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not f.init or f.name == "method" or value == getattr(base, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def run_child(argv: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, env=env)
@@ -168,8 +192,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=6144)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--runs", default="rtn/lazy,gptq/lazy,billm/lazy,rtn/eager-fp16",
-                    help="METHOD/MODE pairs: METHOD as billm quantize --method takes it (rtn: the weights' path without "
-                         "a method's workspace), MODE lazy (block by block, the default), eager-fp16 (--eager-load) "
+                    help="METHOD/MODE pairs: METHOD a spec as compare takes it (rtn: the weights' path without a "
+                         "method's workspace; gptq:w2g128), MODE lazy (block by block, the default), eager-fp16 (--eager-load) "
                          "or eager-fp32 (--eager-load --dtype float32)")
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
@@ -205,7 +229,7 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         raise SystemExit(f"--runs: expected METHOD/MODE pairs with MODE one of {sorted(flags)}, got {bad}")
     results = {"idle imports": run_child(["--idle"])}
     for method, mode in runs:
-        argv = ["quantize", str(model_dir), "--method", method, "--calib", "pydoc", "--nsamples", str(args.nsamples),
+        argv = ["quantize", str(model_dir), *spec_argv(method), "--calib", "pydoc", "--nsamples", str(args.nsamples),
                 "--seqlen", str(args.seqlen), "--quiet", "--force", "--out", str(work / f"q-{method}-{mode}")]
         results[f"{method} {mode}"] = run_child(["--run", *argv, *flags[mode]])
         print(f"{method} {mode}: {results[f'{method} {mode}']['peak_rss_bytes'] / 2**30:.2f} GiB peak", flush=True)

@@ -72,7 +72,7 @@ def is_billm_folder(path: Path) -> bool:
 def tensor_sha256(t: Tensor) -> str:
     """SHA-256 of a tensor's bytes (C order)."""
     b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(b.tobytes()).hexdigest()
+    return hashlib.sha256(b).hexdigest()  # the array's own buffer, not a copy of it
 
 
 # ----------------------------------------------------------------------------- save
