@@ -201,6 +201,17 @@ def test_pareto_front_keeps_exactly_the_undominated_rows():
                                                        ("e", 1.5, 90)]]
     assert [r.spec for r in pareto_front(rows, "t")] == ["a", "b"]
 
+
+def test_pareto_table_shows_every_task_and_marks_the_front_on_the_first():
+    from billm.compare import Row, pareto_markdown
+
+    rows = [Row("a", 1, 1.0, 0, {"t": 90, "u": 9}), Row("b", 1, 2.0, 0, {"t": 95, "u": 8})]
+    lines = pareto_markdown(rows, ["t", "u"]).splitlines()
+    assert lines[0] == "| method | weight bits | storage bits | t ppl | u ppl | front | seconds |"
+    assert lines[2] == "| a | 1.000 | 1.000 | 90.00 | 9.00 | yes | 0 |"
+    assert lines[3] == "| b | 1.000 | 2.000 | 95.00 | 8.00 |  | 0 |"  # beaten on t, whatever u says
+    assert pareto_markdown(rows, "t").splitlines()[0] == "| method | weight bits | storage bits | t ppl | front | seconds |"
+
 def test_compare_rejects_a_bad_spec_before_loading(tmp_path, capsys):
     rc = main(["compare", str(tmp_path / "not-loaded"), "--methods", "fp,gptq:w9x"])
     assert rc == 2 and "unknown gptq option 'w9x'" in capsys.readouterr().err

@@ -399,7 +399,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "max_windows": args.max_windows,
         "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seeds": seeds},
         "rows": [asdict(r) for r in rows]})
-    md = pareto_markdown(rows, tasks[0]) if pareto else to_markdown(rows, tasks)
+    md = pareto_markdown(rows, tasks) if pareto else to_markdown(rows, tasks)
     (out / "compare.md").write_text(md)
     pareto_plot(rows, tasks[0], out / "pareto.png", f"{args.model}: {tasks[0]} perplexity vs storage bits",
                 mark_front=pareto)

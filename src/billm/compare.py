@@ -13,7 +13,7 @@ import copy
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -242,13 +242,16 @@ def pareto_front(rows: list[Row], task: str) -> list[Row]:
     return sorted((r for r in rows if not beaten(r)), key=lambda r: r.storage_bits)
 
 
-def pareto_markdown(rows: list[Row], task: str) -> str:
-    """The comparison table with a front column, rows by increasing storage bits."""
-    front = {id(r) for r in pareto_front(rows, task)}
-    lines = ["| method | weight bits | storage bits | " + f"{task} ppl | front | seconds |",
-             "|---|---:|---:|---:|:---:|---:|"]
+def pareto_markdown(rows: list[Row], tasks: Union[str, list[str]]) -> str:
+    """The comparison table with a front column (on the first task), every task's perplexity, rows by increasing
+    storage bits."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    front = {id(r) for r in pareto_front(rows, tasks[0])}
+    lines = ["| method | weight bits | storage bits | " + " | ".join(f"{t} ppl" for t in tasks) + " | front | seconds |",
+             "|---|---:|---:|" + "---:|" * len(tasks) + ":---:|---:|"]
     for r in sorted(rows, key=lambda r: r.storage_bits):
-        lines.append(f"| {r.label(rows)} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {r.ppl[task]:.2f} | "
+        ppl = " | ".join(f"{r.ppl[t]:.2f}" for t in tasks)
+        lines.append(f"| {r.label(rows)} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {ppl} | "
                      f"{'yes' if id(r) in front else ''} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
