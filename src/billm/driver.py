@@ -407,6 +407,7 @@ def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> l
             items[j] = (name, None)
             run.targets[i].pop(name)
             accs.pop(name, None)
+            return_freed_memory()  # the layer's float temporaries, before the next one's
     else:
         with ThreadPoolExecutor(len(run.devices)) as pool:
             results = list(pool.map(one, range(len(items))))

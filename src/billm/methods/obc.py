@@ -248,11 +248,15 @@ def obc_quantize(W: Tensor, U: Tensor, blocksize: int, quantize_block: BlockQuan
     return Q
 
 
-def hessian_error(W: Tensor, Q: Tensor, H: Tensor) -> tuple[float, float]:
-    """Output error proxy ``tr(D H D^T)`` with ``D = W - Q``, absolute and relative to ``tr(W H W^T)``."""
-    D = (W - Q).to(torch.float32)
-    num = float(torch.sum((D @ H) * D))
-    den = float(torch.sum((W.float() @ H) * W.float()))
+def hessian_error(W: Tensor, Q: Tensor, H: Tensor, rows: int = 256) -> tuple[float, float]:
+    """Output error proxy ``tr(D H D^T)`` with ``D = W - Q``, absolute and relative to ``tr(W H W^T)``; summed over
+    ``rows`` rows at a time (temporaries of (rows, cols), not of the weight's size)."""
+    num = den = 0.0
+    for i in range(0, W.shape[0], rows):
+        w = W[i:i + rows].float()  # (rows, cols)
+        d = w - Q[i:i + rows].float()
+        num += float(torch.sum((d @ H) * d))
+        den += float(torch.sum((w @ H) * w))
     return num, num / den if den > 0 else float("nan")
 
 
