@@ -159,8 +159,10 @@ _MEMO = _FactorMemo()
 
 
 def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
-    """One (cols, cols) matrix alive besides ``H`` on the CPU, where LAPACK works in place (``out=`` its own input,
-    the same result bit for bit); elsewhere at most three, each step freeing the one before it."""
+    """On the CPU one (cols, cols) matrix alive besides ``H``: LAPACK works in place, ``out=`` its own input. For an
+    exactly symmetric ``H`` (the accumulator's) it works on a column-major view, which it needs no copy of; else
+    on the matrix itself, through one internal column-major copy a step. Bit for bit the out-of-place steps either
+    way. Elsewhere at most three matrices at once, each step freeing the one before it."""
     if not torch.isfinite(H).all():
         raise QuantizationError("the Hessian has non-finite entries (NaN/Inf in the calibration activations?)")
     cols = H.shape[0]
@@ -169,11 +171,14 @@ def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
     dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
     mean_diag = torch.mean(torch.diag(H).masked_fill(dead, 1.0))
     in_place = H.device.type == "cpu"
+    column_major = in_place and bool(torch.equal(H, H.mT))  # the same matrix read either way
     damp_frac = percdamp
     for attempt in range(max_tries):
         A = H.clone()  # (cols, cols): the damped H, then L, then H^-1, then U
         A[dead_idx, dead_idx] = 1.0
         A[diag, diag] += damp_frac * mean_diag
+        if column_major:
+            A = A.mT
         info = torch.zeros((), dtype=torch.int32, device=H.device)
         if in_place:
             torch.linalg.cholesky_ex(A, out=(A, info))
