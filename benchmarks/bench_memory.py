@@ -230,7 +230,7 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     results = {"idle imports": run_child(["--idle"])}
     for method, mode in runs:
         argv = ["quantize", str(model_dir), *spec_argv(method), "--calib", "pydoc", "--nsamples", str(args.nsamples),
-                "--seqlen", str(args.seqlen), "--quiet", "--force", "--out", str(work / f"q-{method}-{mode}")]
+                "--seqlen", str(args.seqlen), "--quiet", "--force", "--restart", "--out", str(work / f"q-{method}-{mode}")]
         results[f"{method} {mode}"] = run_child(["--run", *argv, *flags[mode]])
         print(f"{method} {mode}: {results[f'{method} {mode}']['peak_rss_bytes'] / 2**30:.2f} GiB peak", flush=True)
     for r in results.values():

@@ -115,7 +115,7 @@ for section in "${SECTIONS[@]}"; do
       out=docs/results/memory; mkdir -p "$out"
       # peak resident memory of billm quantize on a synthetic 2 GB fp16 LLaMA, per method, step by step (about
       # an hour on 2 CPU cores, most of it BiLLM's and GPTQ's searches on 1536 x 6144 layers)
-      cmd=(env OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --runs rtn/lazy,gptq/lazy,gptq:w2g128/lazy,billm/lazy,rtn/eager-fp16
+      cmd=(env OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --runs rtn/lazy,gptq/lazy,billm/lazy,rtn/eager-fp16
            --out "$out")
       { printf '# Peak memory of `billm quantize`, block by block, against the fp16 model
 

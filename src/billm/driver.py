@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import BillmError, DataError, ModelError, QuantizationError
-from .methods.obc import HessianAccumulator, OBCTimes, hessian_error
+from .methods.obc import HessianAccumulator, OBCTimes, all_finite, hessian_error
 from .methods.registry import Method, method_of
 from .model.lazy import LazyWeights, fill_outside_blocks, is_lazy
 from .model.walker import (
@@ -265,7 +265,7 @@ def clock(devices: Sequence[torch.device]) -> float:
 
 
 def _check_finite(w: Tensor, name: str) -> None:
-    if not w.is_meta and not torch.isfinite(w).all():
+    if not w.is_meta and not all_finite(w):
         raise QuantizationError(f"{name}: the weight has NaN/Inf entries; refusing to quantize it")
 
 

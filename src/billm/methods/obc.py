@@ -158,12 +158,18 @@ class _FactorMemo:
 _MEMO = _FactorMemo()
 
 
+def all_finite(t: Tensor, rows: int = 256) -> bool:
+    """Whether every entry of ``t`` is finite, checked ``rows`` rows at a time (``isfinite`` of a whole matrix
+    builds temporaries larger than the matrix)."""
+    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
+
+
 def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
     """On the CPU one (cols, cols) matrix alive besides ``H``: LAPACK works in place, ``out=`` its own input. For an
     exactly symmetric ``H`` (the accumulator's) it works on a column-major view, which it needs no copy of; else
     on the matrix itself, through one internal column-major copy a step. Bit for bit the out-of-place steps either
     way. Elsewhere at most three matrices at once, each step freeing the one before it."""
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise QuantizationError("the Hessian has non-finite entries (NaN/Inf in the calibration activations?)")
     cols = H.shape[0]
     diag = torch.arange(cols, device=H.device)
@@ -190,7 +196,7 @@ def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
                 torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             else:
                 A, info = torch.linalg.cholesky_ex(A, upper=True)
-            if int(info) == 0 and torch.isfinite(A).all():
+            if int(info) == 0 and all_finite(A):
                 if attempt:
                     log.warning("Hessian not positive definite at percdamp=%g; used percdamp=%g", percdamp, damp_frac)
                 return PreparedHessian(U=A, dead=dead, percdamp=damp_frac)
