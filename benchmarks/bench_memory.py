@@ -14,8 +14,8 @@ parent's resident size at the fork). Modes:
 * ``eager-fp32``: ``--eager-load --dtype float32`` (the whole model in float32).
 
 Each run also samples its resident memory every 10 ms and charges it to the step running then
-(loading, capture, reading a block, Hessians, quantizing a block, reconstruction, propagation,
-saving): the breakdown of where the peak is. A process that imports torch, transformers and billm
+(reading a block, capture, Hessians, quantizing a block, reconstruction, propagation, saving; the
+rest, loading and the progress records included, as one): the breakdown of where the peak is. A process that imports torch, transformers and billm
 and does nothing else is measured too (the floor every run pays). The figures go to
 ``DIR/memory.json``, the tables to stdout.
 """
@@ -64,7 +64,7 @@ if os.path.exists("/proc/self/statm"):
     threading.Thread(target=sample, daemon=True).start()
 if sys.argv[1] != "--idle":
     import billm, billm.cli, billm.driver as d
-    phase[0] = "load and calibration data"
+    phase[0] = "outside the steps (loading, data, records, after saving)"
     for name, label in [("capture_inputs", "capture"), ("_fill_block", "read a block"),
                         ("_accumulate_hessians", "Hessians"), ("_quantize_block", "quantize a block"),
                         ("_reconstruct", "reconstruct"), ("_propagate", "propagate"),

@@ -124,7 +124,7 @@ for section in "${SECTIONS[@]}"; do
 '
         printf '27 safetensors shards), quantized by the CLI once per run, each in its own process (4 x 128 calibration
 '
-        printf 'tokens). Peak: the process'"'"'s `ru_maxrss`. Steps: its resident memory sampled every 10 ms, charged to the
+        printf 'tokens). Peak: the process'"'"'s own high-water mark (`VmHWM`). Steps: its resident memory sampled every 10 ms, charged to the
 '
         printf 'step running then. `lazy` is the default (blocks read one at a time); `eager-fp16` is `--eager-load`.
 
