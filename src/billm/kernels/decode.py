@@ -252,10 +252,15 @@ def _grid_columns(out: Tensor, p: GridPlanes) -> None:
     for_chunks(r, nbytes * 8, out.device, chunk)
 
 
+def factors_values(u: Tensor, v: Tensor, s_out: Tensor, s_in: Tensor) -> Tensor:
+    """(out, in) float32 ``(s_out * (U V)) * s_in`` from float +-1 factors u (out, r), v (r, in) and the float32
+    scales (out,), (in,): the low-rank format's decode (``U V`` of +-1 entries is an exact integer in float32)."""
+    return (s_out[:, None] * (u @ v)) * s_in[None, :]
+
+
 def factors_weight(u: Tensor, v: Tensor, layout: Factors) -> Tensor:
-    """(out, in) float32 ``(s_out * (U V)) * s_in`` from the decoded factors u (out, r), v (r, in): the order of
-    operations of the low-rank format's own decode (``U V`` of +-1 entries is an exact integer in float32)."""
-    return (layout.s_out.float()[:, None] * (u @ v)) * layout.s_in.float()[None, :]
+    """:func:`factors_values` of the decoded factors u (out, r), v (r, in) with the layout's scales."""
+    return factors_values(u, v, layout.s_out.float(), layout.s_in.float())
 
 
 def can_decode(layout) -> bool:

@@ -12,7 +12,7 @@ from ..config import SCALE_DTYPES, BreakGrid, QuantConfig, SalientMetric, Search
 from ..kernels.bitpack import pack_bits, packed_len, unpack_bits
 from ..kernels.layout import BiLLMPlanes, aligned, grouped_planes
 from ..packing.formats import (FieldSpec, Format, Meta, Shape, StoredWeight, Tensors, block_index, n_blocks,
-                               per_column, pm1, register_format, round_to_stored, scale_dtype, SignPlanes)
+                               pack_planes, per_column, pm1, register_format, round_to_stored, scale_dtype, SignPlanes)
 from .binarize import binarize_params
 from .gptq import gptq_block
 from .obc import OBCTimes, damped_hessian, obc_quantize, prepare_hessian
@@ -261,10 +261,6 @@ def _unpack_signs(t: Tensors, shape: Shape, meta: Meta) -> dict[str, Tensor]:
     return out
 
 
-def _pack_signs(planes: dict[str, Tensor], shape: Shape, meta: Meta) -> dict[str, Tensor]:
-    return {f: pack_bits(b.contiguous()) for f, b in planes.items()}
-
-
 def _decode_signs(t: Tensors, planes: dict[str, Tensor], shape: Shape, meta: Meta) -> Tensor:
     """:func:`_billm_decode` with the sign planes given as float +-1 (``signs`` (r, c), ``signs2`` (r, k)); the second
     plane is -1 off the salient columns, as the stored decode reads it there (where its scale is 0)."""
@@ -277,7 +273,7 @@ def _decode_signs(t: Tensors, planes: dict[str, Tensor], shape: Shape, meta: Met
     return billm_values(planes["signs"], sal, sparse, s2, t["scales"].float(), means, meta["blocksize"])
 
 
-BILLM_SIGNS = SignPlanes(("signs", "signs2"), _unpack_signs, _pack_signs, _decode_signs)
+BILLM_SIGNS = SignPlanes(("signs", "signs2"), _unpack_signs, pack_planes, _decode_signs)
 BILLM_FORMAT = register_format(Format("billm", _billm_fields, _billm_decode, _billm_weight_bits, _billm_layout,
                                       signs=BILLM_SIGNS))
 

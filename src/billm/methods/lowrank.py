@@ -29,9 +29,10 @@ from torch import Tensor
 
 from ..config import SCALE_DTYPES, QuantConfig, check, option
 from ..kernels.bitpack import pack_bits, packed_len, unpack_bits
+from ..kernels.decode import factors_values
 from ..kernels.layout import Factors, GridPlanes, GridValues, grid_planes
 from ..packing.formats import (
-    FieldSpec, Format, SignPlanes, StoredWeight, pm1, register_format, round_to_stored, scale_dtype,
+    FieldSpec, Format, SignPlanes, StoredWeight, pack_planes, pm1, register_format, round_to_stored, scale_dtype,
 )
 from .obc import OBCTimes
 from .registry import WeightResult, register_method
@@ -92,13 +93,6 @@ def choose_rank(rows: int, cols: int, target_bits: float, scale_bits: int) -> in
     return r
 
 
-def lowrank_values(u: Tensor, v: Tensor, s_out: Tensor, s_in: Tensor) -> Tensor:
-    """(out, in) float32 ``(s_out * (U V)) * s_in`` from the float +-1 signs u (out, r), v (r, in) and the scales
-    (float32). ``U V`` is a sum of +-1 products, an integer below 2^24: exact in float32."""
-    m = u @ v  # (out, in)
-    return (s_out[:, None] * m) * s_in[None, :]
-
-
 def _fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec]:
     out, inp = shape
     r = meta["rank"]
@@ -110,7 +104,7 @@ def _fields(shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, FieldSpec
 
 def _decode(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> Tensor:
     r = meta["rank"]
-    return lowrank_values(pm1(unpack_bits(t["u"], r)), pm1(unpack_bits(t["v"], shape[1])), t["scales_out"].float(),
+    return factors_values(pm1(unpack_bits(t["u"], r)), pm1(unpack_bits(t["v"], shape[1])), t["scales_out"].float(),
                           t["scales_in"].float())
 
 
@@ -132,19 +126,15 @@ def _unpack_signs(t: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, 
     return {"u": unpack_bits(t["u"], meta["rank"]), "v": unpack_bits(t["v"], shape[1])}  # (out, r), (r, in) bool
 
 
-def _pack_signs(planes: dict[str, Tensor], shape: tuple[int, int], meta: dict[str, Any]) -> dict[str, Tensor]:
-    return {f: pack_bits(b) for f, b in planes.items()}
-
-
 def _decode_signs(t: dict[str, Tensor], planes: dict[str, Tensor], shape: tuple[int, int],
                   meta: dict[str, Any]) -> Tensor:
     """:func:`_decode` with U and V given as float +-1 (out, r), (r, in): the same operations in the same order."""
-    return lowrank_values(planes["u"], planes["v"], t["scales_out"].float(), t["scales_in"].float())
+    return factors_values(planes["u"], planes["v"], t["scales_out"].float(), t["scales_in"].float())
 
 
 LOWRANK_FORMAT = register_format(Format(
     "lowrank", _fields, _decode, lambda shape, meta: meta["rank"] * (shape[0] + shape[1]) / (shape[0] * shape[1]),
-    _layout, signs=SignPlanes(("u", "v"), _unpack_signs, _pack_signs, _decode_signs)))
+    _layout, signs=SignPlanes(("u", "v"), _unpack_signs, pack_planes, _decode_signs)))
 
 
 # ----------------------------------------------------------------------------- ADMM initialisation

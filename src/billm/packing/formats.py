@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..config import SCALE_DTYPES
 from ..errors import QuantizationError
-from ..kernels.bitpack import packed_len
+from ..kernels.bitpack import pack_bits, packed_len
 from ..kernels.layout import Layout
 
 Shape = tuple[int, int]
@@ -216,6 +216,12 @@ def round_to_stored(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
 def smallest_positive(dtype: torch.dtype) -> float:
     """Smallest positive value of a float dtype (subnormals included): a floor for grid scales."""
     return float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)
+
+
+def pack_planes(planes: dict[str, Tensor], shape: Shape, meta: Meta) -> dict[str, Tensor]:
+    """Bool sign planes ``{field: (rows, n) bool}`` packed as stored, a row at a time (a ``SignPlanes.pack`` for formats
+    whose planes are stored as plain packed bits)."""
+    return {f: pack_bits(b.contiguous()) for f, b in planes.items()}
 
 
 def pm1(bits: Tensor) -> Tensor:
