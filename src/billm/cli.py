@@ -306,9 +306,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# billm pareto's default set: the baselines at their usual settings, BiLLM as published, ARB-LLM, billm's own
-PARETO_SPECS = ("fp,gptq:w2g128,slim:w2,billm,arb,billm:compact+hadamard,billm:tiny+hadamard,billm:plus+hadamard,"
-                "billm:compact,billm:tiny,billm:wide+hadamard,billm:plus,slim:w2+hadamard,billm:hadamard,arb:hadamard")
+# billm pareto's default set: the paper's baselines (RTN, GPTQ, PB-LLM, plain signs) at 2 and 3 bits, SliM-LLM and
+# ARB-LLM, BiLLM as published, and billm's best presets (with and without block reconstruction)
+PARETO_SPECS = ("fp,rtn:w2g128,rtn:w3g128,gptq:w2g128,gptq:w3g128,pbllm,sign,slim:w2,slim:w2+hadamard,billm,billm:plus,"
+                "billm:plus+hadamard,arb,billm:tiny+hadamard,billm:wide+hadamard,billm:tiny+hadamard+rec200")
 DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
 DEMO_QUICK = {"nsamples": 8, "max_windows": 8}  # billm demo: a first answer in minutes on 2 cores
 DEMO_FULL = {"nsamples": 32, "max_windows": 40}  # billm demo --full
