@@ -6,9 +6,9 @@
 #
 # Sections: smollm2 (every method side by side), beyond (the options beyond BiLLM), packed (checkpoint
 # size, load and evaluation speed), kernels (the fast paths' speed), pareto (perplexity against storage
-# bits measured from each checkpoint file), lowrank (low-rank binary factors at three budgets), reconstruct (block
-# reconstruction against none, at the pareto protocol), memory (peak memory of
-# quantize against the model's size), speed (quantize time against the
+# bits measured from each checkpoint file), zeroshot (accuracy on the paper's seven tasks), lowrank (low-rank
+# binary factors at three budgets), reconstruct (block reconstruction against none, at the pareto
+# protocol), memory (peak memory of quantize against the model's size), speed (quantize time against the
 # protocol's floor, and where the rest goes). Data: $BILLM_DATA_DIR, else
 # ../shared/data (C4 train shard and WikiText-2 test, see docs/data.md).
 set -euo pipefail
@@ -111,6 +111,34 @@ for section in "${SECTIONS[@]}"; do
       } > "$out/README.md"
       stamp "$out/README.md" "$made"
       stamp "$out/compare.md" "$made" ;;
+    zeroshot)
+      out=docs/results/zeroshot; ck="$out/checkpoints"; mkdir -p "$out"
+      # the paper's seven zero-shot tasks (lm-evaluation-harness over the local copies, the first 500 items of each)
+      # for full precision, BiLLM, BiLLM plus and the best setting at <= 2 bits, each quantized at the pareto protocol
+      # (about 1.5 hours on 2 CPU cores; a checkpoint already in $ck is evaluated again, not quantized again)
+      tasks=piqa,boolq,openbookqa,winogrande,arc_easy,arc_challenge,hellaswag; limit=500
+      calib=(--calib c4 --nsamples 64 --seqlen 512 --data-dir "$DATA")
+      labels=(fp billm billm:plus billm:wide+hadamard)
+      flags=("" "--method billm" "--method billm --preset plus" "--method billm --preset wide --rotate hadamard")
+      rows=()
+      for i in "${!labels[@]}"; do
+        slug="${labels[$i]//:/-}"; model=smollm2
+        if [ -n "${flags[$i]}" ]; then
+          model="$ck/$slug"
+          [ -f "$model/billm_report.json" ] || python -m billm.cli quantize smollm2 ${flags[$i]} "${calib[@]}" --out "$model" --quiet
+        fi
+        python -m billm.cli eval "$model" --tasks "$tasks" --limit "$limit" --data-dir "$DATA" --json "$out/$slug.json"
+        rows+=("${labels[$i]}=$out/$slug.json")
+      done
+      made="billm quantize smollm2 METHOD --calib c4 --nsamples 64 --seqlen 512; billm eval CHECKPOINT --tasks $tasks --limit $limit"
+      { printf '# SmolLM2-135M: zero-shot accuracy on the seven tasks of the BiLLM paper\n\n'
+        python scripts/zeroshot_table.py "${rows[@]}"
+        printf '\nAccuracy (`acc`, percent) +- its standard error, scored by lm-evaluation-harness on the local copies of\n'
+        printf 'the tasks (docs/zeroshot.md), the first %s items of each. Chance is 50 (piqa, boolq, winogrande) or 25. Each\n' "$limit"
+        printf 'method quantized at the pareto protocol (64 x 512 C4); storage bits measured from its checkpoint file.\n'
+        printf 'METHOD: %s. `*.json` hold acc_norm too.\n' "$(for i in "${!labels[@]}"; do printf '%s: `%s`; ' "${labels[$i]}" "${flags[$i]:-none}"; done)"
+      } > "$out/README.md"
+      stamp "$out/README.md" "$made" ;;
     memory)
       out=docs/results/memory; mkdir -p "$out"
       # peak resident memory of billm quantize on a synthetic 2 GB fp16 LLaMA, per method, step by step (about

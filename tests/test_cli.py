@@ -24,8 +24,11 @@ def test_quantize_eval_inspect(tiny_folder, tmp_path, capsys):
     assert (out / "billm_quant.json").exists() and (out / "model.safetensors").exists()
     j = tmp_path / "ppl.json"
     assert main(["eval", str(out), "--tasks", "pydoc", "--seqlen", "64", "--max-windows", "2", "--json", str(j)]) == 0
-    again = json.loads(j.read_text())["perplexity"]["pydoc"]["ppl"]
+    evaluated = json.loads(j.read_text())
+    again = evaluated["perplexity"]["pydoc"]["ppl"]
     assert again == pytest.approx(ppl_at_quantize, rel=1e-5)
+    # a checkpoint's evaluation records its bits, measured from the file as inspect measures them
+    assert evaluated["storage_bits"] == pytest.approx(q["storage_bits"]) and 1 < evaluated["weight_bits"] < 2
     capsys.readouterr()
     ij = tmp_path / "inspect.json"
     assert main(["inspect", str(out), "--json", str(ij)]) == 0

@@ -298,3 +298,29 @@ def test_cli_unknown_task_lists_both_kinds_before_loading(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "never-loaded"), "--tasks", "mmlu_pro"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'mmlu_pro'" in err and "wikitext2" in err and "hellaswag" in err
+
+
+def _scored(n, acc, stderr=0.02):
+    return {"task": "t", "n": n, "metrics": {"acc": acc}, "stderr": {"acc": stderr}, "seconds": 1.0, "limit": n}
+
+
+def test_zeroshot_table_rows_columns_and_mean():
+    from billm.eval.zeroshot import zeroshot_markdown
+
+    rows = [("fp", None, {"piqa": _scored(500, 0.70), "boolq": _scored(500, 0.60)}),
+            ("billm", 1.409, {"piqa": _scored(500, 0.55, 0.0222), "boolq": _scored(500, 0.40)})]
+    text = zeroshot_markdown(rows, ("piqa", "boolq"))
+    lines = text.splitlines()
+    assert lines[0] == "| method | storage bits | piqa | boolq | mean |"
+    assert lines[2] == "| fp | 16 | 70.0 ± 2.0 | 60.0 ± 2.0 | 65.0 |"
+    assert lines[3] == "| billm | 1.409 | 55.0 ± 2.2 | 40.0 ± 2.0 | 47.5 |"
+    assert "piqa 500, boolq 500" in text
+
+
+def test_zeroshot_table_refuses_missing_tasks_and_unequal_counts():
+    from billm.eval.zeroshot import zeroshot_markdown
+
+    with pytest.raises(DataError, match="billm: no acc for boolq"):
+        zeroshot_markdown([("billm", 1.4, {"piqa": _scored(5, 0.5)})], ("piqa", "boolq"))
+    with pytest.raises(DataError, match="piqa: b scored 4 items where an earlier row scored 5"):
+        zeroshot_markdown([("a", None, {"piqa": _scored(5, 0.5)}), ("b", 1.0, {"piqa": _scored(4, 0.5)})], ("piqa",))

@@ -293,6 +293,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  f"file); zero-shot tasks are {', '.join(ZEROSHOT)}; harness task names need --harness")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     out: dict[str, Any] = {"model": args.model}
+    if is_checkpoint(Path(args.model or "").expanduser()):  # the figures a result table puts beside the scores
+        info = inspect_checkpoint(Path(args.model).expanduser())
+        out.update(weight_bits=info.weight_bits, storage_bits=info.storage_bits)
     if zs_tasks and args.harness and is_checkpoint(Path(args.model or "").expanduser()):
         # the harness user's route, --model hf --model_args pretrained=FOLDER: from_pretrained builds it packed
 

@@ -241,3 +241,31 @@ def zeroshot(model: nn.Module, tokenizer, tasks: Sequence[str] = PAPER_TASKS, li
         log.info("%s: %s over %d items (%.0fs)", t, ", ".join(f"{m} {v:.4f}±{r.stderr[m]:.4f}" for m, v in r.metrics.items()),
                  r.n, r.seconds)
     return out
+
+
+def zeroshot_markdown(results: Sequence[tuple[str, Optional[float], dict[str, dict]]],
+                      tasks: Sequence[str] = PAPER_TASKS, metric: str = "acc") -> str:
+    """A table of zero-shot accuracy: a row per ``(label, storage bits or None, {task: TaskResult.to_dict()})``,
+    a column per task (``metric`` ± its standard error, in percent), then the mean over the tasks.
+
+    Raises:
+        DataError: a row lacks one of ``tasks`` or its ``metric``, or two rows scored a task on different counts
+            of items (the table would compare unlike things).
+    """
+    counts: dict[str, int] = {}
+    for label, _, res in results:
+        for t in tasks:
+            if t not in res or metric not in res[t].get("metrics", {}):
+                raise DataError(f"{label}: no {metric} for {t} (tasks scored: {', '.join(res) or 'none'})")
+            if counts.setdefault(t, res[t]["n"]) != res[t]["n"]:
+                raise DataError(f"{t}: {label} scored {res[t]['n']} items where an earlier row scored {counts[t]}")
+    lines = ["| method | storage bits | " + " | ".join(tasks) + " | mean |",
+             "|---|---:|" + "---:|" * (len(tasks) + 1)]
+    for label, bits, res in results:
+        accs = [100 * res[t]["metrics"][metric] for t in tasks]
+        cells = [f"{a:.1f} ± {100 * res[t]['stderr'][metric]:.1f}" for a, t in zip(accs, tasks)]
+        lines.append(f"| {label} | {'16' if bits is None else f'{bits:.3f}'} | " + " | ".join(cells)
+                     + f" | {sum(accs) / len(accs):.1f} |")
+    lines.append("")
+    lines.append("Items scored per task: " + ", ".join(f"{t} {n}" for t, n in counts.items()) + ".")
+    return "\n".join(lines) + "\n"
