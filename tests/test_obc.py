@@ -4,7 +4,8 @@ import torch
 from billm.errors import QuantizationError
 from billm.methods.binarize import binarize
 from billm.methods import obc
-from billm.methods.obc import HessianAccumulator, factor_hessian, hessian_error, obc_quantize, prepare_hessian
+from billm.methods.obc import (HessianAccumulator, damped_hessian, factor_hessian, hessian_error, obc_quantize,
+                               prepare_hessian)
 
 
 def test_accumulator_is_running_mean_of_2_xxT():
@@ -86,6 +87,22 @@ def test_linears_fed_one_hessian_share_one_factorisation_released_with_it(monkey
     torch.testing.assert_close(factor_hessian(H2).U, first.U / 2**0.5, rtol=1e-4, atol=1e-5)
     del H2, first
     assert obc._MEMO._prep is None  # the factor is freed with its Hessian
+
+
+def test_damped_hessian_is_the_float32_damping_widened_in_one_copy():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 12, generator=g)
+    X[:, [3, 7]] = 0  # two dead columns
+    H = X.t() @ X
+    dead = torch.diag(H) == 0
+    ref = H.clone()  # the damping in float32, on a copy, then widened
+    ref[dead, dead] = 1.0
+    idx = torch.arange(12)
+    ref[idx, idx] += 0.01 * torch.mean(torch.diag(ref))
+    before = H.clone()
+    out = damped_hessian(H, dead, 0.01)
+    assert out.dtype == torch.float64 and torch.equal(out, ref.to(torch.float64))
+    assert torch.equal(H, before)  # the accumulator's H is left as it was
 
 
 def test_damping_retries_on_singular_hessian():

@@ -386,7 +386,7 @@ def stored_arb(codes: list[ArbCode], shape: tuple[int, int], cfg: ArbConfig) -> 
 @register_method(ArbConfig)
 def arb_quantize_weight(W: Tensor, H: Tensor, cfg: ArbConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """ARB-LLM-quantize ``W`` (rows, cols) with Hessian ``H`` (cols, cols); simulated weights and stored form."""
-    W = W.to(torch.float32).clone()
+    W = W.to(torch.float32)  # the quantizer's own copy (the registry's contract): compensated in place
     prep = prepare_hessian(H, W, cfg.percdamp)
     H = H.to(device=W.device, dtype=torch.float32)
     salient: list[list[int]] = []

@@ -485,7 +485,7 @@ def stored_billm(codes: list[BlockCode], shape: tuple[int, int], cfg: BiLLMConfi
 @register_method(BiLLMConfig)
 def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """BiLLM-quantize ``W`` (rows, cols) with Hessian ``H`` (cols, cols); simulated weights and stored form."""
-    W = W.to(torch.float32).clone()
+    W = W.to(torch.float32)  # the quantizer's own copy (the registry's contract): compensated in place
     prep = prepare_hessian(H, W, cfg.percdamp)
     W0 = W.clone() if cfg.refit else None  # the target of the output-error refit (dead columns zeroed)
     salient: list[list[int]] = []  # per block, salient column indices (absolute)

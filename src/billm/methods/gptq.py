@@ -82,11 +82,11 @@ def gptq_weight(W: Tensor, H: Tensor, blocksize: int, percdamp: float, quant_col
                 act_order: bool = False, times: Optional[OBCTimes] = None) -> GPTQRun:
     """Run GPTQ over ``W`` (rows, cols) with the per-column quantizer made by ``quant_col_factory(W)``.
 
-    The factory is called as ``quant_col_factory(W, U)`` with the (permuted, dead-column-zeroed)
+    ``W`` is modified in place (pass a copy to keep it). The factory is called as ``quant_col_factory(W, U)`` with the (permuted, dead-column-zeroed)
     weights before any compensation, e.g. to fix per-row scales, and ``U = chol(H^-1)`` (upper) in the
     same order; column indices the quantizer receives are positions in that (permuted) order.
     """
-    W = W.to(torch.float32).clone()
+    W = W.to(torch.float32)  # the caller's own copy: compensated in place
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)

@@ -271,10 +271,14 @@ def hessian_error(W: Tensor, Q: Tensor, H: Tensor, rows: int = 256) -> tuple[flo
     return num, num / den if den > 0 else float("nan")
 
 
-def damped_hessian(H: Tensor, dead: Tensor, percdamp: float) -> Tensor:
-    """The Hessian :func:`prepare_hessian` factored: dead columns set to 1 on the diagonal, damping added."""
-    H = H.clone()
-    H[dead, dead] = 1.0
-    idx = torch.arange(H.shape[0], device=H.device)
-    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
-    return H
+def damped_hessian(H: Tensor, dead: Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The Hessian :func:`prepare_hessian` factored (dead columns set to 1 on the diagonal, damping added),
+    as one new ``dtype`` matrix: the diagonal is damped in ``H``'s own dtype, then widened with the rest, so the
+    values are those of the damping in ``H``'s dtype (one copy of the matrix, where damping then widening made
+    two)."""
+    diag = torch.diag(H).clone()  # (cols,) in H's dtype
+    diag[dead] = 1.0
+    diag += percdamp * torch.mean(diag)
+    out = H.to(dtype, copy=True)
+    out.diagonal().copy_(diag)
+    return out

@@ -125,7 +125,7 @@ def _masked_minmax(w: Tensor, m: Tensor, bits: int, scale_dtype: torch.dtype) ->
 @register_method(PBLLMConfig)
 def pbllm_quantize_weight(W: Tensor, H: Tensor, cfg: PBLLMConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """PB-LLM-quantize ``W`` (rows, cols)."""
-    W = W.to(torch.float32).clone()
+    W = W.to(torch.float32)  # the quantizer's own copy (the registry's contract): compensated in place
     prep = prepare_hessian(H, W, cfg.percdamp)
     sd = SCALE_DTYPES[cfg.scale_dtype]
     rows, cols = W.shape

@@ -107,7 +107,7 @@ def refit_scales(W: Tensor, H: Tensor, patterns: Tensor, block_of: Tensor, n_blo
 
     Args:
         W: (rows, cols) target weights.
-        H: (cols, cols) the (damped) Hessian.
+        H: (cols, cols) the (damped) Hessian; solved in float64 (a float64 ``H`` is used as it is, not copied).
         patterns: (S, rows, cols) float: for each of the S slots of a block, the signed indicator of
             the entries that slot's scale multiplies (+-1 on its entries, 0 elsewhere; a plain 0/1
             indicator for a mean slot). Slot ``s`` of block ``b`` acts on the columns with
@@ -115,9 +115,12 @@ def refit_scales(W: Tensor, H: Tensor, patterns: Tensor, block_of: Tensor, n_blo
         block_of: (cols,) block index of each column.
         n_blocks: number of blocks.
         max_bytes: memory budget of the per-chunk ``B H`` product (rows are processed in chunks; each
-            chunk reads the whole Hessian once, so the larger the better). Default: a quarter of
-            the memory free on ``W``'s device (at a 70B ``down_proj``, 28672 columns, a row's ``B H``
-            is 205 MB in float64: a fixed 256 MiB meant one row a chunk, the Hessian read 8192 times).
+            chunk reads the whole Hessian once, so the larger the better). Default: the float64
+            Hessian's own size (at least 64 MiB), and at most a quarter of the memory free on ``W``'s
+            device, so the workspace never outgrows what the refit already holds: a chunk is then
+            ``blocksize / S`` rows whatever the layer (at a 70B ``down_proj``, 28672 columns, a row's
+            ``B H`` is 205 MB in float64 and a chunk 32 rows, where a fixed 256 MiB meant one row a
+            chunk, the Hessian read 8192 times).
 
     Returns:
         (n_blocks, S, rows) the fitted scales.
@@ -126,7 +129,7 @@ def refit_scales(W: Tensor, H: Tensor, patterns: Tensor, block_of: Tensor, n_blo
     K = n_blocks * S
     Hd = H.to(torch.float64)
     out = torch.empty(n_blocks, S, rows, dtype=torch.float64, device=W.device)
-    budget = max_bytes if max_bytes is not None else free_bytes(W.device) // 4
+    budget = max_bytes if max_bytes is not None else min(free_bytes(W.device) // 4, max(8 * cols * cols, 64 << 20))
     chunk = max(1, min(rows, int(budget // (8 * K * cols))))
     bounds = [(int((block_of == b).nonzero().min()), int((block_of == b).nonzero().max()) + 1) for b in range(n_blocks)]
     for r0 in range(0, rows, chunk):
