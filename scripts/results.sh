@@ -142,8 +142,8 @@ for section in "${SECTIONS[@]}"; do
     memory)
       out=docs/results/memory; mkdir -p "$out"
       # peak resident memory of billm quantize on a synthetic 2 GB fp16 LLaMA, per method, step by step (about
-      # an hour on 2 CPU cores, most of it BiLLM's and GPTQ's searches on 1536 x 6144 layers)
-      cmd=(env OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --runs rtn/lazy,gptq/lazy,billm/lazy,rtn/eager-fp16
+      # 75 minutes on 2 CPU cores, most of it BiLLM's and GPTQ's searches on 1536 x 6144 layers)
+      cmd=(env OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --runs rtn/lazy,gptq/lazy,billm/lazy,billm:tiny+hadamard/lazy,rtn/eager-fp16
            --out "$out")
       { printf '# Peak memory of `billm quantize`, block by block, against the fp16 model
 

@@ -83,6 +83,19 @@ def test_refit_chunks_follow_the_free_memory(monkeypatch):
     assert chunks == [10]  # plenty of memory: one chunk, the Hessian read once
 
 
+def test_refit_workspace_is_bounded_by_the_hessian_not_the_free_memory(monkeypatch):
+    import billm.methods.refine as refine
+
+    monkeypatch.setattr(refine, "free_bytes", lambda device: 1 << 40)  # a terabyte free takes no more
+    cpu = torch.device("cpu")
+    # a 70B down_proj under billm:tiny: 224 blocks of 128 columns, 4 slots each -> blocksize / S = 32 rows
+    assert refine.chunk_rows(8192, 224 * 4, 28672, cpu) == 32
+    assert refine.chunk_rows(1536, 48 * 4, 6144, cpu) == 32  # a 1536 x 6144 layer: 32 rows, 302 MB of B H
+    assert refine.chunk_rows(10, 2, 64, cpu) == 10  # small layers: the 64 MiB floor, one chunk
+    monkeypatch.setattr(refine, "free_bytes", lambda device: 4 * 8 * 2 * 64 * 4)  # little free: a quarter of it
+    assert refine.chunk_rows(10, 2, 64, cpu) == 4
+
+
 def test_intra_block_pass_never_waits_on_the_device(monkeypatch):
     from torch.overrides import TorchFunctionMode
 

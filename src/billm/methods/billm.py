@@ -455,10 +455,10 @@ def refit_codes(W: Tensor, H: Tensor, codes: list[BlockCode], cfg: BiLLMConfig) 
         sal = c.salient.unsqueeze(0).expand_as(c.s1)
         masks = [~sal & ~c.sparse, ~sal & c.sparse, sal] + ([sal] if cfg.salient_order == 2 else [])
         signs = [c.s1, c.s1, c.s1] + ([c.s2] if cfg.salient_order == 2 else [])
-        p = [pm1(s) * m for s, m in zip(signs, masks)]
+        p = [torch.where(m, torch.where(s, 1, -1), 0).to(torch.int8) for s, m in zip(signs, masks)]
         if cfg.centred:
-            p += [m.to(W.dtype) for m in masks]
-        pats.append(torch.stack(p))  # (S, rows, b)
+            p += [m.to(torch.int8) for m in masks]
+        pats.append(torch.stack(p))  # (S, rows, b) int8: +-1 / 0 exactly, a quarter of float32's bytes
     patterns = torch.cat(pats, dim=2)  # (S, rows, cols)
     block_of = torch.cat([torch.full((c.s1.shape[1],), i, device=W.device) for i, c in enumerate(codes)])
     fit = refit_scales(W, H, patterns, block_of, len(codes))  # (nb, S, rows)

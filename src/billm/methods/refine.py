@@ -101,6 +101,13 @@ def free_bytes(device: torch.device) -> int:
         return 1 << 30
 
 
+def chunk_rows(rows: int, K: int, cols: int, device: torch.device, max_bytes: Optional[int] = None) -> int:
+    """Rows of :func:`refit_scales`' chunk: its float64 ``B H`` (rows, K, cols) within ``max_bytes``, by default the
+    float64 Hessian's size (at least 64 MiB) and at most a quarter of the memory free on ``device``."""
+    budget = max_bytes if max_bytes is not None else min(free_bytes(device) // 4, max(8 * cols * cols, 64 << 20))
+    return max(1, min(rows, int(budget // (8 * K * cols))))
+
+
 def refit_scales(W: Tensor, H: Tensor, patterns: Tensor, block_of: Tensor, n_blocks: int,
                  max_bytes: Optional[int] = None) -> Tensor:
     """Scales minimising ``sum_r (w_r - q_r) H (w_r - q_r)^T`` for fixed sign patterns.
@@ -108,9 +115,9 @@ def refit_scales(W: Tensor, H: Tensor, patterns: Tensor, block_of: Tensor, n_blo
     Args:
         W: (rows, cols) target weights.
         H: (cols, cols) the (damped) Hessian; solved in float64 (a float64 ``H`` is used as it is, not copied).
-        patterns: (S, rows, cols) float: for each of the S slots of a block, the signed indicator of
-            the entries that slot's scale multiplies (+-1 on its entries, 0 elsewhere; a plain 0/1
-            indicator for a mean slot). Slot ``s`` of block ``b`` acts on the columns with
+        patterns: (S, rows, cols), any real dtype (int8 holds them exactly): for each of the S slots of a
+            block, the signed indicator of the entries that slot's scale multiplies (+-1 on its entries, 0
+            elsewhere; a plain 0/1 indicator for a mean slot). Slot ``s`` of block ``b`` acts on the columns with
             ``block_of == b``.
         block_of: (cols,) block index of each column.
         n_blocks: number of blocks.
@@ -129,8 +136,7 @@ def refit_scales(W: Tensor, H: Tensor, patterns: Tensor, block_of: Tensor, n_blo
     K = n_blocks * S
     Hd = H.to(torch.float64)
     out = torch.empty(n_blocks, S, rows, dtype=torch.float64, device=W.device)
-    budget = max_bytes if max_bytes is not None else min(free_bytes(W.device) // 4, max(8 * cols * cols, 64 << 20))
-    chunk = max(1, min(rows, int(budget // (8 * K * cols))))
+    chunk = chunk_rows(rows, K, cols, W.device, max_bytes)
     bounds = [(int((block_of == b).nonzero().min()), int((block_of == b).nonzero().max()) + 1) for b in range(n_blocks)]
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
