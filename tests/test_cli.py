@@ -1,12 +1,14 @@
 """The billm command line on a tiny model saved as a normal Hugging Face folder."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import billm
 from billm.cli import main
+from billm.resume import source_revision
 
 
 def test_quantize_eval_inspect(tiny_folder, tmp_path, capsys):
@@ -144,7 +146,11 @@ def test_compare_writes_table_json_and_plot(tiny_folder, tmp_path):
     # a random tiny model has no quality to lose; check each method really changed the weights
     assert len({round(r["ppl"]["pydoc"], 6) for r in d["rows"]}) == len(specs)
     md = (out / "compare.md").read_text()
-    assert md.count("\n") == 2 + 6 and "| billm |" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 6 and "| billm |" in md
+    rev = source_revision()  # the commit of this checkout; "" where billm is not a git checkout
+    assert {r["revision"] for r in d["rows"]} == {rev}
+    assert md.endswith(f"Measured by billm at `{rev}` (6 of 6 rows).\n" if rev else "|\n")
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -160,10 +166,10 @@ def test_pareto_measures_storage_from_the_files_and_marks_the_front(tiny_folder,
     assert not rows["fp"]["from_file"] and all(rows[s]["from_file"] for s in ("rtn:w2", "gptq:w3g32", "billm"))
     for spec, folder in (("rtn:w2", "rtn-w2-seed0"), ("billm", "billm-seed0")):
         assert rows[spec]["storage_bits"] == pytest.approx(billm.inspect_checkpoint(kept / folder).storage_bits, abs=0)
-    md = (out / "compare.md").read_text()
-    bits = [float(line.split("|")[3]) for line in md.splitlines()[2:]]
-    assert bits == sorted(bits) and md.count("| yes |") >= 1
-    front = [line.split("|")[1].strip() for line in md.splitlines()[2:] if "| yes |" in line]
+    table = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")][2:]
+    bits = [float(line.split("|")[3]) for line in table]
+    assert bits == sorted(bits) and sum("| yes |" in line for line in table) >= 1
+    front = [line.split("|")[1].strip() for line in table if "| yes |" in line]
     by_bits = sorted(rows.values(), key=lambda r: r["storage_bits"])
     best = [r["spec"] for i, r in enumerate(by_bits) if all(r["ppl"]["pydoc"] < o["ppl"]["pydoc"] for o in by_bits[:i])]
     assert front == best  # the rows beating every row of fewer bits
@@ -214,6 +220,25 @@ def test_pareto_table_shows_every_task_and_marks_the_front_on_the_first():
     assert lines[2] == "| a | 1.000 | 1.000 | 90.00 | 9.00 | yes | 0 |"
     assert lines[3] == "| b | 1.000 | 2.000 | 95.00 | 8.00 |  | 0 |"  # beaten on t, whatever u says
     assert pareto_markdown(rows, "t").splitlines()[0] == "| method | weight bits | storage bits | t ppl | front | seconds |"
+
+def test_revisions_line_names_the_commit_of_every_row():
+    from billm.compare import Row, revisions_line
+
+    rows = [Row(s, 1, 1.0, 0, {"t": 1}, revision=rev) for s, rev in [("a", "abc"), ("b", "abc"), ("c", "def"), ("d", "")]]
+    assert revisions_line(rows) == "Measured by billm at `abc` (2 of 4 rows); `def`: c; an unrecorded revision: d.\n"
+    assert revisions_line(rows[:2]) == "Measured by billm at `abc` (2 of 2 rows).\n"
+    assert revisions_line([Row("a", 1, 1.0, 0, {"t": 1})]) == ""  # nothing recorded: nothing said
+
+
+def test_source_revision_is_this_checkouts_commit():
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(Path(billm.__file__).parent), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("billm is not a git checkout here")
+    assert source_revision().removesuffix("-dirty") == head.stdout.strip()
+
 
 def test_compare_rejects_a_bad_spec_before_loading(tmp_path, capsys):
     rc = main(["compare", str(tmp_path / "not-loaded"), "--methods", "fp,gptq:w9x"])

@@ -22,7 +22,7 @@ import torch
 
 import billm
 
-from .compare import compare, pareto_markdown, pareto_plot, parse_method, to_markdown
+from .compare import compare, pareto_markdown, pareto_plot, parse_method, revisions_line, to_markdown
 from .data import DATASETS, get_calibration_batches, get_eval_tokens
 from .driver import estimate_run_bytes, parse_devices
 from .errors import BillmError, DataError
@@ -404,6 +404,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seeds": seeds},
         "rows": [asdict(r) for r in rows]})
     md = pareto_markdown(rows, tasks) if pareto else to_markdown(rows, tasks)
+    provenance = revisions_line(rows)
+    md += f"\n{provenance}" if provenance else ""
     (out / "compare.md").write_text(md)
     pareto_plot(rows, tasks[0], out / "pareto.png", f"{args.model}: {tasks[0]} perplexity vs storage bits",
                 mark_front=pareto)

@@ -47,6 +47,7 @@ class Row:
     ppl: dict[str, float] = field(default_factory=dict)
     from_file: bool = False
     seed: int = 0  # the calibration sample's seed
+    revision: str = ""  # the billm commit that measured it (resume.source_revision); "" unrecorded
 
     def label(self, rows: list["Row"]) -> str:
         """The spec, with the seed when ``rows`` hold several."""
@@ -186,6 +187,7 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
     from .eval import perplexity
     from .io import write_json_atomic
     from .driver import parse_devices, quantize
+    from .resume import source_revision
 
     cfg = parse_method(spec)
     eval_device = (parse_devices(device) or [None])[0]  # quantizing may spread over several; evaluating runs on one
@@ -208,7 +210,8 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
         wb, sb, seconds, resumed = rep.weight_bits, rep.storage_bits, rep.seconds, rep.resumed_blocks
     if from_file:
         work, sb, wb = through_file(work, tokenizer, Path(checkpoint), calibration[:1, :64])
-    row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds, from_file=from_file, seed=seed)
+    row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds, from_file=from_file, seed=seed,
+              revision=source_revision())
     for task, ids in eval_ids.items():
         row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
     if cfg is None:
@@ -231,6 +234,21 @@ def to_markdown(rows: list[Row], tasks: list[str]) -> str:
         ppl = " | ".join(f"{r.ppl[t]:.2f}" for t in tasks)
         lines.append(f"| {r.label(rows)} | {r.weight_bits:.3f} | {r.storage_bits:.3f} | {ppl} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def revisions_line(rows: list[Row]) -> str:
+    """Which billm commit measured which rows (a sweep resumed across commits mixes them): the most common one with
+    its count, then each other one with its rows' labels; "" when no row recorded one."""
+    by: dict[str, list[Row]] = {}
+    for r in rows:
+        by.setdefault(r.revision, []).append(r)
+    if set(by) == {""}:
+        return ""
+    order = sorted(by, key=lambda rev: (-len(by[rev]), rev == "", rev))
+    name = lambda rev: f"`{rev}`" if rev else "an unrecorded revision"  # noqa: E731
+    parts = [f"{name(order[0])} ({len(by[order[0]])} of {len(rows)} rows)"]
+    parts += [f"{name(rev)}: " + ", ".join(r.label(rows) for r in by[rev]) for rev in order[1:]]
+    return "Measured by billm at " + "; ".join(parts) + ".\n"
 
 
 def pareto_front(rows: list[Row], task: str) -> list[Row]:

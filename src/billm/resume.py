@@ -18,6 +18,7 @@ the saved activations: the final checkpoint is byte-identical to an uninterrupte
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -71,6 +72,28 @@ def software_versions() -> dict[str, str]:
     from . import __version__
 
     return {"billm": __version__, "torch": torch.__version__}
+
+
+@functools.lru_cache(maxsize=1)
+def source_revision() -> str:
+    """The git commit billm's own source is checked out at (``abc1234``; ``abc1234-dirty`` when its files differ
+    from it), or "" where billm is not a file of a git checkout (an installed wheel). Recorded beside a result so a
+    table can say which code measured each row; never part of a fingerprint (a resumed sweep may span commits)."""
+    import subprocess
+
+    src = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:  # not billm's own repository
+            return ""
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("diff", "--quiet", "HEAD", "--", ".").returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else ""
 
 
 def quantize_fingerprint(model_name: str, model_config: dict[str, Any], config: dict[str, Any],
