@@ -112,11 +112,11 @@ for section in "${SECTIONS[@]}"; do
       stamp "$out/README.md" "$made"
       stamp "$out/compare.md" "$made" ;;
     zeroshot)
-      out=docs/results/zeroshot; ck="$out/checkpoints"; mkdir -p "$out"
+      out=docs/results/zeroshot; ck="$out/checkpoints/$COMMIT"; mkdir -p "$out"
       # the paper's seven zero-shot tasks (lm-evaluation-harness over the local copies, the first 200 items of each:
       # about 350k tokens a model, 12 minutes of SmolLM2 on 2 CPU cores) for full precision, BiLLM, BiLLM plus and the
       # best setting at <= 2 bits, each quantized at the pareto protocol (about an hour in all; a checkpoint already in
-      # $ck is evaluated again, not quantized again)
+      # $ck, made at this commit, is evaluated again, not quantized again)
       tasks=piqa,boolq,openbookqa,winogrande,arc_easy,arc_challenge,hellaswag; limit=200
       calib=(--calib c4 --nsamples 64 --seqlen 512 --data-dir "$DATA")
       labels=(fp billm billm:plus billm:wide+hadamard)
@@ -138,7 +138,8 @@ for section in "${SECTIONS[@]}"; do
         printf 'the tasks (docs/zeroshot.md), the first %s items of each. Chance is 50 (piqa, boolq, winogrande) or 25. Each\n' "$limit"
         printf 'method quantized at the pareto protocol (64 x 512 C4); storage bits measured from its checkpoint file.\n'
         printf 'METHOD: %s. `*.json` hold acc_norm too.\n' "$(for i in "${!labels[@]}"; do printf '%s: `%s`; ' "${labels[$i]}" "${flags[$i]:-none}"; done)"
-      } > "$out/README.md"
+      } > "$out/README.md.tmp"  # a failed table leaves the last README as it was
+      mv "$out/README.md.tmp" "$out/README.md"
       stamp "$out/README.md" "$made" ;;
     memory)
       out=docs/results/memory; mkdir -p "$out"

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from billm.errors import BillmError
 from billm.eval.zeroshot import PAPER_TASKS, zeroshot_markdown
 
 
@@ -26,9 +27,18 @@ def main(argv: list[str]) -> int:
         label, sep, file = arg.rpartition("=")
         if not sep or not label:
             ap.error(f"{arg!r}: expected LABEL=FILE")
-        res = json.loads(Path(file).read_text())
+        try:
+            res = json.loads(Path(file).read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: {file}: {e}", file=sys.stderr)
+            return 2
         rows.append((label, res.get("storage_bits"), res.get("zeroshot", {})))
-    sys.stdout.write(zeroshot_markdown(rows, PAPER_TASKS, args.metric))
+    try:
+        table = zeroshot_markdown(rows, PAPER_TASKS, args.metric)
+    except BillmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(table)
     return 0
 
 

@@ -99,10 +99,12 @@ def test_damped_hessian_is_the_float32_damping_widened_in_one_copy():
     ref[dead, dead] = 1.0
     idx = torch.arange(12)
     ref[idx, idx] += 0.01 * torch.mean(torch.diag(ref))
-    before = H.clone()
     out = damped_hessian(H, dead, 0.01)
     assert out.dtype == torch.float64 and torch.equal(out, ref.to(torch.float64))
-    assert torch.equal(H, before)  # the accumulator's H is left as it was
+    H64 = H.double()  # already the result's dtype: still a new matrix, the caller's left as it was
+    before = H64.clone()
+    out64 = damped_hessian(H64, dead, 0.01)
+    assert torch.equal(H64, before) and out64.data_ptr() != H64.data_ptr()
 
 
 def test_damping_retries_on_singular_hessian():

@@ -324,3 +324,24 @@ def test_zeroshot_table_refuses_missing_tasks_and_unequal_counts():
         zeroshot_markdown([("billm", 1.4, {"piqa": _scored(5, 0.5)})], ("piqa", "boolq"))
     with pytest.raises(DataError, match="piqa: b scored 4 items where an earlier row scored 5"):
         zeroshot_markdown([("a", None, {"piqa": _scored(5, 0.5)}), ("b", 1.0, {"piqa": _scored(4, 0.5)})], ("piqa",))
+
+
+def test_zeroshot_table_script_prints_the_table_and_fails_clearly(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "zeroshot_table.py"
+    res = {t: _scored(7, 0.5) for t in PAPER_TASKS}
+    (tmp_path / "fp.json").write_text(json.dumps({"model": "m", "zeroshot": res}))
+    (tmp_path / "q.json").write_text(json.dumps({"model": "ck", "storage_bits": 1.25, "zeroshot": res}))
+    run = subprocess.run([sys.executable, str(script), f"fp={tmp_path / 'fp.json'}", f"billm:tiny={tmp_path / 'q.json'}"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "| fp | 16 | 50.0 ± 2.0 |" in run.stdout and "| billm:tiny | 1.250 |" in run.stdout
+    (tmp_path / "short.json").write_text(json.dumps({"zeroshot": {"piqa": _scored(7, 0.5)}}))
+    bad = subprocess.run([sys.executable, str(script), f"x={tmp_path / 'short.json'}", f"y={tmp_path / 'none.json'}"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "none.json" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, str(script), f"x={tmp_path / 'short.json'}"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "x: no acc for boolq" in bad.stderr

@@ -47,7 +47,8 @@ class Row:
     ppl: dict[str, float] = field(default_factory=dict)
     from_file: bool = False
     seed: int = 0  # the calibration sample's seed
-    revision: str = ""  # the billm commit that measured it (resume.source_revision); "" unrecorded
+    revision: str = ""  # the billm commit of the process that measured it, read as it started (resume.source_revision;
+    # a row resumed after an interruption: the last process's, its row.json counts the blocks recorded earlier); "" unrecorded
 
     def label(self, rows: list["Row"]) -> str:
         """The spec, with the seed when ``rows`` hold several."""
@@ -189,6 +190,7 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
     from .driver import parse_devices, quantize
     from .resume import source_revision
 
+    revision = source_revision()  # read before any work: the code this process runs
     cfg = parse_method(spec)
     eval_device = (parse_devices(device) or [None])[0]  # quantizing may spread over several; evaluating runs on one
     from_file = cfg is not None and checkpoint is not None
@@ -211,7 +213,7 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
     if from_file:
         work, sb, wb = through_file(work, tokenizer, Path(checkpoint), calibration[:1, :64])
     row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds, from_file=from_file, seed=seed,
-              revision=source_revision())
+              revision=revision)
     for task, ids in eval_ids.items():
         row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
     if cfg is None:

@@ -90,10 +90,12 @@ def source_revision() -> str:
         if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:  # not billm's own repository
             return ""
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("diff", "--quiet", "HEAD", "--", ".").returncode != 0
+        status = git("status", "--porcelain", "--", ".")  # modified, staged or new files of the package
     except (OSError, subprocess.SubprocessError):
         return ""
-    return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else ""
+    if head.returncode != 0 or status.returncode != 0:
+        return ""
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def quantize_fingerprint(model_name: str, model_config: dict[str, Any], config: dict[str, Any],

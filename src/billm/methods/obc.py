@@ -272,10 +272,19 @@ def hessian_error(W: Tensor, Q: Tensor, H: Tensor, rows: int = 256) -> tuple[flo
 
 
 def damped_hessian(H: Tensor, dead: Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The Hessian :func:`prepare_hessian` factored (dead columns set to 1 on the diagonal, damping added),
-    as one new ``dtype`` matrix: the diagonal is damped in ``H``'s own dtype, then widened with the rest, so the
-    values are those of the damping in ``H``'s dtype (one copy of the matrix, where damping then widening made
-    two)."""
+    """The Hessian :func:`prepare_hessian` factored (dead columns set to 1 on the diagonal, damping added).
+
+    Args:
+        H: (cols, cols) the undamped Hessian; left as it is.
+        dead: (cols,) bool, the columns no input reached.
+        percdamp: damping as a fraction of the mean diagonal.
+        dtype: the result's dtype.
+
+    Returns:
+        (cols, cols) a new ``dtype`` matrix. Its diagonal is damped in ``H``'s own dtype, then widened with the
+        rest, so the values are those of the damping in ``H``'s dtype (one copy, where damping then widening
+        made two).
+    """
     diag = torch.diag(H).clone()  # (cols,) in H's dtype
     diag[dead] = 1.0
     diag += percdamp * torch.mean(diag)
