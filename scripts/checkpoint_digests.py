@@ -26,7 +26,8 @@ import billm
 from billm.methods import config_classes
 
 EXTRA_SPECS = ("gptq:w2g128a", "gptq:w3g64", "rtn:w2", "billm:plus+hadamard", "billm:tiny+hadamard",
-               "slim:w2+hadamard", "arb:hadamard", "billm:reference+b64")
+               "slim:w2+hadamard", "arb:hadamard", "billm:reference+b64", "billm:tiny+rec5",
+               "lowrank:b1+rec5+reconstruct_signs", "gptq:w2g128+rec5+reconstruct_target=fpinputs")
 
 
 def specs() -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,8 @@ class Stats:
     Attributes:
         steps: Adam steps taken (0 when nothing was tunable or steps was 0).
         values: stored values tuned.
-        loss_first: relative squared error ``|out - target|^2 / |target|^2`` of the first mini-batch, before tuning.
+        loss_first: the loss figure of the first mini-batch, before tuning (a block: the relative squared error
+            ``|out - target|^2 / |target|^2``; the whole model: the next-token cross-entropy).
         loss_last: the same, averaged over the last (up to 10) mini-batches, before each one's step.
         seconds: wall time.
         signs: sign-plane entries tuned (``Settings.signs``), flipped: how many of them changed.
@@ -190,10 +191,61 @@ def _draws(sizes: Sequence[int], batch: int, steps: int, gen: torch.Generator) -
     return out
 
 
+def tune(module: nn.Module, settings: Settings, loss_of: Callable[[int], tuple[Tensor, float]], label: str) -> Stats:
+    """Tune the stored continuous values (and, with ``settings.signs``, the sign planes) of every
+    :class:`PackedLinear` inside ``module`` with Adam, then write them back in their stored form.
+
+    ``loss_of(k)`` runs step ``k``'s forward (the layers then decode from the values being tuned) and returns
+    (the differentiable loss, the figure reported for it). The module's own parameters are frozen meanwhile.
+    With 0 steps, or nothing tunable, nothing changes (not one byte). ``label`` names the module in the log.
+    """
+    t0 = time.perf_counter()
+    layers = [_Layer(m, settings.signs) for m in module.modules() if isinstance(m, PackedLinear)]
+    layers = [la for la in layers if la.params or la.latents]
+    if settings.steps <= 0 or not layers:
+        return Stats()
+    groups = [{"params": [p for la in layers for p in la.params.values()], "lr": settings.lr},
+              {"params": [z for la in layers for z in la.latents.values()], "lr": settings.sign_lr}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
+    frozen = {p: p.requires_grad for p in module.parameters()}
+    kernels = {la.module: la.module.kernel for la in layers}
+    losses: list[float] = []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for la in layers:
+            la.module.kernel = "dequant"  # the forward multiplies with the decoded weight (module._decoded)
+            la.module.replace_fields({})  # caches built in inference mode (a rotation's signs) are rebuilt for autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            for k in range(settings.steps):
+                for la in layers:
+                    la.module._decoded = la.decode()
+                loss, figure = loss_of(k)
+                losses.append(figure)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        for la in layers:
+            la.module.kernel = kernels[la.module]
+            la.module._decoded = None
+    flipped = sum(la.write_back() for la in layers)
+    stats = Stats(steps=len(losses), values=sum(p.numel() for la in layers for p in la.params.values()),
+                  loss_first=losses[0], loss_last=sum(losses[-10:]) / len(losses[-10:]),
+                  seconds=time.perf_counter() - t0, signs=sum(z.numel() for la in layers for z in la.latents.values()),
+                  flipped=flipped)
+    log.info("%s tuned: %d steps, %d values, %d of %d signs flipped, loss %.4f -> %.4f, %.1fs", label, stats.steps,
+             stats.values, stats.flipped, stats.signs, stats.loss_first, stats.loss_last, stats.seconds)
+    return stats
+
+
 def reconstruct_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequence[dict[str, Any]],
                       targets: Sequence[Tensor], settings: Settings, device: torch.device,
                       index: int = 0) -> Stats:
-    """Tune the stored continuous values of every :class:`PackedLinear` of ``block`` in place.
+    """Tune the stored continuous values of every :class:`PackedLinear` of ``block`` in place (:func:`tune`),
+    toward ``targets``; the reported loss is the relative squared error ``|out - target|^2 / |target|^2``.
 
     Args:
         block: the decoder block (on ``device``), its quantized linears already PackedLinear.
@@ -207,52 +259,40 @@ def reconstruct_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequen
     Returns:
         :class:`Stats`. With 0 steps, or no tunable field in the block, nothing changes (not one byte).
     """
-    t0 = time.perf_counter()
-    layers = [_Layer(m, settings.signs) for m in block.modules() if isinstance(m, PackedLinear)]
-    layers = [la for la in layers if la.params or la.latents]
-    if settings.steps <= 0 or not layers:
-        return Stats()
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
-    draws = _draws([h.shape[0] for h in hidden], settings.batch, settings.steps, gen)
-    groups = [{"params": [p for la in layers for p in la.params.values()], "lr": settings.lr},
-              {"params": [z for la in layers for z in la.latents.values()], "lr": settings.sign_lr}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]])
-    frozen = {p: p.requires_grad for p in block.parameters()}
-    kernels = {la.module: la.module.kernel for la in layers}
-    losses: list[float] = []
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        for la in layers:
-            la.module.kernel = "dequant"  # the forward multiplies with the decoded weight (module._decoded)
-            la.module.replace_fields({})  # caches built in inference mode (a rotation's signs) are rebuilt for autograd
-        with torch.inference_mode(False), torch.enable_grad():
-            for b, rows in draws:
-                n = hidden[b].shape[0]
-                x = _fresh(hidden[b].index_select(0, rows), device)  # (batch, seq, dim)
-                kw = _fresh(select_rows(kwargs[b], rows, n), device)
-                target = targets[b].index_select(0, rows).to(device, torch.float32)  # (batch, seq, dim)
-                for la in layers:
-                    la.module._decoded = la.decode()
-                out = block(x, **kw)
-                out = (out[0] if isinstance(out, (tuple, list)) else out).float()
-                err = (out - target).pow(2).sum()
-                losses.append(float(err.detach()) / max(float(target.pow(2).sum()), 1e-30))
-                opt.zero_grad(set_to_none=True)
-                err.backward()
-                opt.step()
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        for la in layers:
-            la.module.kernel = kernels[la.module]
-            la.module._decoded = None
-    flipped = sum(la.write_back() for la in layers)
-    stats = Stats(steps=len(draws), values=sum(p.numel() for la in layers for p in la.params.values()),
-                  loss_first=losses[0], loss_last=sum(losses[-10:]) / len(losses[-10:]),
-                  seconds=time.perf_counter() - t0, signs=sum(z.numel() for la in layers for z in la.latents.values()),
-                  flipped=flipped)
-    log.info("block %d reconstructed: %d steps, %d values, %d of %d signs flipped, rel. error %.4f -> %.4f, %.1fs",
-             index, stats.steps, stats.values, stats.flipped, stats.signs, stats.loss_first, stats.loss_last,
-             stats.seconds)
-    return stats
+    draws = _draws([h.shape[0] for h in hidden], settings.batch, max(settings.steps, 0), gen)
+
+    def loss_of(k: int) -> tuple[Tensor, float]:
+        b, rows = draws[k]
+        n = hidden[b].shape[0]
+        x = _fresh(hidden[b].index_select(0, rows), device)  # (batch, seq, dim)
+        kw = _fresh(select_rows(kwargs[b], rows, n), device)
+        target = targets[b].index_select(0, rows).to(device, torch.float32)  # (batch, seq, dim)
+        out = block(x, **kw)
+        out = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        err = (out - target).pow(2).sum()
+        return err, float(err.detach()) / max(float(target.pow(2).sum()), 1e-30)
+
+    return tune(block, settings, loss_of, f"block {index}")
+
+
+def finetune_model(model: nn.Module, batches: Sequence[Tensor], settings: Settings, device: torch.device) -> Stats:
+    """End-to-end tuning: every stored continuous value of ``model``'s PackedLinear layers at once (:func:`tune`),
+    on the next-token cross-entropy of the calibration text; the reported loss is that cross-entropy (nats).
+
+    Args:
+        model: a causal LM (``model(ids, labels=ids).loss``), all of it on ``device``.
+        batches: calibration token ids, (n_b, seq) per batch.
+        settings: steps, learning rate (relative, as for blocks), sequences per step and seed.
+        device: where the model runs.
+    """
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + 999_983)
+    draws = _draws([b.shape[0] for b in batches], settings.batch, max(settings.steps, 0), gen)
+
+    def loss_of(k: int) -> tuple[Tensor, float]:
+        b, rows = draws[k]
+        ids = batches[b].index_select(0, rows).to(device)  # (batch, seq)
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss, float(loss.detach())
+
+    return tune(model, settings, loss_of, "model")
