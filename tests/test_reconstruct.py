@@ -186,3 +186,70 @@ def test_sign_latents_change_nothing_for_a_format_without_sign_planes(quantized_
         runs.append((_buffers(block), stats))
     (a, sa), (b, sb) = runs
     assert sb.signs == 0 and sb.flipped == 0 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- end-to-end tuning (finetune)
+
+def _calibration_loss(model, ids):
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def test_finetune_lowers_the_calibration_loss_and_changes_only_scales(tiny_model, tmp_path):
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    models = [tiny_model("llama"), tiny_model("llama")]
+    configs = [BiLLMConfig.from_spec("tiny+b32"), BiLLMConfig.from_spec("tiny+b32+ft40+finetune_lr=0.05")]
+    reports = [billm.quantize(m, ids, c, batch_size=4, progress=False) for m, c in zip(models, configs)]
+    tuned = reports[1]
+    assert tuned.finetune["steps"] == 40 and tuned.to_dict()["finetune"] == tuned.finetune
+    assert tuned.finetune["loss_last"] < tuned.finetune["loss_first"]
+    assert "finetune" in tuned.phases and "finetune" not in reports[0].to_dict()
+    assert models[1].config.quantization_config["config"]["finetune"] == 40  # what billm.save records
+    # the whole calibration text, not only the last mini-batches: the tuned model fits it better
+    assert _calibration_loss(models[1], ids) < _calibration_loss(models[0], ids)
+    bufs = [{f"{i}.{k}": v for i, block in enumerate(m.model.layers) for k, v in _buffers(block).items()} for m in models]
+    assert all(torch.equal(bufs[0][k], bufs[1][k]) for k in bufs[0] if not bufs[0][k].is_floating_point())  # signs, bitmaps
+    assert any(not torch.equal(bufs[0][k], bufs[1][k]) for k in bufs[0])
+    assert {k: (v.dtype, v.shape) for k, v in bufs[0].items()} == {k: (v.dtype, v.shape) for k, v in bufs[1].items()}
+    billm.save(models[1], tmp_path / "ck")  # the checkpoint holds exactly the tuned model
+    with torch.no_grad():
+        assert torch.equal(billm.load(tmp_path / "ck")(ids[:2]).logits, models[1](ids[:2]).logits)
+
+
+def test_finetune_same_command_same_bytes(tiny_model):
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    cfg = GPTQConfig.from_spec("w2g32+ft6")
+    models = [tiny_model("llama"), tiny_model("llama")]
+    for m in models:
+        billm.quantize(m, ids, cfg, batch_size=4, progress=False)
+    a, b = ({f"{i}.{k}": v for i, blk in enumerate(m.model.layers) for k, v in _buffers(blk).items()} for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_options_and_refusals(tiny_model):
+    c = BiLLMConfig.from_spec("tiny+ft64+finetune_batch=2")
+    assert (c.finetune, c.finetune_batch) == (64, 2) and BiLLMConfig.from_dict(c.to_dict()) == c
+    assert "finetune" not in BiLLMConfig.from_spec("tiny+ft0").to_dict()  # 0 = off: today's record, byte for byte
+    for bad in ({"finetune": -1}, {"finetune_lr": 0.0}, {"finetune_batch": 0}):
+        with pytest.raises(billm.BillmError, match=next(iter(bad))):
+            BiLLMConfig(**bad)
+    model = tiny_model("llama")
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "disk"}  # as accelerate dispatches it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(billm.ModelError, match="finetune runs the whole model on one device"):
+        billm.quantize(model, torch.randint(3, 128, (2, 16)), BiLLMConfig.from_spec("tiny+ft4"), progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before any work
+
+
+def test_finetune_after_a_run_resumed_past_its_last_block_gives_the_same_bytes(tiny_model, tmp_path):
+    from billm.resume import ProgressStore
+
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    cfg = BiLLMConfig.from_spec("tiny+b32+ft6")
+    first, again = tiny_model("llama"), tiny_model("llama")
+    billm.quantize(first, ids, cfg, batch_size=4, progress=False, store=ProgressStore(tmp_path / "p", {"run": 1}))
+    # every block is in the store (as after a kill during the tuning): the rerun replays them all, then tunes again
+    rep = billm.quantize(again, ids, cfg, batch_size=4, progress=False, store=ProgressStore(tmp_path / "p", {"run": 1}))
+    assert rep.resumed_blocks == len(again.model.layers) and rep.finetune["steps"] == 6
+    a, b = ({f"{i}.{k}": v for i, blk in enumerate(m.model.layers) for k, v in _buffers(blk).items()} for m in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -99,7 +99,7 @@ class QuantConfig:
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     """Named option sets (``--preset NAME``, ``method:NAME`` in compare specs); ``default`` is the class defaults."""
     abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
-        "b": "blocksize", "fp8": {"scale_dtype": "float8_e4m3fn"}, "rec": "reconstruct"}
+        "b": "blocksize", "fp8": {"scale_dtype": "float8_e4m3fn"}, "rec": "reconstruct", "ft": "finetune"}
     """Short spellings in compare specs: a letter followed by a number sets that field (``b256``), a
     bare name of a boolean field sets it (``a``), and a name mapped to a dict sets those options."""
     storage_estimate: ClassVar[float] = 16.0
@@ -127,7 +127,8 @@ class QuantConfig:
                                                 "quantized model's inputs (qinputs) or on the full-precision "
                                                 "model's own inputs (fpinputs, a second activation stream)",
                                      choices=("qinputs", "fpinputs"), record_default=False)
-    reconstruct_seed: int = option(0, "block reconstruction: seed of the mini-batch draws", record_default=False)
+    reconstruct_seed: int = option(0, "block reconstruction and end-to-end tuning: seed of the mini-batch draws",
+                                   record_default=False)
     reconstruct_signs: bool = option(False, "block reconstruction: also flip the format's sign planes, through "
                                             "latent weights with a straight-through sign (formats that declare "
                                             "them: billm, lowrank)", record_default=False)
@@ -135,6 +136,14 @@ class QuantConfig:
                                               "(they start at +-1; a sign flips when its latent crosses 0)",
                                         record_default=False)
     # --- end block reconstruction
+    # --- end-to-end tuning (billm.reconstruct.finetune_model): after the last block, every stored scale/mean at once
+    finetune: int = option(0, "end-to-end tuning after the last block: Adam steps tuning every stored scale and mean "
+                              "of the whole quantized model (in their stored dtype) on the calibration text's "
+                              "next-token loss; the whole model runs on the quantize device (0: off)",
+                           record_default=False)
+    finetune_lr: float = option(1e-3, "end-to-end tuning: Adam learning rate, relative to each tuned value's magnitude",
+                                record_default=False)
+    finetune_batch: int = option(4, "end-to-end tuning: calibration sequences per step", record_default=False)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # JSON lists -> tuples, values -> enums; then the declared choices
@@ -151,6 +160,9 @@ class QuantConfig:
         check(self.reconstruct_batch >= 1, f"reconstruct_batch must be >= 1, got {self.reconstruct_batch}")
         check(self.reconstruct_seed >= 0, f"reconstruct_seed must be >= 0, got {self.reconstruct_seed}")
         check(self.reconstruct_sign_lr > 0, f"reconstruct_sign_lr must be > 0, got {self.reconstruct_sign_lr}")
+        check(self.finetune >= 0, f"finetune must be >= 0 steps, got {self.finetune}")
+        check(self.finetune_lr > 0, f"finetune_lr must be > 0, got {self.finetune_lr}")
+        check(self.finetune_batch >= 1, f"finetune_batch must be >= 1, got {self.finetune_batch}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``method`` and ``version``."""

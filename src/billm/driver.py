@@ -36,7 +36,7 @@ from .packing.checkpoint import quantization_record
 from .packing.formats import StoredWeight
 from .packing.linear import PackedLinear, decode_once
 from .packing.rotation import Rotation
-from .reconstruct import Settings, reconstruct_block
+from .reconstruct import Settings, finetune_model, reconstruct_block
 
 if TYPE_CHECKING:
     from .resume import ProgressStore
@@ -82,6 +82,8 @@ class QuantReport:
     nsamples: int
     seqlen: int
     resumed_blocks: int = 0  # blocks an interrupted earlier run had finished (replayed from the progress store)
+    finetune: dict[str, Any] = field(default_factory=dict)  # end-to-end tuning's figures (config.finetune); the layers'
+    # errors above are those before it
 
     @property
     def n_weights(self) -> int:
@@ -109,7 +111,8 @@ class QuantReport:
         """JSON-able form."""
         return {"config": self.config, "nsamples": self.nsamples, "seqlen": self.seqlen,
                 "weight_bits": self.weight_bits, "storage_bits": self.storage_bits, "n_weights": self.n_weights, "seconds": self.seconds,
-                "phases": dict(self.phases), "layers": [asdict(r) for r in self.layers]}
+                "phases": dict(self.phases), "layers": [asdict(r) for r in self.layers],
+                **({"finetune": dict(self.finetune)} if self.finetune else {})}
 
 
 def _as_batches(calibration: Union[Tensor, Sequence[Tensor]], batch_size: int) -> list[Tensor]:
@@ -526,6 +529,25 @@ def _record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", 
                        {k: run.phases[k] - before[k] for k in run.phases}, None if last else run.fp_hidden)
 
 
+def _finetune(run: _Run, model: nn.Module, batches: list[Tensor]) -> dict[str, Any]:
+    """End-to-end tuning of the whole quantized model on ``run.device`` (``config.finetune`` steps), then back home.
+    Deterministic (seeded draws), so a run resumed after its last block tunes to the same bytes."""
+    c = run.config
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        model.to(run.device)
+        stats = finetune_model(model, batches, Settings(c.finetune, c.finetune_lr, c.finetune_batch, c.reconstruct_seed),
+                               run.device)
+    finally:
+        model.to(home)
+        model.train(was_training)
+        return_freed_memory()
+    run.phases["finetune"] = stats.seconds
+    return {"steps": stats.steps, "values": stats.values, "loss_first": stats.loss_first, "loss_last": stats.loss_last}
+
+
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     """Record the method's config on the model (``model.config.quantization_config``), where :func:`billm.save` reads it."""
     if getattr(model, "config", None) is not None:
@@ -573,6 +595,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         raise ModelError("the model has parameters on the meta device and no source for them: pass "
                          "weights=billm.model.LazyWeights.from_folder(folder) (see billm.model.load_skeleton)")
     run = _plan(model, config, batches[0].shape[1], device)
+    spread = set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
+    if config.finetune and len(spread) > 1:
+        raise ModelError(f"finetune runs the whole model on one device; this one is dispatched over {sorted(spread)}: "
+                         "load it whole (or block by block, billm's default), or leave finetune at 0")
     run.weights = weights
     run.activations = run.device if activations_on_device else run.offload
     outside: list[str] = []  # an empty model's tensors outside the blocks, read for the capture only
@@ -636,6 +662,8 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         if store is not None:  # the packed blocks, emptied as each was recorded
             _swap_in(run, store.packed(len(run.blocks) - 1))
         fill_outside_blocks(model, run.blocks_name, weights)  # the embeddings, final norm and lm_head, for use and save
+    tuned = _finetune(run, model, batches) if config.finetune else {}
     _mark_quantized(model, config)
     return QuantReport(config=config.to_dict(), layers=run.layers, phases=run.phases,
-                       nsamples=sum(b.shape[0] for b in batches), seqlen=batches[0].shape[1], resumed_blocks=start)
+                       nsamples=sum(b.shape[0] for b in batches), seqlen=batches[0].shape[1], resumed_blocks=start,
+                       finetune=tuned)
