@@ -253,3 +253,43 @@ def test_finetune_after_a_run_resumed_past_its_last_block_gives_the_same_bytes(t
     assert rep.resumed_blocks == len(again.model.layers) and rep.finetune["steps"] == 6
     a, b = ({f"{i}.{k}": v for i, blk in enumerate(m.model.layers) for k, v in _buffers(blk).items()} for m in (first, again))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_logits_put_another_stream_through_the_models_own_tail(tiny_model):
+    from billm.reconstruct import teacher_logits
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(4))
+    seen = []
+    handle = model.model.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple)
+                                                                                           else out))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    handle.remove()
+    assert torch.equal(teacher_logits(model, model.model.layers[-1], ids, seen[0]), ref)
+    other = teacher_logits(model, model.model.layers[-1], ids, torch.zeros_like(seen[0]))
+    assert not torch.equal(other, ref)  # the stream given is the one used
+
+
+def _kl_to(fp, model, ids):
+    with torch.no_grad():
+        log_p, log_q = (torch.log_softmax(m(input_ids=ids).logits.float(), -1) for m in (fp, model))
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def test_finetune_toward_the_full_precision_model_lowers_its_kl(tiny_model, tmp_path):
+    from billm.resume import ProgressStore
+
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(5))
+    fp = tiny_model("llama")
+    plain, tuned, again = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    billm.quantize(plain, ids, BiLLMConfig.from_spec("tiny+b32"), batch_size=4, progress=False)
+    cfg = BiLLMConfig.from_spec("tiny+b32+ft30+finetune_target=fp+finetune_lr=0.05")
+    rep = billm.quantize(tuned, ids, cfg, batch_size=4, progress=False, store=ProgressStore(tmp_path / "p", {"r": 1}))
+    assert rep.finetune["target"] == "fp" and rep.finetune["loss_last"] < rep.finetune["loss_first"]
+    assert _kl_to(fp, tuned, ids) < _kl_to(fp, plain, ids)
+    # the full-precision stream after the last block is in the store: a rerun past the last block tunes the same
+    assert (tmp_path / "p" / "final.safetensors").is_file()
+    billm.quantize(again, ids, cfg, batch_size=4, progress=False, store=ProgressStore(tmp_path / "p", {"r": 1}))
+    a, b = ({f"{i}.{k}": v for i, blk in enumerate(m.model.layers) for k, v in _buffers(blk).items()} for m in (tuned, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)

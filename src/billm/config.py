@@ -144,6 +144,10 @@ class QuantConfig:
     finetune_lr: float = option(1e-3, "end-to-end tuning: Adam learning rate, relative to each tuned value's magnitude",
                                 record_default=False)
     finetune_batch: int = option(4, "end-to-end tuning: calibration sequences per step", record_default=False)
+    finetune_target: str = option("tokens", "end-to-end tuning: the calibration text's next tokens (cross-entropy) or "
+                                            "the full-precision model's next-token distribution on it (fp: KL "
+                                            "divergence, from a full-precision stream kept beside the quantized one)",
+                                  choices=("tokens", "fp"), record_default=False)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # JSON lists -> tuples, values -> enums; then the declared choices

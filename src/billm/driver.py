@@ -174,7 +174,7 @@ class _Run:
     layers: list[LayerReport] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     groups: Optional[list[list[str]]] = None  # linears sharing one input, probed once
-    fp_hidden: Optional[list[Tensor]] = None  # reconstruct_target fpinputs: the full-precision model's activations
+    fp_hidden: Optional[list[Tensor]] = None  # the full-precision model's activations (_keeps_fp_stream)
 
     def name(self, i: int, linear: str) -> str:
         return f"{self.blocks_name}.{i}.{linear}"
@@ -442,23 +442,31 @@ def _propagate(run: _Run, i: int) -> None:
 
 # ----------------------------------------------------------------------------- block reconstruction (billm.reconstruct)
 
+def _keeps_fp_stream(c: QuantConfig) -> bool:
+    """Whether a full-precision stream runs beside the quantized one: block reconstruction toward the full-precision
+    model's own activations, or end-to-end tuning toward its next-token distribution."""
+    return (c.reconstruct > 0 and c.reconstruct_target == "fpinputs") or (c.finetune > 0 and c.finetune_target == "fp")
+
+
 def _reconstruction_targets(run: _Run, i: int) -> Optional[list[Tensor]]:
     """Before block ``i`` is quantized: its full-precision outputs, per batch, on the quantized model's inputs or
-    (``reconstruct_target`` fpinputs) on the full-precision stream, which they then replace. None when off."""
-    if not run.config.reconstruct:
+    (``reconstruct_target`` fpinputs) on the full-precision stream, which they then replace; the full-precision
+    stream moves past block ``i`` here also when only end-to-end tuning keeps it. None when reconstruction is off."""
+    fp = _keeps_fp_stream(run.config)
+    if not run.config.reconstruct and not fp:
         return None
     t0 = clock(run.devices)
-    fp = run.config.reconstruct_target == "fpinputs"
-    src = BlockInputs(run.fp_hidden if fp else run.inputs.hidden, run.inputs.kwargs, run.inputs.layer_kwargs)
-    outs = src.hidden if fp else []
-    for b in range(len(src.hidden)):
-        out = to_host(run_batch(run.blocks[i], src, b, run.device, i), run.activations)
-        if fp:
-            outs[b] = out  # the full-precision stream moves on: one copy alive
-        else:
-            outs.append(out)
-    run.phases["reconstruct"] += clock(run.devices) - t0
-    return outs
+    fp_targets = run.config.reconstruct_target == "fpinputs"
+    if fp:
+        src = BlockInputs(run.fp_hidden, run.inputs.kwargs, run.inputs.layer_kwargs)
+        for b in range(len(src.hidden)):
+            run.fp_hidden[b] = to_host(run_batch(run.blocks[i], src, b, run.device, i), run.activations)  # one copy
+    outs = run.fp_hidden if fp_targets else []
+    if run.config.reconstruct and not fp_targets:
+        src = BlockInputs(run.inputs.hidden, run.inputs.kwargs, run.inputs.layer_kwargs)
+        outs = [to_host(run_batch(run.blocks[i], src, b, run.device, i), run.activations) for b in range(len(src.hidden))]
+    run.phases["reconstruct" if run.config.reconstruct else "finetune"] += clock(run.devices) - t0
+    return outs if run.config.reconstruct else None
 
 
 def _reconstruct(run: _Run, i: int, targets: list[Tensor], done: list[LayerReport]) -> None:
@@ -526,7 +534,8 @@ def _record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", 
     stored = {prefix + n: m.stored() for n, m in run.blocks[i].named_modules() if isinstance(m, PackedLinear)}
     last = i + 1 == len(run.blocks)
     store.record_block(i, done, stored, None if last else run.inputs.hidden,
-                       {k: run.phases[k] - before[k] for k in run.phases}, None if last else run.fp_hidden)
+                       {k: run.phases[k] - before[k] for k in run.phases},
+                       run.fp_hidden if not last or run.config.finetune_target == "fp" else None)
 
 
 def _finetune(run: _Run, model: nn.Module, batches: list[Tensor]) -> dict[str, Any]:
@@ -538,14 +547,18 @@ def _finetune(run: _Run, model: nn.Module, batches: list[Tensor]) -> dict[str, A
     model.eval()
     try:
         model.to(run.device)
+        teacher = None
+        if c.finetune_target == "fp":
+            teacher = [h.to(run.offload) for h in run.fp_hidden]  # the full-precision stream after the last block
+            run.fp_hidden = None
         stats = finetune_model(model, batches, Settings(c.finetune, c.finetune_lr, c.finetune_batch, c.reconstruct_seed),
-                               run.device)
+                               run.device, teacher=teacher, last_block=run.blocks[-1])
     finally:
         model.to(home)
         model.train(was_training)
         return_freed_memory()
-    run.phases["finetune"] = stats.seconds
-    return {"steps": stats.steps, "values": stats.values, "loss_first": stats.loss_first, "loss_last": stats.loss_last}
+    run.phases["finetune"] = run.phases.get("finetune", 0.0) + stats.seconds
+    return {"target": c.finetune_target, "steps": stats.steps, "values": stats.values, "loss_first": stats.loss_first, "loss_last": stats.loss_last}
 
 
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
@@ -619,8 +632,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             return_freed_memory()
         if config.reconstruct:
             run.phases["reconstruct"] = 0.0
-            if config.reconstruct_target == "fpinputs":  # the second stream starts from the same captured inputs
-                run.fp_hidden = [h.clone() for h in run.inputs.hidden]
+        if config.finetune:
+            run.phases["finetune"] = 0.0
+        if _keeps_fp_stream(config):  # the second stream starts from the same captured inputs
+            run.fp_hidden = [h.clone() for h in run.inputs.hidden]
         start = _replay(run, store) if store is not None else 0
         if weights is not None:
             for i in range(start):  # finished by an earlier run: read back with the others at the end
@@ -634,7 +649,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             t0 = clock(run.devices)
             accs = _accumulate_hessians(run, i)
             run.phases["hessian"] += clock(run.devices) - t0
-            targets = _reconstruction_targets(run, i)  # None unless config.reconstruct
+            targets = _reconstruction_targets(run, i)  # None unless config.reconstruct (the fp stream moves on)
             done = _quantize_block(run, i, accs)
             del accs
             if targets is not None:

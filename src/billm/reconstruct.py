@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -276,15 +276,38 @@ def reconstruct_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequen
     return tune(block, settings, loss_of, f"block {index}")
 
 
-def finetune_model(model: nn.Module, batches: Sequence[Tensor], settings: Settings, device: torch.device) -> Stats:
-    """End-to-end tuning: every stored continuous value of ``model``'s PackedLinear layers at once (:func:`tune`),
-    on the next-token cross-entropy of the calibration text; the reported loss is that cross-entropy (nats).
+def teacher_logits(model: nn.Module, last_block: nn.Module, ids: Tensor, hidden: Tensor) -> Tensor:
+    """The logits ``model`` computes when ``last_block``'s output is ``hidden`` (batch, seq, dim): the model's own tail
+    (final norm, head) on another stream's last hidden states, e.g. the full-precision model's. No gradients.
+    (The blocks still run, and their output is replaced; the tail is what matters.)"""
+    def swap(module: nn.Module, args: Any, out: Any) -> Any:
+        h = hidden.to(device=(out[0] if isinstance(out, (tuple, list)) else out).device,
+                      dtype=(out[0] if isinstance(out, (tuple, list)) else out).dtype)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = last_block.register_forward_hook(swap)
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()  # (batch, seq, vocab)
+    finally:
+        handle.remove()
+
+
+def finetune_model(model: nn.Module, batches: Sequence[Tensor], settings: Settings, device: torch.device,
+                   teacher: Optional[Sequence[Tensor]] = None, last_block: Optional[nn.Module] = None) -> Stats:
+    """End-to-end tuning: every stored continuous value of ``model``'s PackedLinear layers at once (:func:`tune`).
+
+    The loss, also the reported figure (nats): without ``teacher``, the next-token cross-entropy of the calibration
+    text; with it, the KL divergence from the full-precision model's next-token distribution to the quantized
+    model's, averaged over the tokens, the full-precision logits from :func:`teacher_logits`.
 
     Args:
         model: a causal LM (``model(ids, labels=ids).loss``), all of it on ``device``.
         batches: calibration token ids, (n_b, seq) per batch.
         settings: steps, learning rate (relative, as for blocks), sequences per step and seed.
         device: where the model runs.
+        teacher: per batch, the full-precision model's last-block outputs (n_b, seq, dim), anywhere.
+        last_block: the model's last decoder block (where ``teacher`` is put in), with ``teacher``.
     """
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + 999_983)
     draws = _draws([b.shape[0] for b in batches], settings.batch, max(settings.steps, 0), gen)
@@ -292,7 +315,12 @@ def finetune_model(model: nn.Module, batches: Sequence[Tensor], settings: Settin
     def loss_of(k: int) -> tuple[Tensor, float]:
         b, rows = draws[k]
         ids = batches[b].index_select(0, rows).to(device)  # (batch, seq)
-        loss = model(input_ids=ids, labels=ids).loss
+        if teacher is None:
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            log_p = torch.log_softmax(teacher_logits(model, last_block, ids, teacher[b].index_select(0, rows)), -1)
+            log_q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)  # (batch, seq, vocab)
+            loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         return loss, float(loss.detach())
 
     return tune(model, settings, loss_of, "model")

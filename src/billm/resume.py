@@ -135,7 +135,7 @@ class ResumeState:
         stored: the finished layers' packed weights, by full name.
         hidden: the next block's inputs, per calibration batch (None when every block is done).
         phases: the phase timings spent so far.
-        fp_hidden: block reconstruction's full-precision stream at the same point (None when not kept).
+        fp_hidden: the full-precision stream at the same point (after the last block too; None when not kept).
     """
 
     next_block: int
@@ -196,6 +196,9 @@ class ProgressStore:
         done_file = self.folder / "done.json"
         if done_file.is_file():
             last, hidden, fp_hidden = json.loads(done_file.read_text())["after_block"], None, None
+            if (self.folder / "final.safetensors").is_file():
+                with safe_open(str(self.folder / "final.safetensors"), "pt") as f:
+                    fp_hidden = [f.get_tensor(f"fp{b}") for b in range(int(f.metadata()["batches"]))]
         elif hidden_file.is_file():
             with safe_open(str(hidden_file), "pt") as f:
                 last = int(f.metadata()["after_block"])
@@ -237,8 +240,9 @@ class ProgressStore:
                      phases: dict[str, float], fp_hidden: Optional[list[Tensor]] = None) -> None:
         """Record block ``i`` as finished: its packed weights and reports, then its output activations.
 
-        ``hidden`` is None for the last block (nothing follows it). ``fp_hidden``: block reconstruction's
-        full-precision stream, saved beside ``hidden`` (keys ``fp0``, ``fp1``, ...).
+        ``hidden`` is None for the last block (nothing follows it). ``fp_hidden``: the full-precision stream (block
+        reconstruction's ``fpinputs``, end-to-end tuning's ``fp`` target), saved beside ``hidden`` (keys ``fp0``,
+        ``fp1``, ...), and after the last block in ``final.safetensors``.
         """
         meta = {"layers": [asdict(r) for r in layers], "phases": phases,
                 "stored": {n: {"format": s.format, "shape": list(s.shape), "meta": s.meta, "fields": sorted(s.tensors)}
@@ -248,6 +252,9 @@ class ProgressStore:
         _save_atomic(tensors, self._block_file(i), {"block": json.dumps(meta)}, "block", i)
         fault_point("after-block", i)
         if hidden is None:
+            if fp_hidden is not None:  # the full-precision stream's end: the targets of end-to-end tuning
+                _save_atomic({f"fp{b}": h.detach().cpu().contiguous() for b, h in enumerate(fp_hidden)},
+                             self.folder / "final.safetensors", {"batches": str(len(fp_hidden))}, "final", i)
             write_json_atomic(self.folder / "done.json", {"after_block": i})
         elif (i + 1) % self.every:
             return  # activations saved every `every` blocks: a resumed run redoes the blocks since
