@@ -293,3 +293,29 @@ def test_finetune_toward_the_full_precision_model_lowers_its_kl(tiny_model, tmp_
     billm.quantize(again, ids, cfg, batch_size=4, progress=False, store=ProgressStore(tmp_path / "p", {"r": 1}))
     a, b = ({f"{i}.{k}": v for i, blk in enumerate(m.model.layers) for k, v in _buffers(blk).items()} for m in (tuned, again))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # that stream is exactly the full-precision model's last-block output, batch by batch
+    from safetensors.torch import load_file
+
+    seen = []
+    hook = fp.model.layers[-1].register_forward_hook(lambda m, args, out: seen.append(out[0] if isinstance(out, tuple)
+                                                                                      else out))
+    with torch.no_grad():
+        for batch in ids.split(4):
+            fp(input_ids=batch)
+    hook.remove()
+    final = load_file(str(tmp_path / "p" / "final.safetensors"))
+    assert len(final) == len(seen) == 2 and all(torch.equal(final[f"fp{b}"], seen[b]) for b in range(2))
+    # progress without that stream (written without the fp target) is refused, not tuned toward a stale stream
+    (tmp_path / "p" / "final.safetensors").unlink()
+    with pytest.raises(billm.QuantizationError, match="no full-precision stream.*--restart"):
+        billm.quantize(tiny_model("llama"), ids, cfg, batch_size=4, progress=False,
+                       store=ProgressStore(tmp_path / "p", {"r": 1}))
+
+
+def test_block_reconstruction_on_the_fp_stream_alone_keeps_no_final_stream(tiny_model, tmp_path):
+    from billm.resume import ProgressStore
+
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(6))
+    billm.quantize(tiny_model("llama"), ids, BiLLMConfig.from_spec("tiny+b32+rec2+fpinputs"), batch_size=4,
+                   progress=False, store=ProgressStore(tmp_path / "p", {"r": 1}))
+    assert (tmp_path / "p" / "done.json").is_file() and not (tmp_path / "p" / "final.safetensors").exists()

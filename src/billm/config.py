@@ -138,8 +138,8 @@ class QuantConfig:
     # --- end block reconstruction
     # --- end-to-end tuning (billm.reconstruct.finetune_model): after the last block, every stored scale/mean at once
     finetune: int = option(0, "end-to-end tuning after the last block: Adam steps tuning every stored scale and mean "
-                              "of the whole quantized model (in their stored dtype) on the calibration text's "
-                              "next-token loss; the whole model runs on the quantize device (0: off)",
+                              "of the whole quantized model (in their stored dtype) toward finetune_target on the "
+                              "calibration text; the whole model runs on the quantize device (0: off)",
                            record_default=False)
     finetune_lr: float = option(1e-3, "end-to-end tuning: Adam learning rate, relative to each tuned value's magnitude",
                                 record_default=False)

@@ -442,10 +442,15 @@ def _propagate(run: _Run, i: int) -> None:
 
 # ----------------------------------------------------------------------------- block reconstruction (billm.reconstruct)
 
+def _tunes_toward_fp(c: QuantConfig) -> bool:
+    """End-to-end tuning toward the full-precision model (it needs the full-precision stream after the last block)."""
+    return c.finetune > 0 and c.finetune_target == "fp"
+
+
 def _keeps_fp_stream(c: QuantConfig) -> bool:
     """Whether a full-precision stream runs beside the quantized one: block reconstruction toward the full-precision
     model's own activations, or end-to-end tuning toward its next-token distribution."""
-    return (c.reconstruct > 0 and c.reconstruct_target == "fpinputs") or (c.finetune > 0 and c.finetune_target == "fp")
+    return (c.reconstruct > 0 and c.reconstruct_target == "fpinputs") or _tunes_toward_fp(c)
 
 
 def _reconstruction_targets(run: _Run, i: int) -> Optional[list[Tensor]]:
@@ -502,6 +507,9 @@ def _replay(run: _Run, store: "ProgressStore") -> int:
         run.inputs.hidden = [h.to(run.activations) for h in state.hidden]
     if state.fp_hidden is not None:
         run.fp_hidden = [h.to(run.activations) for h in state.fp_hidden]
+    elif _keeps_fp_stream(run.config) and (state.hidden is not None or _tunes_toward_fp(run.config)):
+        raise QuantizationError(f"the progress in {store.folder} holds no full-precision stream, which this run needs "
+                                "(reconstruct_target fpinputs or finetune_target fp); run again with --restart")
     log.info("resumed: blocks 0..%d were finished by an earlier run", state.next_block - 1)
     return state.next_block
 
@@ -535,7 +543,7 @@ def _record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", 
     last = i + 1 == len(run.blocks)
     store.record_block(i, done, stored, None if last else run.inputs.hidden,
                        {k: run.phases[k] - before[k] for k in run.phases},
-                       run.fp_hidden if not last or run.config.finetune_target == "fp" else None)
+                       run.fp_hidden if not last or _tunes_toward_fp(run.config) else None)
 
 
 def _finetune(run: _Run, model: nn.Module, batches: list[Tensor]) -> dict[str, Any]:
@@ -547,10 +555,10 @@ def _finetune(run: _Run, model: nn.Module, batches: list[Tensor]) -> dict[str, A
     model.eval()
     try:
         model.to(run.device)
-        teacher = None
+        teacher = None  # the full-precision stream after the last block, for the fp target
         if c.finetune_target == "fp":
-            teacher = [h.to(run.offload) for h in run.fp_hidden]  # the full-precision stream after the last block
-            run.fp_hidden = None
+            teacher = [h.to(run.offload) for h in run.fp_hidden]
+        run.fp_hidden = None
         stats = finetune_model(model, batches, Settings(c.finetune, c.finetune_lr, c.finetune_batch, c.reconstruct_seed),
                                run.device, teacher=teacher, last_block=run.blocks[-1])
     finally:
@@ -677,7 +685,11 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         if store is not None:  # the packed blocks, emptied as each was recorded
             _swap_in(run, store.packed(len(run.blocks) - 1))
         fill_outside_blocks(model, run.blocks_name, weights)  # the embeddings, final norm and lm_head, for use and save
-    tuned = _finetune(run, model, batches) if config.finetune else {}
+    if config.finetune:
+        run.inputs = None  # the calibration activations are not needed again: the whole model runs now
+        tuned = _finetune(run, model, batches)
+    else:
+        tuned = {}
     _mark_quantized(model, config)
     return QuantReport(config=config.to_dict(), layers=run.layers, phases=run.phases,
                        nsamples=sum(b.shape[0] for b in batches), seqlen=batches[0].shape[1], resumed_blocks=start,

@@ -64,7 +64,8 @@ class Stats:
         steps: Adam steps taken (0 when nothing was tunable or steps was 0).
         values: stored values tuned.
         loss_first: the loss figure of the first mini-batch, before tuning (a block: the relative squared error
-            ``|out - target|^2 / |target|^2``; the whole model: the next-token cross-entropy).
+            ``|out - target|^2 / |target|^2``; the whole model: the next-token cross-entropy, or the KL divergence
+            from the full-precision model's distribution).
         loss_last: the same, averaged over the last (up to 10) mini-batches, before each one's step.
         seconds: wall time.
         signs: sign-plane entries tuned (``Settings.signs``), flipped: how many of them changed.
@@ -265,9 +266,9 @@ def reconstruct_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequen
     def loss_of(k: int) -> tuple[Tensor, float]:
         b, rows = draws[k]
         n = hidden[b].shape[0]
-        x = _fresh(hidden[b].index_select(0, rows), device)  # (batch, seq, dim)
+        x = _fresh(hidden[b].index_select(0, rows.to(hidden[b].device)), device)  # (batch, seq, dim)
         kw = _fresh(select_rows(kwargs[b], rows, n), device)
-        target = targets[b].index_select(0, rows).to(device, torch.float32)  # (batch, seq, dim)
+        target = targets[b].index_select(0, rows.to(targets[b].device)).to(device, torch.float32)  # (batch, seq, dim)
         out = block(x, **kw)
         out = (out[0] if isinstance(out, (tuple, list)) else out).float()
         err = (out - target).pow(2).sum()
@@ -283,12 +284,12 @@ def teacher_logits(model: nn.Module, last_block: nn.Module, ids: Tensor, hidden:
     def swap(module: nn.Module, args: Any, out: Any) -> Any:
         h = hidden.to(device=(out[0] if isinstance(out, (tuple, list)) else out).device,
                       dtype=(out[0] if isinstance(out, (tuple, list)) else out).dtype)
-        return (h, *out[1:]) if isinstance(out, tuple) else h
+        return type(out)([h, *out[1:]]) if isinstance(out, (tuple, list)) else h
 
     handle = last_block.register_forward_hook(swap)
     try:
         with torch.no_grad():
-            return model(input_ids=ids).logits.float()  # (batch, seq, vocab)
+            return model(input_ids=ids, use_cache=False).logits.float()  # (batch, seq, vocab)
     finally:
         handle.remove()
 
@@ -316,10 +317,11 @@ def finetune_model(model: nn.Module, batches: Sequence[Tensor], settings: Settin
         b, rows = draws[k]
         ids = batches[b].index_select(0, rows).to(device)  # (batch, seq)
         if teacher is None:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         else:
-            log_p = torch.log_softmax(teacher_logits(model, last_block, ids, teacher[b].index_select(0, rows)), -1)
-            log_q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)  # (batch, seq, vocab)
+            t = teacher[b].index_select(0, rows.to(teacher[b].device))
+            log_p = torch.log_softmax(teacher_logits(model, last_block, ids, t), -1)
+            log_q = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)  # (batch, seq, vocab)
             loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         return loss, float(loss.detach())
 
