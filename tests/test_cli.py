@@ -253,3 +253,34 @@ def test_source_revision_is_this_checkouts_commit():
 def test_compare_rejects_a_bad_spec_before_loading(tmp_path, capsys):
     rc = main(["compare", str(tmp_path / "not-loaded"), "--methods", "fp,gptq:w9x"])
     assert rc == 2 and "unknown gptq option 'w9x'" in capsys.readouterr().err
+
+
+def test_readme_results_rewrites_only_the_marked_table(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "readme_results.py"
+    res = tmp_path / "pareto"
+    res.mkdir()
+    rows = [{"spec": "fp", "storage_bits": 16.0, "ppl": {"wikitext2": 20.8, "pydoc": 9.1}},
+            {"spec": "billm", "storage_bits": 2.5, "ppl": {"wikitext2": 900.0, "pydoc": 40.0}},
+            {"spec": "billm:tiny", "storage_bits": 1.4, "ppl": {"wikitext2": 800.0, "pydoc": 50.0}}]
+    (res / "compare.json").write_text(json.dumps({"tasks": ["wikitext2", "pydoc"], "rows": rows}))
+    (res / "compare.md").write_text("<!-- x -->\nCommit: `abc1234`, 2026-12-05, 2 CPU threads, torch 2.13.0+cpu.\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n\nbefore\n<!-- pareto-table:begin -->\nold table\n<!-- pareto-table:end -->\nafter\n")
+    run = subprocess.run([sys.executable, str(script), "--readme", str(readme), "--results", str(res)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    text = readme.read_text()
+    assert text.startswith("# t\n\nbefore\n<!-- pareto-table:begin -->\nMade by `scripts/results.sh pareto` at commit "
+                           "`abc1234` on 2026-12-05 (2 CPU threads);") and text.endswith("<!-- pareto-table:end -->\nafter\n")
+    assert "old table" not in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| method | storage bits | WikiText-2 ppl | pydoc ppl (held out) | front |"
+    assert table[1:] == ["| `billm:tiny` | 1.400 | 800.00 | 50.00 | yes |", "| `billm` | 2.500 | 900.00 | 40.00 |  |",
+                         "| full precision | 16.000 | 20.80 | 9.10 | yes |"]  # the front on the first task
+    readme.write_text("no markers\n")
+    bad = subprocess.run([sys.executable, str(script), "--readme", str(readme), "--results", str(res)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "pareto-table:begin" in bad.stderr and readme.read_text() == "no markers\n"
