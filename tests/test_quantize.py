@@ -184,3 +184,15 @@ def test_model_without_decoder_blocks_is_a_clear_error():
 
     with pytest.raises(billm.ModelError, match="no decoder-block list found"):
         billm.quantize(Flat(), torch.zeros(1, 4, dtype=torch.long), billm.BiLLMConfig())
+
+
+def test_disk_estimate_counts_the_full_precision_stream(tiny_model):
+    from billm.driver import estimate_run_bytes
+
+    model = tiny_model("llama")
+    quantized = [m.weight for n, m in model.named_modules() if n.endswith("q_proj")]
+    hidden = 4 * 32 * model.get_input_embeddings().embedding_dim * 4  # nsamples x seqlen x dim, float32
+    plain = estimate_run_bytes(model, billm.BiLLMConfig(), quantized, 4, 32)
+    for spec in ("tiny+rec5+fpinputs", "tiny+ft5+finetune_target=fp"):
+        assert estimate_run_bytes(model, billm.BiLLMConfig.from_spec(spec), quantized, 4, 32) == plain + 2 * hidden
+    assert estimate_run_bytes(model, billm.BiLLMConfig.from_spec("tiny+rec5"), quantized, 4, 32) == plain

@@ -209,14 +209,16 @@ def estimate_run_bytes(model: nn.Module, config: QuantConfig, quantized: Sequenc
         model: the model (its parameters may be on ``meta``: only sizes are read).
         config: the method's config (its ``storage_estimate`` bits per quantized weight).
         quantized: the weights that will be quantized.
-        nsamples, seqlen: the calibration windows (the progress folder keeps their activations).
+        nsamples, seqlen: the calibration windows (the progress folder keeps their activations, twice over when a
+            full-precision stream runs beside the quantized one, each file written beside its last copy).
     """
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     packed = int(sum(w.numel() for w in quantized) * config.storage_estimate / 8)
     other = max(0, total - sum(w.numel() * w.element_size() for w in quantized))
     emb = model.get_input_embeddings()
     hidden = nsamples * seqlen * emb.embedding_dim * emb.weight.element_size()
-    return 2 * packed + other + 2 * hidden + 50_000_000
+    streams = 2 if _keeps_fp_stream(config) else 1
+    return 2 * packed + other + 2 * streams * hidden + 50_000_000
 
 
 def parse_devices(device: Union[None, Device, Sequence[Device]]) -> list[torch.device]:
