@@ -275,7 +275,7 @@ def test_readme_results_rewrites_only_the_marked_table(tmp_path):
     text = readme.read_text()
     assert text.startswith("# t\n\nbefore\n<!-- pareto-table:begin -->\nMade by `scripts/results.sh pareto` at commit "
                            "`abc1234` on 2026-12-05 (2 CPU threads);") and text.endswith("<!-- pareto-table:end -->\nafter\n")
-    assert "old table" not in text
+    assert "old table" not in text and "The pydoc text is held out" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert table[0] == "| method | storage bits | WikiText-2 ppl | pydoc ppl (held out) | front |"
     assert table[1:] == ["| `billm:tiny` | 1.400 | 800.00 | 50.00 | yes |", "| `billm` | 2.500 | 900.00 | 40.00 |  |",
