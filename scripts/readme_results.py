@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+from billm.compare import Row, pareto_front
+
 BEGIN, END = "<!-- pareto-table:begin -->", "<!-- pareto-table:end -->"
 TASK_NAMES = {"wikitext2": "WikiText-2 ppl", "pydoc": "pydoc ppl (held out)"}
 
@@ -27,11 +29,8 @@ def pareto_block(results: dict, stamp: str) -> str:
         raise ValueError(f"not a results stamp: {stamp!r}")
     commit, date, threads = m.groups()
     tasks = results["tasks"]
-    rows = sorted(results["rows"], key=lambda r: r["storage_bits"])
-    first = tasks[0]
-    front = {id(r) for r in rows if not any(
-        o["storage_bits"] <= r["storage_bits"] and o["ppl"][first] <= r["ppl"][first]
-        and (o["storage_bits"], o["ppl"][first]) != (r["storage_bits"], r["ppl"][first]) for o in rows)}
+    rows = sorted((Row(**r) for r in results["rows"]), key=lambda r: r.storage_bits)
+    front = {id(r) for r in pareto_front(rows, tasks[0])}  # the front as the table in docs/results marks it
     lines = [f"Made by `scripts/results.sh pareto` at commit `{commit}` on {date} ({threads} CPU threads);",
              "the chart, the JSON, the timings and the commit that measured each row are in",
              "[docs/results/pareto/](docs/results/pareto/README.md)."
@@ -39,9 +38,9 @@ def pareto_block(results: dict, stamp: str) -> str:
              "| method | storage bits | " + " | ".join(TASK_NAMES.get(t, f"{t} ppl") for t in tasks) + " | front |",
              "|---|---:|" + "---:|" * len(tasks) + ":---:|"]
     for r in rows:
-        name = "full precision" if r["spec"] == "fp" else f"`{r['spec']}`"
-        ppl = " | ".join(f"{r['ppl'][t]:.2f}" for t in tasks)
-        lines.append(f"| {name} | {r['storage_bits']:.3f} | {ppl} | {'yes' if id(r) in front else ''} |")
+        name = "full precision" if r.spec == "fp" else f"`{r.label(rows)}`"
+        ppl = " | ".join(f"{r.ppl[t]:.2f}" for t in tasks)
+        lines.append(f"| {name} | {r.storage_bits:.3f} | {ppl} | {'yes' if id(r) in front else ''} |")
     return "\n".join(lines)
 
 
@@ -65,7 +64,7 @@ def main(argv: list[str]) -> int:
         stamp = next(line for line in (res / "compare.md").read_text().splitlines() if line.startswith("Commit: "))
         readme = Path(args.readme)
         new = replace_block(readme.read_text(), pareto_block(results, stamp))
-    except (OSError, ValueError, KeyError, StopIteration) as e:
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:  # TypeError: rows of another billm
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     tmp = readme.with_name(f".{readme.name}.tmp")

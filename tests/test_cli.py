@@ -262,9 +262,9 @@ def test_readme_results_rewrites_only_the_marked_table(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "readme_results.py"
     res = tmp_path / "pareto"
     res.mkdir()
-    rows = [{"spec": "fp", "storage_bits": 16.0, "ppl": {"wikitext2": 20.8, "pydoc": 9.1}},
-            {"spec": "billm", "storage_bits": 2.5, "ppl": {"wikitext2": 900.0, "pydoc": 40.0}},
-            {"spec": "billm:tiny", "storage_bits": 1.4, "ppl": {"wikitext2": 800.0, "pydoc": 50.0}}]
+    rows = [{"spec": s, "weight_bits": b, "storage_bits": b, "seconds": 1.0, "ppl": p} for s, b, p in [
+        ("fp", 16.0, {"wikitext2": 20.8, "pydoc": 9.1}), ("billm", 2.5, {"wikitext2": 900.0, "pydoc": 40.0}),
+        ("billm:tiny", 1.4, {"wikitext2": 800.0, "pydoc": 50.0})]]
     (res / "compare.json").write_text(json.dumps({"tasks": ["wikitext2", "pydoc"], "rows": rows}))
     (res / "compare.md").write_text("<!-- x -->\nCommit: `abc1234`, 2026-12-05, 2 CPU threads, torch 2.13.0+cpu.\n")
     readme = tmp_path / "README.md"

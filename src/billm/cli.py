@@ -293,13 +293,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  f"file); zero-shot tasks are {', '.join(ZEROSHOT)}; harness task names need --harness")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     out: dict[str, Any] = {"model": args.model}
-    if is_checkpoint(Path(args.model or "").expanduser()):  # the figures a result table puts beside the scores
-        info = inspect_checkpoint(Path(args.model).expanduser())
+    folder = Path(args.model or "").expanduser()
+    checkpoint = is_checkpoint(folder)
+    if checkpoint:  # the figures a result table puts beside the scores
+        info = inspect_checkpoint(folder)
         out.update(weight_bits=info.weight_bits, storage_bits=info.storage_bits)
-    if zs_tasks and args.harness and is_checkpoint(Path(args.model or "").expanduser()):
+    if zs_tasks and args.harness and checkpoint:
         # the harness user's route, --model hf --model_args pretrained=FOLDER: from_pretrained builds it packed
 
-        lm = harness_lm_pretrained(str(Path(args.model).expanduser()), args.zeroshot_batch_size, args.device, dtype)
+        lm = harness_lm_pretrained(str(folder), args.zeroshot_batch_size, args.device, dtype)
         _apply_kernel(lm.model, args.kernel)
         out["harness"] = _run_harness(lm, zs_tasks, args)
     else:

@@ -455,25 +455,32 @@ def _keeps_fp_stream(c: QuantConfig) -> bool:
     return (c.reconstruct > 0 and c.reconstruct_target == "fpinputs") or _tunes_toward_fp(c)
 
 
-def _reconstruction_targets(run: _Run, i: int) -> Optional[list[Tensor]]:
-    """Before block ``i`` is quantized: its full-precision outputs, per batch, on the quantized model's inputs or
-    (``reconstruct_target`` fpinputs) on the full-precision stream, which they then replace; the full-precision
-    stream moves past block ``i`` here also when only end-to-end tuning keeps it. None when reconstruction is off."""
-    fp = _keeps_fp_stream(run.config)
-    if not run.config.reconstruct and not fp:
-        return None
+def _full_precision_outputs(run: _Run, i: int, hidden: list[Tensor], into: list[Tensor]) -> list[Tensor]:
+    """Block ``i``'s outputs (still full precision), per batch, on ``hidden``, put in ``into`` (which may be
+    ``hidden`` itself: each batch replaced as it is done, one copy alive), charged to the tuning that wants them."""
     t0 = clock(run.devices)
-    fp_targets = run.config.reconstruct_target == "fpinputs"
-    if fp:
-        src = BlockInputs(run.fp_hidden, run.inputs.kwargs, run.inputs.layer_kwargs)
-        for b in range(len(src.hidden)):
-            run.fp_hidden[b] = to_host(run_batch(run.blocks[i], src, b, run.device, i), run.activations)  # one copy
-    outs = run.fp_hidden if fp_targets else []
-    if run.config.reconstruct and not fp_targets:
-        src = BlockInputs(run.inputs.hidden, run.inputs.kwargs, run.inputs.layer_kwargs)
-        outs = [to_host(run_batch(run.blocks[i], src, b, run.device, i), run.activations) for b in range(len(src.hidden))]
+    src = BlockInputs(hidden, run.inputs.kwargs, run.inputs.layer_kwargs)
+    for b in range(len(hidden)):
+        out = to_host(run_batch(run.blocks[i], src, b, run.device, i), run.activations)
+        if b < len(into):
+            into[b] = out
+        else:
+            into.append(out)
     run.phases["reconstruct" if run.config.reconstruct else "finetune"] += clock(run.devices) - t0
-    return outs if run.config.reconstruct else None
+    return into
+
+
+def _reconstruction_targets(run: _Run, i: int) -> Optional[list[Tensor]]:
+    """Before block ``i`` is quantized: the full-precision stream, when one is kept, moves past it; then the
+    block's reconstruction targets, per batch: its full-precision outputs on the quantized model's inputs, or
+    (``reconstruct_target`` fpinputs) the stream itself. None when reconstruction is off."""
+    if run.fp_hidden is not None:
+        _full_precision_outputs(run, i, run.fp_hidden, run.fp_hidden)
+    if not run.config.reconstruct:
+        return None
+    if run.config.reconstruct_target == "fpinputs":
+        return run.fp_hidden
+    return _full_precision_outputs(run, i, run.inputs.hidden, [])
 
 
 def _reconstruct(run: _Run, i: int, targets: list[Tensor], done: list[LayerReport]) -> None:
@@ -567,7 +574,7 @@ def _finetune(run: _Run, model: nn.Module, batches: list[Tensor]) -> dict[str, A
         model.to(home)
         model.train(was_training)
         return_freed_memory()
-    run.phases["finetune"] = run.phases.get("finetune", 0.0) + stats.seconds
+    run.phases["finetune"] += stats.seconds
     return {"target": c.finetune_target, "steps": stats.steps, "values": stats.values, "loss_first": stats.loss_first, "loss_last": stats.loss_last}
 
 

@@ -282,9 +282,10 @@ def teacher_logits(model: nn.Module, last_block: nn.Module, ids: Tensor, hidden:
     (final norm, head) on another stream's last hidden states, e.g. the full-precision model's. No gradients.
     (The blocks still run, and their output is replaced; the tail is what matters.)"""
     def swap(module: nn.Module, args: Any, out: Any) -> Any:
-        h = hidden.to(device=(out[0] if isinstance(out, (tuple, list)) else out).device,
-                      dtype=(out[0] if isinstance(out, (tuple, list)) else out).dtype)
-        return type(out)([h, *out[1:]]) if isinstance(out, (tuple, list)) else h
+        several = isinstance(out, (tuple, list))
+        first = out[0] if several else out
+        h = hidden.to(device=first.device, dtype=first.dtype)
+        return type(out)([h, *out[1:]]) if several else h
 
     handle = last_block.register_forward_hook(swap)
     try:

@@ -74,6 +74,16 @@ def software_versions() -> dict[str, str]:
     return {"billm": __version__, "torch": torch.__version__}
 
 
+def _fp_tensors(fp_hidden: list[Tensor]) -> dict[str, Tensor]:
+    """The full-precision stream as a file's tensors: ``fp0``, ``fp1``, ... per calibration batch."""
+    return {f"fp{b}": h.detach().cpu().contiguous() for b, h in enumerate(fp_hidden)}
+
+
+def _fp_stream(f: Any) -> list[Tensor]:
+    """The full-precision stream from an open safetensors file (:func:`_fp_tensors`; ``batches`` in its metadata)."""
+    return [f.get_tensor(f"fp{b}") for b in range(int(f.metadata()["batches"]))]
+
+
 @functools.lru_cache(maxsize=1)
 def source_revision() -> str:
     """The git commit billm's own source is checked out at (``abc1234``; ``abc1234-dirty`` when its files differ
@@ -198,13 +208,12 @@ class ProgressStore:
             last, hidden, fp_hidden = json.loads(done_file.read_text())["after_block"], None, None
             if (self.folder / "final.safetensors").is_file():
                 with safe_open(str(self.folder / "final.safetensors"), "pt") as f:
-                    fp_hidden = [f.get_tensor(f"fp{b}") for b in range(int(f.metadata()["batches"]))]
+                    fp_hidden = _fp_stream(f)
         elif hidden_file.is_file():
             with safe_open(str(hidden_file), "pt") as f:
                 last = int(f.metadata()["after_block"])
                 hidden = [f.get_tensor(str(b)) for b in range(int(f.metadata()["batches"]))]
-                fp_hidden = [f.get_tensor(f"fp{b}") for b in range(int(f.metadata()["batches"]))] \
-                    if "fp0" in f.keys() else None
+                fp_hidden = _fp_stream(f) if "fp0" in f.keys() else None
         else:
             return None
         layers, stored, phases = self._read_blocks(last)
@@ -253,14 +262,13 @@ class ProgressStore:
         fault_point("after-block", i)
         if hidden is None:
             if fp_hidden is not None:  # the full-precision stream's end: the targets of end-to-end tuning
-                _save_atomic({f"fp{b}": h.detach().cpu().contiguous() for b, h in enumerate(fp_hidden)},
-                             self.folder / "final.safetensors", {"batches": str(len(fp_hidden))}, "final", i)
+                _save_atomic(_fp_tensors(fp_hidden), self.folder / "final.safetensors", {"batches": str(len(fp_hidden))}, "final", i)
             write_json_atomic(self.folder / "done.json", {"after_block": i})
         elif (i + 1) % self.every:
             return  # activations saved every `every` blocks: a resumed run redoes the blocks since
         else:
             acts = {str(b): h.detach().cpu().contiguous() for b, h in enumerate(hidden)}
-            acts.update({f"fp{b}": h.detach().cpu().contiguous() for b, h in enumerate(fp_hidden or [])})
+            acts.update(_fp_tensors(fp_hidden or []))
             _save_atomic(acts, self.folder / "hidden.safetensors",
                          {"after_block": str(i), "batches": str(len(hidden))}, "hidden", i)
         fault_point("after-hidden", i)
