@@ -314,7 +314,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # billm pareto's default set: the paper's baselines (RTN, GPTQ, PB-LLM, plain signs) at 2 and 3 bits, SliM-LLM and
 # ARB-LLM, BiLLM as published, and billm's best presets (with and without block reconstruction)
 PARETO_SPECS = ("fp,rtn:w2g128,rtn:w3g128,gptq:w2g128,gptq:w3g128,pbllm,sign,slim:w2,slim:w2+hadamard,billm,billm:plus,"
-                "billm:plus+hadamard,arb,billm:tiny+hadamard,billm:wide+hadamard,billm:tiny+hadamard+rec200")
+                "billm:plus+hadamard,arb,billm:tiny+hadamard,billm:wide+hadamard,billm:tiny+hadamard+rec200,"
+                "billm:wide+hadamard+rec200")
 DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
 DEMO_QUICK = {"nsamples": 8, "max_windows": 8}  # billm demo: a first answer in minutes on 2 cores
 DEMO_FULL = {"nsamples": 32, "max_windows": 40}  # billm demo --full
