@@ -139,7 +139,10 @@ for section in "${SECTIONS[@]}"; do
         printf '\nAccuracy (`acc`, percent) +- its standard error, scored by lm-evaluation-harness on the local copies of\n'
         printf 'the tasks (docs/zeroshot.md), the first %s items of each. Chance is 50 (piqa, boolq, winogrande) or 25. Each\n' "$limit"
         printf 'method quantized at the pareto protocol (64 x 512 C4); storage bits measured from its checkpoint file.\n'
-        printf 'METHOD: %s. `*.json` hold acc_norm too.\n' "$(for i in "${!labels[@]}"; do printf '%s: `%s`; ' "${labels[$i]}" "${flags[$i]:-none}"; done)"
+        printf 'METHOD: %s. `*.json` hold acc_norm too. These checkpoints are this section'"'"'s own: at another\n' \
+          "$(for i in "${!labels[@]}"; do printf '%s: `%s`; ' "${labels[$i]}" "${flags[$i]:-none}"; done | sed 's/; $//')"
+        printf 'CPU thread count than the pareto run'"'"'s, a search may pick another salient column, so the last digit of\n'
+        printf 'their storage bits can differ from that table'"'"'s.\n'
       } > "$out/README.md.tmp"  # a failed table leaves the last README as it was
       mv "$out/README.md.tmp" "$out/README.md"
       stamp "$out/README.md" "$made" ;;
