@@ -74,14 +74,15 @@ def software_versions() -> dict[str, str]:
     return {"billm": __version__, "torch": torch.__version__}
 
 
-def _fp_tensors(fp_hidden: list[Tensor]) -> dict[str, Tensor]:
-    """The full-precision stream as a file's tensors: ``fp0``, ``fp1``, ... per calibration batch."""
-    return {f"fp{b}": h.detach().cpu().contiguous() for b, h in enumerate(fp_hidden)}
+def _stream_tensors(hidden: list[Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """An activation stream as a file's tensors, one per calibration batch: ``0``, ``1``, ... for the quantized
+    model's, ``fp0``, ``fp1``, ... (``prefix`` ``fp``) for the full-precision one."""
+    return {f"{prefix}{b}": h.detach().cpu().contiguous() for b, h in enumerate(hidden)}
 
 
-def _fp_stream(f: Any) -> list[Tensor]:
-    """The full-precision stream from an open safetensors file (:func:`_fp_tensors`; ``batches`` in its metadata)."""
-    return [f.get_tensor(f"fp{b}") for b in range(int(f.metadata()["batches"]))]
+def _read_stream(f: Any, prefix: str = "") -> list[Tensor]:
+    """A stream from an open safetensors file (:func:`_stream_tensors`; ``batches`` in its metadata)."""
+    return [f.get_tensor(f"{prefix}{b}") for b in range(int(f.metadata()["batches"]))]
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,12 +209,12 @@ class ProgressStore:
             last, hidden, fp_hidden = json.loads(done_file.read_text())["after_block"], None, None
             if (self.folder / "final.safetensors").is_file():
                 with safe_open(str(self.folder / "final.safetensors"), "pt") as f:
-                    fp_hidden = _fp_stream(f)
+                    fp_hidden = _read_stream(f, "fp")
         elif hidden_file.is_file():
             with safe_open(str(hidden_file), "pt") as f:
                 last = int(f.metadata()["after_block"])
-                hidden = [f.get_tensor(str(b)) for b in range(int(f.metadata()["batches"]))]
-                fp_hidden = _fp_stream(f) if "fp0" in f.keys() else None
+                hidden = _read_stream(f)
+                fp_hidden = _read_stream(f, "fp") if "fp0" in f.keys() else None
         else:
             return None
         layers, stored, phases = self._read_blocks(last)
@@ -262,13 +263,12 @@ class ProgressStore:
         fault_point("after-block", i)
         if hidden is None:
             if fp_hidden is not None:  # the full-precision stream's end: the targets of end-to-end tuning
-                _save_atomic(_fp_tensors(fp_hidden), self.folder / "final.safetensors", {"batches": str(len(fp_hidden))}, "final", i)
+                _save_atomic(_stream_tensors(fp_hidden, "fp"), self.folder / "final.safetensors", {"batches": str(len(fp_hidden))}, "final", i)
             write_json_atomic(self.folder / "done.json", {"after_block": i})
         elif (i + 1) % self.every:
             return  # activations saved every `every` blocks: a resumed run redoes the blocks since
         else:
-            acts = {str(b): h.detach().cpu().contiguous() for b, h in enumerate(hidden)}
-            acts.update(_fp_tensors(fp_hidden or []))
+            acts = {**_stream_tensors(hidden), **_stream_tensors(fp_hidden or [], "fp")}
             _save_atomic(acts, self.folder / "hidden.safetensors",
                          {"after_block": str(i), "batches": str(len(hidden))}, "hidden", i)
         fault_point("after-hidden", i)
