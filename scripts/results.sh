@@ -168,11 +168,13 @@ for section in "${SECTIONS[@]}"; do
         printf '
 Where the block-by-block run keeps its memory: the imports (the first row); one block in the model'"'"'s
 '
-        printf 'dtype, its largest layer'"'"'s Hessian and factor (6144 x 6144 float32 each) and float32 working copies;
+        printf 'dtype while its Hessians are accumulated, then one weight at a time (the others wait on disk), the widest
 '
-        printf 'each finished block goes to the progress folder and is read back at the end, with the embeddings and
+        printf 'first, so that its Hessian and factor (6144 x 6144 float32 each) are gone before the other six are
 '
-        printf 'head, for saving. `memory.json` has every figure.
+        printf 'quantized; float32 working copies and the search'"'"'s temporaries; each finished block goes to the progress
+'
+        printf 'folder and is read back at the end, with the embeddings and head, for saving. `memory.json` has every figure.
 '
       } > "$out/README.md"
       stamp "$out/README.md" "${cmd[*]}" ;;

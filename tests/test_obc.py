@@ -154,13 +154,26 @@ def test_callback_may_return_its_own_error():
     seen = []
 
     def cb(Wb, Ub, start):
-        seen.append(start)
+        seen.append((start, Wb.clone()))
         return torch.zeros_like(Wb), torch.zeros_like(Wb)  # zero error: nothing propagates
 
     W0 = W.clone()
-    obc_quantize(W, U + torch.triu(torch.ones(8, 8), 1), 4, cb)
-    assert seen == [0, 4]
-    torch.testing.assert_close(W, W0)
+    Q = obc_quantize(W, U + torch.triu(torch.ones(8, 8), 1), 4, cb)
+    assert [st for st, _ in seen] == [0, 4]
+    assert torch.equal(seen[1][1], W0[:, 4:])  # the second block arrived uncompensated
+    assert Q is W and torch.equal(Q, torch.zeros(4, 8))  # the quantized values, in W's own storage
+
+
+def test_last_user_of_a_hessian_gets_its_factor_handed_over_not_kept():
+    H = _spd(16)
+    kept = prepare_hessian(H, torch.randn(4, 16), 0.01)  # q: kept for k and v
+    assert obc._MEMO._prep is kept
+    with obc.last_use_of_factor():  # v, the last: the memo lets go, the caller holds the only reference
+        last = prepare_hessian(H, torch.randn(4, 16), 0.01)
+    assert last is kept and obc._MEMO._prep is None
+    with obc.last_use_of_factor():  # a Hessian no one shares: factored, never stored
+        alone = prepare_hessian(_spd(16, seed=2), torch.randn(4, 16), 0.01)
+    assert obc._MEMO._prep is None and torch.isfinite(alone.U).all()
 
 
 @pytest.mark.parametrize("cols,tile", [(600, 256), (300, 128), (64, 256)])

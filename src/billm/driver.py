@@ -16,6 +16,7 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import BillmError, DataError, ModelError, QuantizationError
-from .methods.obc import HessianAccumulator, OBCTimes, all_finite, hessian_error
+from .methods.obc import HessianAccumulator, OBCTimes, all_finite, hessian_error, last_use_of_factor
 from .methods.registry import Method, method_of
 from .model.lazy import LazyWeights, fill_outside_blocks, is_lazy
 from .model.walker import (
@@ -355,23 +356,27 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
         QuantizationError: the method failed, or its stored form does not decode to its simulated weights.
     """
     home, dtype = get_weight(mod).device, get_weight(mod).dtype
-    W = get_weight(mod).to(device=device or home, dtype=torch.float32)  # (out, in): float32 whatever the model's dtype
-    t0 = clock([W.device])
-    rot = Rotation.make(config.rotate, W.shape[1], config.rotate_seed, W.device)  # None unless config.rotate
+    dev = device or home
+    t0 = clock([dev])
+    rot = Rotation.make(config.rotate, get_weight(mod).shape[1], config.rotate_seed, dev)  # None unless config.rotate
     if rot is not None:  # incoherence processing: the method (and the errors below) see W R and R^T H R
-        W, H = rot.weight(W), rot.hessian(H)
-    try:
-        res = method(W.clone(), H, config, times)
+        H = rot.hessian(H)
+    try:  # the method's own float32 copy, the only one alive while it works (the errors below make theirs after)
+        res = method(_float_weight(mod, dev, rot, copy=True), H, config, times)
     except BillmError as e:
         raise QuantizationError(f"{full}: {e}") from e
-    st = (res.stored if rot is None else rot.attach(res.stored)).to(W.device)
+    return_freed_memory()  # the method's freed temporaries (its search's), before the decode makes its own
+    st = (res.stored if rot is None else rot.attach(res.stored)).to(dev)
     Q = st.decode()  # (out, in): what every later forward computes with
     if res.q is not None and not torch.equal(res.q, Q):
         raise QuantizationError(f"{full}: the {method.name} stored form does not decode to the weights it simulated "
                                 f"(max |diff| {float((res.q - Q).abs().max()):.3g})")
+    info = res.info
+    del res  # its simulated weights: equal to Q
     packed = PackedLinear.from_stored(st.to(home), getattr(mod, "bias", None), source=type(mod).__name__)
     # the propagation forward reuses it (decode_once), in the model's dtype (what its forward casts it to)
     packed.keep_decoded(Q.to(home, dtype if dtype.is_floating_point else torch.float32))
+    W = _float_weight(mod, dev, rot)  # (out, in), as the method saw it
     took = clock([W.device]) - t0
     rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
     wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
@@ -379,7 +384,14 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
              full, tuple(W.shape), rel, wrel, st.weight_bits, st.storage_bits, took)
     return packed, LayerReport(name=full, shape=tuple(W.shape), weight_bits=st.weight_bits,
                                storage_bits=st.storage_bits, hessian_rel_err=rel, weight_rel_err=wrel, seconds=took,
-                               info=res.info)
+                               info=info)
+
+
+def _float_weight(mod: nn.Module, device: torch.device, rot: Optional[Rotation], copy: bool = False) -> Tensor:
+    """(out, in) ``mod``'s weight in float32 on ``device`` (whatever the model's dtype), rotated as the method sees it;
+    ``copy``: a tensor of its own even where the weight already is float32 there (the method changes it in place)."""
+    W = get_weight(mod).to(device=device, dtype=torch.float32, copy=copy and rot is None)
+    return W if rot is None else rot.weight(W)
 
 
 def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> list[LayerReport]:
@@ -389,13 +401,18 @@ def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> l
     """
     items = list(run.targets[i].items())
     names = [name for name, _ in items]
+    if run.config.uses_hessian:  # every Hessian checked in the forward's order: a non-finite input is named where
+        _ = [accs[name].H for name in names]  # it first shows, whatever order the linears are quantized in
 
-    def one(j: int) -> tuple[PackedLinear, LayerReport, OBCTimes]:
+    def one(j: int, later: Sequence[str] = ()) -> tuple[PackedLinear, LayerReport, OBCTimes]:
         name, mod = items[j]
         dev = run.devices[j % len(run.devices)]
         H = accs[name].H.to(dev) if run.config.uses_hessian else None
         times = OBCTimes()
-        return (*quantize_linear(mod, H, run.config, run.method, run.name(i, name), times, dev), times)
+        acc = accs.get(name)
+        shared = len(run.devices) > 1 or any(accs.get(n) is acc for n in later)
+        with nullcontext() if shared else last_use_of_factor():  # its Hessian's last linear: no factor kept after it
+            return (*quantize_linear(mod, H, run.config, run.method, run.name(i, name), times, dev), times)
 
     def place(name: str, result: tuple[PackedLinear, LayerReport, OBCTimes]) -> LayerReport:
         packed, rep, times = result
@@ -406,13 +423,27 @@ def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> l
         return rep
 
     if len(run.devices) == 1:  # each float linear (and its Hessian, once its group is done) let go when packed
-        done = []
-        for j, name in enumerate(names):
-            done.append(place(name, one(j)))
+        # the widest inputs first (down_proj's): its (cols, cols) Hessian is gone before the others' work begins.
+        # Each linear's result is independent of the order (every Hessian comes from the full-precision block)
+        order = sorted(range(len(items)), key=lambda j: -get_weight(items[j][1]).shape[1])
+        prefix = f"{run.blocks_name}.{i}"
+        # an empty model's block, quantized where it waits: once the Hessians are in, each weight the source holds is
+        # read again when its turn comes, and the others wait there meanwhile
+        reread = set() if run.weights is None or run.device != run.offload else \
+            {n for n in names if f"{prefix}.{n}.weight" in run.weights.loaders}
+        LazyWeights.release(run.blocks[i], [f"{n}.weight" for n in reread])
+        return_freed_memory()
+        reports: dict[str, LayerReport] = {}
+        for k, j in enumerate(order):
+            name = names[j]
+            if name in reread:
+                run.weights.materialize(items[j][1], f"{prefix}.{name}")
+            reports[name] = place(name, one(j, [names[o] for o in order[k + 1:]]))
             items[j] = (name, None)
             run.targets[i].pop(name)
             accs.pop(name, None)
             return_freed_memory()  # the layer's float temporaries, before the next one's
+        done = [reports[name] for name in names]
     else:
         with ThreadPoolExecutor(len(run.devices)) as pool:
             results = list(pool.map(one, range(len(items))))

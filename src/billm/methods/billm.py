@@ -390,7 +390,7 @@ def encode_groups(Wb: Tensor, conc: Tensor, sparse: Tensor, salient: Tensor, cfg
             signs, alphas, mus = refine_group(Wb, mask, signs, cfg.centred, cfg.refine_rounds, sd)
         groups.append((signs, alphas, mus))
     (sc, ac, mc), (ss, as_, ms), (sh, ah, mh) = groups
-    cols = salient[0] if salient.shape[0] else torch.zeros(Wb.shape[1], dtype=torch.bool, device=Wb.device)
+    cols = salient[0].clone() if salient.shape[0] else torch.zeros(Wb.shape[1], dtype=torch.bool, device=Wb.device)
     s1 = torch.where(salient, sh[0], torch.where(sparse, ss[0], sc[0]))
     s2 = sh[1] & salient if cfg.salient_order == 2 else None
     scales = torch.cat([ac, as_, ah]).unsqueeze(0)  # (1, 2 + order, rows)
@@ -486,6 +486,7 @@ def stored_billm(codes: list[BlockCode], shape: tuple[int, int], cfg: BiLLMConfi
 def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """BiLLM-quantize ``W`` (rows, cols) with Hessian ``H`` (cols, cols); simulated weights and stored form."""
     W = W.to(torch.float32)  # the quantizer's own copy (the registry's contract): compensated in place
+    shape = tuple(W.shape)
     prep = prepare_hessian(H, W, cfg.percdamp)
     W0 = W.clone() if cfg.refit else None  # the target of the output-error refit (dead columns zeroed)
     salient: list[list[int]] = []  # per block, salient column indices (absolute)
@@ -502,10 +503,13 @@ def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optiona
         return Qb
 
     Q = obc_quantize(W, prep.U, cfg.blocksize, quantize_block, times)
+    dead, percdamp = prep.dead, prep.percdamp
+    del prep  # the factor: freed here unless kept for a later linear fed the same H (obc.last_use_of_factor)
     if cfg.refit:
-        refit_codes(W0, damped_hessian(H, prep.dead, prep.percdamp), codes, cfg)
+        del Q, W
+        refit_codes(W0, damped_hessian(H, dead, percdamp), codes, cfg)
         Q = torch.cat([c.decode() for c in codes], dim=1)
-    return WeightResult(q=Q, stored=stored_billm(codes, tuple(W.shape), cfg), info={
+    return WeightResult(q=Q, stored=stored_billm(codes, shape, cfg), info={
         "salient_cols": sum(len(s) for s in salient), "salient_columns": salient, "break_points": breaks,
-        "dead_cols": int(prep.dead.sum()), "percdamp_used": prep.percdamp,
+        "dead_cols": int(dead.sum()), "percdamp_used": percdamp,
     })

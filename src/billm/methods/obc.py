@@ -10,12 +10,14 @@ is propagated to all later columns: ``W[:, end:] -= E @ U[block, end:]``.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -117,11 +119,28 @@ def factor_hessian(H: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> Pre
         QuantizationError: non-finite H, or no damping made it positive definite.
     """
     key = (H._version, percdamp, max_tries)
-    prep = _MEMO.get(H, key)
+    keep = _KEEP_FACTOR.get()
+    prep = _MEMO.get(H, key, keep)
     if prep is None:
         prep = _factor(H, percdamp, max_tries)
-        _MEMO.put(H, key, prep)
+        if keep:
+            _MEMO.put(H, key, prep)
     return prep
+
+
+_KEEP_FACTOR: contextvars.ContextVar[bool] = contextvars.ContextVar("billm_keep_factor", default=True)
+
+
+@contextmanager
+def last_use_of_factor() -> Iterator[None]:
+    """Inside it, :func:`factor_hessian` hands its factor over rather than keeping it for the next linear fed the same
+    Hessian: the caller is that Hessian's last user, and the (cols, cols) factor is freed as soon as the method is
+    done with it (before the decode and the error figures), not when the Hessian is. Results are the same."""
+    token = _KEEP_FACTOR.set(False)
+    try:
+        yield
+    finally:
+        _KEEP_FACTOR.reset(token)
 
 
 class _FactorMemo:
@@ -133,13 +152,14 @@ class _FactorMemo:
         self._prep: Optional[PreparedHessian] = None
         self._lock = threading.RLock()  # re-entrant: the weakref callback may run inside a locked section
 
-    def get(self, H: Tensor, key: tuple) -> Optional[PreparedHessian]:
-        """The factor stored for ``H`` under ``key``, else None (and the stored one is dropped)."""
+    def get(self, H: Tensor, key: tuple, keep: bool = True) -> Optional[PreparedHessian]:
+        """The factor stored for ``H`` under ``key``, else None; either way the memo lets go of it unless ``keep``
+        and it matched (a stored factor is not kept alive beside the next one)."""
         with self._lock:
-            if self._ref is not None and self._ref() is H and self._key == key:
-                return self._prep
-            self._drop()  # not kept alive beside the next factor
-            return None
+            prep = self._prep if self._ref is not None and self._ref() is H and self._key == key else None
+            if prep is None or not keep:
+                self._drop()
+            return prep
 
     def put(self, H: Tensor, key: tuple, prep: PreparedHessian) -> None:
         with self._lock:
@@ -229,17 +249,17 @@ def obc_quantize(W: Tensor, U: Tensor, blocksize: int, quantize_block: BlockQuan
     """Quantize ``W`` block by block with OBC error compensation between blocks.
 
     Args:
-        W: (rows, cols) float32 weights; modified in place (it absorbs the compensation).
+        W: (rows, cols) float32 weights; modified in place: it absorbs the compensation, and each block's columns
+            are overwritten by their quantized values once done (no second matrix of W's size).
         U: (cols, cols) upper Cholesky factor of H^-1 (from :func:`prepare_hessian`).
         blocksize: columns per block.
         quantize_block: see :data:`BlockQuantizer`.
         times: optional accumulator of where the time went.
 
     Returns:
-        Q (rows, cols), the quantized weights.
+        Q (rows, cols), the quantized weights: ``W`` itself.
     """
     rows, cols = W.shape
-    Q = torch.zeros_like(W)
     for st in range(0, cols, blocksize):
         ed = min(st + blocksize, cols)
         Wb = W[:, st:ed]  # (rows, b), already compensated by earlier blocks
@@ -250,13 +270,13 @@ def obc_quantize(W: Tensor, U: Tensor, blocksize: int, quantize_block: BlockQuan
         t1 = time.perf_counter()
         if Eb is None:
             Eb = (Wb - Qb) / torch.diag(Ub).unsqueeze(0)  # (rows, b)
-        Q[:, st:ed] = Qb
         if ed < cols:
             W[:, ed:] -= Eb.matmul(U[st:ed, ed:])
+        Wb.copy_(Qb)  # the block's columns are done: they hold its quantized values from now on
         if times is not None:
             times.quantize += t1 - t0
             times.compensate += time.perf_counter() - t1
-    return Q
+    return W
 
 
 def hessian_error(W: Tensor, Q: Tensor, H: Tensor, rows: int = 256) -> tuple[float, float]:
