@@ -147,13 +147,16 @@ def test_non_finite_weights_are_refused_when_the_block_is_read(fp16_folder):
         billm.quantize(model, CALIB, BiLLMConfig(blocksize=32), progress=False, weights=weights)
 
 
-def test_cli_reads_blocks_lazily_in_the_saved_dtype(tiny_config, byte_tokenizer, tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_cli_reads_blocks_lazily_in_the_saved_dtype(tiny_config, byte_tokenizer, tmp_path, tied):
+    """Block by block, the checkpoint is streamed from the progress folder and the source: the same bytes."""
     from transformers import AutoModelForCausalLM
 
     from billm.cli import main
 
     cfg = tiny_config("llama")
     cfg.vocab_size = 260
+    cfg.tie_word_embeddings = tied
     torch.manual_seed(0)
     folder = tmp_path / "m"
     AutoModelForCausalLM.from_config(cfg).to(torch.float16).save_pretrained(folder)
@@ -162,6 +165,9 @@ def test_cli_reads_blocks_lazily_in_the_saved_dtype(tiny_config, byte_tokenizer,
     assert main([*argv, "--out", str(tmp_path / "lazy")]) == 0
     assert main([*argv, "--out", str(tmp_path / "eager"), "--eager-load"]) == 0
     assert _sha(tmp_path / "lazy") == _sha(tmp_path / "eager")
+    lazy_map, eager_map = (json.loads((tmp_path / d / "billm_quant.json").read_text()) for d in ("lazy", "eager"))
+    assert lazy_map["files"] == eager_map["files"] and lazy_map["tied"] == eager_map["tied"]
+    assert bool(lazy_map["tied"]) == tied
     assert json.loads((tmp_path / "lazy" / "billm_quant.json").read_text())["dtype"] == "float16"
     assert main([*argv, "--out", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
     assert json.loads((tmp_path / "f32" / "billm_quant.json").read_text())["dtype"] == "float32"
@@ -174,3 +180,11 @@ def test_lazy_weights_read_single_file_and_refuse_other_formats(tiny_model, tmp_
     (tmp_path / "none").mkdir()
     with pytest.raises(billm.ModelError, match="no model.safetensors"):
         LazyWeights.from_folder(tmp_path / "none")
+
+
+def test_leaving_the_blocks_in_the_store_needs_a_store_and_an_empty_model(fp16_folder, tiny_model):
+    model, weights = load_skeleton(fp16_folder)
+    with pytest.raises(billm.ModelError, match="read_back=False needs"):
+        billm.quantize(model, CALIB, BiLLMConfig(blocksize=32), progress=False, weights=weights, read_back=False)
+    with pytest.raises(billm.ModelError, match="read_back=False needs"):
+        billm.quantize(tiny_model("llama"), CALIB, BiLLMConfig(blocksize=32), progress=False, read_back=False)

@@ -16,7 +16,7 @@ from billm import ArbConfig, BiLLMConfig, GPTQConfig, PBLLMConfig, RTNConfig, Si
 from billm.errors import CheckpointError
 from billm.methods import get_method
 from billm.packing.formats import get_format
-from billm.packing.linear import decode_once
+from billm.packing.linear import PackedLinear, decode_once
 from billm.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
 from billm.packing.checkpoint import QUANT_MAP, WEIGHTS, inspect, load, read_header, save, tensor_sha256
 
@@ -348,12 +348,13 @@ def test_save_refuses_foreign_folders_and_failures_leave_nothing(quantized_tiny,
         save(model, mine, report=report)
     assert (mine / "notes.txt").read_text() == "keep"
 
-    import safetensors.torch
+    import billm.packing.checkpoint as ck
 
-    def full_disk(*a, **k):
+    def full_disk(path, *a, **k):
+        Path(path).write_bytes(b"half a file")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(ck, "write_safetensors", full_disk)
     with pytest.raises(OSError, match="No space"):
         save(model, tmp_path / "out", report=report)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no partial folder, no temp left
@@ -407,3 +408,42 @@ def test_format_version_1_folders_still_load_and_save_again(checkpoint, tmp_path
     assert json.loads((again / QUANT_MAP).read_text())["format_version"] == billm.packing.checkpoint.FORMAT_VERSION
     ids = torch.randint(3, 120, (1, 12))
     assert torch.equal(_logits(load(again), ids), _logits(model, ids))
+
+
+def test_streamed_safetensors_are_the_bytes_safetensors_writes(tmp_path):
+    from safetensors.torch import save_file
+
+    from billm.packing.checkpoint import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"z.scales": torch.randn(3, 5, generator=g).half(), "a.weight": torch.randn(4, 2, generator=g),
+               "m.packed_signs": torch.randint(0, 256, (7, 3), dtype=torch.uint8, generator=g),
+               "mask": torch.rand(5, generator=g) > 0.5, "idx": torch.arange(6, dtype=torch.int32),
+               "bf": torch.randn(2, generator=g).bfloat16(), "f8": torch.randn(9, generator=g).to(torch.float8_e4m3fn),
+               "empty": torch.zeros(0, 4), "i8": torch.ones(3, dtype=torch.int8), "f64": torch.randn(2).double(),
+               "i64": torch.arange(3), "scalar": torch.tensor(2.5), "strided": torch.randn(4, 6, generator=g)[:, ::2]}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "lib.safetensors"), metadata={"format": "pt"})
+    asked = []
+    sums = write_safetensors(tmp_path / "mine.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()},
+                             lambda k: asked.append(k) or tensors[k], {"format": "pt"})
+    assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
+    assert sorted(asked) == sorted(tensors)  # each read once
+    assert sums == {k: tensor_sha256(v) for k, v in tensors.items()}
+    with pytest.raises(billm.CheckpointError, match="expected torch.float16"):
+        write_safetensors(tmp_path / "bad.safetensors", {"x": (torch.float16, (2,))}, lambda k: torch.zeros(2), {})
+
+
+def test_a_model_held_empty_saves_the_same_bytes_from_its_source(quantized_tiny, tmp_path):
+    model, report = quantized_tiny("llama", BiLLMConfig(blocksize=32))
+    whole = save(model, tmp_path / "whole", report=report)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    empty = copy.deepcopy(model)
+    for layer in [m for m in empty.modules() if isinstance(m, PackedLinear)][::2] + [empty.model.embed_tokens]:
+        layer.to("meta")  # half the packed layers, and the embeddings, on meta
+    with pytest.raises(billm.CheckpointError, match="no source"):
+        save(empty, tmp_path / "nothing")
+    asked = []
+    streamed = save(empty, tmp_path / "streamed", report=report, source=lambda k: asked.append(k) or kept[k])
+    for f in (WEIGHTS, QUANT_MAP, "config.json"):
+        assert (streamed / f).read_bytes() == (whole / f).read_bytes(), f
+    assert "model.embed_tokens.weight" in asked and any(".packed_" in k for k in asked)

@@ -24,7 +24,7 @@ import billm
 
 from .compare import compare, pareto_markdown, pareto_plot, parse_method, revisions_line, to_markdown
 from .data import DATASETS, get_calibration_batches, get_eval_tokens
-from .driver import estimate_run_bytes, parse_devices
+from .driver import estimate_run_bytes, parse_devices, saved_source
 from .errors import BillmError, DataError
 from .eval import perplexity
 from .eval.harness import harness_lm, harness_lm_pretrained, run_harness
@@ -225,13 +225,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fingerprint = quantize_fingerprint(args.model, model.config.to_dict(), cfg.to_dict(), calibration, calib,
                                        args.batch_size, dtype)
     store = ProgressStore(progress_dir(out), fingerprint, restart=args.restart, every=args.checkpoint_every)
+    # block by block with nothing to evaluate: the packed blocks stream from the progress folder into the checkpoint
+    stream = weights is not None and not args.eval and not cfg.finetune
     report = billm.quantize(model, calib, cfg, device=args.device, batch_size=args.batch_size, store=store,
-                            weights=weights, activations_on_device=args.activations_on_device)
+                            weights=weights, activations_on_device=args.activations_on_device, read_back=not stream)
     result = {"model": args.model, "calibration": calibration, "seconds": time.perf_counter() - t0}
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
     billm.save(model, out, tok, report=report, extra=result, dtype=save_dtype, source_model=args.model,
-               calibration=calibration)  # safe on disk before any evaluation
-    store.clear()
+               calibration=calibration, source=saved_source(model, store, weights) if stream else None)
+    store.clear()  # the checkpoint is safe on disk (before any evaluation)
     if args.eval:
         result["eval"] = _evaluate(model, tok, args.eval.split(","), args.eval_seqlen or args.seqlen,
                                    args.max_windows, args.data_dir, _first_device(args), args.eval_batch_size)

@@ -609,6 +609,14 @@ def _finetune(run: _Run, model: nn.Module, batches: list[Tensor]) -> dict[str, A
     return {"target": c.finetune_target, "steps": stats.steps, "values": stats.values, "loss_first": stats.loss_first, "loss_last": stats.loss_last}
 
 
+def saved_source(model: nn.Module, store: "ProgressStore", weights: LazyWeights) -> Callable[[str], Tensor]:
+    """Where :func:`billm.save` reads what :func:`quantize` left out of an empty model (``read_back=False``): each
+    packed field from the progress store, every other tensor from the model's source; name -> tensor."""
+    _, blocks = find_blocks(model)
+    fields, read_field = store.field_reader(len(blocks) - 1)
+    return lambda name: read_field(name) if name in fields else weights.read(name)
+
+
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     """Record the method's config on the model (``model.config.quantization_config``), where :func:`billm.save` reads it."""
     if getattr(model, "config", None) is not None:
@@ -618,7 +626,7 @@ def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
 def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], config: QuantConfig,
              device: Optional[Device] = None, batch_size: int = 8, progress: bool = True,
              store: Optional["ProgressStore"] = None, weights: Optional[LazyWeights] = None,
-             activations_on_device: bool = False) -> QuantReport:
+             activations_on_device: bool = False, read_back: bool = True) -> QuantReport:
     """Quantize the linears of every decoder block of ``model`` in place: each becomes a :class:`PackedLinear`.
 
     Args:
@@ -640,6 +648,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             read through accelerate's maps.
         activations_on_device: keep the calibration activations on ``device`` (when they fit)
             instead of the model's home device (the CPU, where they move a batch at a time).
+        read_back: with ``weights`` and ``store``: False leaves the packed blocks in ``store`` and the tensors
+            outside the blocks in ``weights`` (the model's layers stay empty, on ``meta``), for
+            ``billm.save(model, out, source=saved_source(model, store, weights))`` to stream into the checkpoint
+            one tensor at a time; the model itself cannot run until loaded from that checkpoint.
 
     Returns:
         A :class:`QuantReport` with one :class:`LayerReport` per quantized linear (metrics only:
@@ -651,6 +663,9 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
             where a rerun resumes from them); reload the model to retry.
     """
     batches = _as_batches(calibration, batch_size)
+    if not read_back and (weights is None or store is None or config.finetune):
+        raise ModelError("read_back=False needs an empty model's weights and a progress store, and no finetune "
+                         "(which runs the whole model)")
     weights = weights or LazyWeights.from_accelerate(model)  # None unless accelerate dispatched it
     if weights is None and is_lazy(model):
         raise ModelError("the model has parameters on the meta device and no source for them: pass "
@@ -721,7 +736,7 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
         if current is not None:
             current.to(run.offload)
         model.train(was_training)
-    if weights is not None:
+    if weights is not None and read_back:
         if store is not None:  # the packed blocks, emptied as each was recorded
             _swap_in(run, store.packed(len(run.blocks) - 1))
         fill_outside_blocks(model, run.blocks_name, weights)  # the embeddings, final norm and lm_head, for use and save

@@ -26,7 +26,7 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
@@ -224,6 +224,35 @@ class ProgressStore:
     def packed(self, last: int) -> dict[str, StoredWeight]:
         """The packed layers of blocks ``0..last`` as recorded (qualified layer name -> stored weight)."""
         return self._read_blocks(last)[1]
+
+    def field_reader(self, last: int) -> tuple[set[str], Callable[[str], Tensor]]:
+        """The packed fields recorded for blocks ``0..last``, by their names in a checkpoint
+        (``<layer>.packed_<field>``), and a function that reads one of them from its block's file (one at a time:
+        what :func:`billm.save` streams from when the run did not read them back).
+
+        Raises:
+            BillmError: a block's record is missing.
+        """
+        from safetensors import safe_open
+
+        from .packing.linear import PREFIX
+
+        where: dict[str, tuple[Path, str]] = {}
+        for i in range(last + 1):
+            path = self._block_file(i)
+            if not path.is_file():
+                raise BillmError(f"{self.folder}: block {i} is missing although block {last} finished; "
+                                 "rerun with --restart")
+            with safe_open(str(path), "pt") as f:
+                for name, spec in json.loads(f.metadata()["block"])["stored"].items():
+                    where.update({f"{name}.{PREFIX}{field}": (path, f"{name}.{field}") for field in spec["fields"]})
+
+        def read(name: str) -> Tensor:
+            path, key = where[name]
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor(key)
+
+        return set(where), read
 
     def _read_blocks(self, last: int) -> tuple[list[dict[str, Any]], dict[str, StoredWeight], dict[str, float]]:
         from safetensors import safe_open

@@ -33,10 +33,11 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -77,13 +78,76 @@ def tensor_sha256(t: Tensor) -> str:
 
 # ----------------------------------------------------------------------------- save
 
-def _state_without_ties(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Drop tensors that alias an earlier one (tied embeddings); return (unique tensors, alias -> source)."""
+def _file_order(specs: dict[str, torch.dtype]) -> list[str]:
+    """The order in which safetensors lays out tensors of these names and dtypes, asked of safetensors itself (an
+    empty tensor of each dtype is enough: it orders by dtype, then name)."""
+    from safetensors.torch import save
+
+    probe = save({name: torch.empty((0,), dtype=dt) for name, dt in specs.items()})
+    n = struct.unpack("<Q", probe[:8])[0]
+    return [k for k in json.loads(probe[8:8 + n]) if k != "__metadata__"]
+
+
+def write_safetensors(path: Union[str, Path], specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      read: Callable[[str], Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """Write a safetensors file one tensor at a time: the bytes ``safetensors.torch.save_file`` writes for the same
+    tensors, with only one of them in memory at once.
+
+    Args:
+        specs: name -> (dtype, shape) of every tensor in the file.
+        read: name -> the tensor (asked once per name, in file order; let go once written).
+        metadata: the header's ``__metadata__``.
+
+    Returns:
+        name -> SHA-256 of the tensor's bytes.
+
+    Raises:
+        CheckpointError: ``read`` gave a tensor of another dtype or shape, or a dtype safetensors has no name for.
+    """
+    names = {v: k for k, v in _DTYPES.items()}
+    bad = sorted({str(dt) for dt, _ in specs.values() if dt not in names})
+    if bad:
+        raise CheckpointError(f"no safetensors name for the dtype(s) {bad}")
+    order = _file_order({n: dt for n, (dt, _) in specs.items()})
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        dt, shape = specs[name]
+        end = offset + math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": names[dt], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, the header padded with spaces
+    sums: dict[str, str] = {}
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in order:
+            t = read(name).detach()
+            if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
+                raise CheckpointError(f"{name}: expected {specs[name][0]} {tuple(specs[name][1])}, "
+                                      f"got {t.dtype} {tuple(t.shape)}")
+            data = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
+            sums[name] = hashlib.sha256(data).hexdigest()
+            f.write(data.data)
+            del t, data
+    return sums
+
+
+def _state_without_ties(sd: dict[str, Tensor], owners: Optional[dict[str, int]] = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Drop tensors that alias an earlier one (tied embeddings); return (unique tensors, alias -> source).
+
+    ``owners``: name -> identity of the parameter object behind it, which tells the ties of tensors on ``meta``
+    (no storage to compare) apart.
+    """
     seen: dict[tuple, str] = {}
     out: dict[str, Tensor] = {}
     tied: dict[str, str] = {}
     for name, t in sd.items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.is_meta:
+            key = ("meta", (owners or {}).get(name, name), tuple(t.shape), t.dtype)
+        else:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                   t.dtype)
         if t.numel() and key in seen:
             tied[name] = seen[key]
             continue
@@ -153,7 +217,7 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None, extra: Optional[dict[str, Any]] = None,
          dtype: Optional[torch.dtype] = None, source_model: Optional[str] = None,
-         calibration: Optional[dict[str, Any]] = None) -> Path:
+         calibration: Optional[dict[str, Any]] = None, source: Optional[Callable[[str], Tensor]] = None) -> Path:
     """Write the bit-packed checkpoint of a model quantized by :func:`billm.quantize` (or loaded by :func:`load`).
 
     Args:
@@ -165,12 +229,14 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
         dtype: dtype of the non-quantized floating tensors in the file (default: as in the model).
         source_model: what the model was loaded from (recorded in the map; default: its config's name).
         calibration: the calibration data's description (source, nsamples, seqlen, seed), recorded in the map.
+        source: where the tensors the model holds empty (on ``meta``) are read, by their name in the file (a packed
+            field ``<layer>.packed_<field>`` or a plain tensor): what :func:`billm.quantize` left in its progress
+            store and the source folder when told not to read them back (``read_back=False``). The file is written
+            one tensor at a time either way, so such a model is saved holding one tensor at a time.
 
     Returns:
         The folder written.
     """
-    from safetensors.torch import save_file
-
     import billm
 
     packed = packed_layers(model)
@@ -181,16 +247,23 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
     stored = {n: m.stored() for n, m in packed.items()}
     packed_names = {f"{n}.{PREFIX}{f}" for n, st in stored.items() for f in st.tensors}
     sd = {k: v for k, v in model.state_dict().items() if k not in packed_names}
-    tensors, tied = _state_without_ties(sd)
-    for k, t in tensors.items():
-        t = t.detach().cpu()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        tensors[k] = t.contiguous()
+    owners = {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)}
+    tensors, tied = _state_without_ties(sd, owners)
     model_dtype = str(dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))
     layers = {n: _layer_entry(packed[n], st) for n, st in stored.items()}
     for n, st in stored.items():  # fields in a fixed order: the map's bytes do not depend on how the model was built
-        tensors.update({f"{n}.{PREFIX}{f}": st.tensors[f].detach().cpu().contiguous() for f in sorted(st.tensors)})
+        tensors.update({f"{n}.{PREFIX}{f}": st.tensors[f] for f in sorted(st.tensors)})
+    cast = lambda k: dtype if dtype is not None and k not in packed_names and tensors[k].is_floating_point() \
+        else tensors[k].dtype  # noqa: E731
+    missing = [k for k, t in tensors.items() if t.is_meta] if source is None else []
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensor(s) of the model are empty (on meta), e.g. {missing[:3]}, and no "
+                              "source was given to read them from")
+
+    def read(k: str) -> Tensor:  # one tensor as the file stores it
+        t = source(k) if tensors[k].is_meta else tensors[k]
+        return t.detach().cpu().to(cast(k))
+
     qmap = {
         "format_version": FORMAT_VERSION,
         "billm_version": billm.__version__, "torch_version": torch.__version__,
@@ -201,7 +274,7 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
         "dtype": model_dtype.replace("torch.", ""),
         "weight_bits": _weighted(layers, "weight_bits"), "storage_bits": _weighted(layers, "storage_bits"),
         "layers": layers, "tied": tied,
-        "files": {WEIGHTS: {"sha256": {k: tensor_sha256(t) for k, t in tensors.items()}}},
+        "files": {WEIGHTS: {"sha256": {}}},
     }
     with atomic_dir(out) as tmp:
         config = copy.deepcopy(model.config)
@@ -220,7 +293,9 @@ def save(model: nn.Module, out: Union[str, Path], tokenizer=None, *, report=None
             save_tokenizer(tokenizer, tmp)
         # one metadata key only: safetensors writes its metadata map in hash order, so several keys would make
         # the header (and the file's bytes) differ from run to run
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        sums = write_safetensors(tmp / WEIGHTS, {k: (cast(k), tuple(t.shape)) for k, t in tensors.items()}, read,
+                                 {"format": "pt"})
+        qmap["files"][WEIGHTS]["sha256"] = {k: sums[k] for k in tensors}  # the map lists them in the model's order
         qmap["files"][WEIGHTS]["bytes"] = (tmp / WEIGHTS).stat().st_size
         if report is not None or extra:
             write_json_atomic(tmp / REPORT, {**(extra or {}), **({"quantization": report.to_dict()} if report else {})})
