@@ -67,8 +67,7 @@ if sys.argv[1] != "--idle":
     phase[0] = "outside the steps (loading, data, records, after saving)"
     for name, label in [("capture_inputs", "capture"), ("_fill_block", "read a block"),
                         ("_accumulate_hessians", "Hessians"), ("_quantize_block", "quantize a block"),
-                        ("_reconstruct", "reconstruct"), ("_propagate", "propagate"),
-                        ("return_freed_memory", "propagate")]:
+                        ("_reconstruct", "reconstruct"), ("_propagate", "propagate")]:
         step(d, name, label)
     step(billm.cli.billm, "save", "save")
     rc = billm.cli.main(sys.argv[2:])
