@@ -45,7 +45,7 @@ SECTIONS: dict[str, list[str]] = {
     "decode (check and propagation)": ["billm.packing.formats:StoredWeight.values"],
     "pack": ["billm.methods.billm:stored_billm", "billm.packing.linear:PackedLinear.from_stored"],
     "metrics": ["billm.methods.obc:hessian_error"],
-    "free memory": ["billm.quantize:return_freed_memory"],
+    "free memory": ["billm.memory:return_freed_memory"],
     "block moves": ["torch.nn.modules.module:Module.to"],
 }
 

@@ -12,7 +12,6 @@ replays the finished blocks from its progress store (:func:`replay`).
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import BillmError, DataError, ModelError, QuantizationError
+from .memory import return_freed_memory
 from .methods.obc import HessianAccumulator, OBCTimes, all_finite, hessian_error, last_use_of_factor
 from .methods.registry import Method, method_of
 from .model.lazy import LazyWeights, fill_outside_blocks, is_lazy
@@ -235,26 +235,6 @@ def parse_devices(device: Union[None, Device, Sequence[Device]]) -> list[torch.d
         return [torch.device(d.strip() if isinstance(d, str) else d) for d in items if str(d).strip()]
     except RuntimeError as e:
         raise BillmError(f"bad device list {device!r}: {e}") from None
-
-
-def return_freed_memory() -> None:
-    """Hand the memory freed by a finished block back to the operating system (glibc keeps freed heap pages
-    otherwise: a block-by-block run's resident memory would grow by every block's float temporaries)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Optional[Callable[[int], int]]:
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def clock(devices: Sequence[torch.device]) -> float:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import QuantizationError
+from ..memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,8 @@ def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
         f"({max_tries} tries from {percdamp:g}); the calibration data may be degenerate")
 
 
+_TRIM_EVERY = 4  # blocks between handing freed host memory back (about 5% of a BiLLM layer's time on the CPU)
+
 BlockQuantizer = Callable[[Tensor, Tensor, int], Union[Tensor, tuple[Tensor, Optional[Tensor]]]]
 """Callback ``(Wb (rows, b), Ub (b, b), start_col) -> Qb`` or ``(Qb, Eb)``.
 
@@ -260,7 +263,9 @@ def obc_quantize(W: Tensor, U: Tensor, blocksize: int, quantize_block: BlockQuan
         Q (rows, cols), the quantized weights: ``W`` itself.
     """
     rows, cols = W.shape
-    for st in range(0, cols, blocksize):
+    for b, st in enumerate(range(0, cols, blocksize)):
+        if b and b % _TRIM_EVERY == 0 and W.device.type == "cpu":
+            return_freed_memory()  # the earlier blocks' freed temporaries: the heap does not grow with the layer's width
         ed = min(st + blocksize, cols)
         Wb = W[:, st:ed]  # (rows, b), already compensated by earlier blocks
         Ub = U[st:ed, st:ed]  # (b, b)
