@@ -200,3 +200,14 @@ def test_hessian_that_stays_singular_after_retries_is_a_clear_error(monkeypatch)
     monkeypatch.setattr(torch.linalg, "cholesky_ex", never)
     with pytest.raises(QuantizationError, match=r"could not be factored even with percdamp=.*6 tries"):
         prepare_hessian(_spd(4), torch.randn(2, 4), percdamp=0.01)
+
+
+def test_the_loop_hands_freed_memory_back_every_few_blocks_on_the_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(obc, "return_freed_memory", lambda: calls.append(1))
+    W = torch.randn(3, 36)
+    U = prepare_hessian(_spd(36), W, 0.01).U
+    Q = obc_quantize(W.clone(), U, 4, _sign_block)  # 9 blocks: handed back before the 5th and the 9th
+    assert len(calls) == 2 == (9 - 1) // obc._TRIM_EVERY
+    monkeypatch.setattr(obc, "_TRIM_EVERY", 10**9)
+    assert torch.equal(Q, obc_quantize(W.clone(), U, 4, _sign_block)) and len(calls) == 2  # values do not depend on it
