@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "billm"
 ALLOWED = {
     "kernels": {"errors"},
     "packing": {"errors", "config", "io", "kernels"},
-    "methods": {"errors", "config", "kernels", "packing"},
+    "methods": {"errors", "config", "kernels", "packing", "memory"},
     "model": {"errors", "config", "io", "packing"},
 }
 CORE = ["kernels", "packing", "methods", "model", "driver.py", "reconstruct.py", "resume.py", "config.py"]
