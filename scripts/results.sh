@@ -174,7 +174,9 @@ Where the block-by-block run keeps its memory: the imports (the first row); one 
 '
         printf 'quantized; float32 working copies and the search'"'"'s temporaries; each finished block goes to the progress
 '
-        printf 'folder and is read back at the end, with the embeddings and head, for saving. `memory.json` has every figure.
+        printf 'folder, and the checkpoint is written from there and from the model'"'"'s shards one tensor at a time.
+'
+        printf '`memory.json` has every figure.
 '
       } > "$out/README.md"
       stamp "$out/README.md" "${cmd[*]}" ;;
