@@ -411,8 +411,9 @@ def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> l
         # read again when its turn comes, and the others wait there meanwhile
         reread = set() if run.weights is None or run.device != run.offload else \
             {n for n in names if f"{prefix}.{n}.weight" in run.weights.loaders}
-        LazyWeights.release(run.blocks[i], [f"{n}.weight" for n in reread])
-        return_freed_memory()
+        if reread:
+            LazyWeights.release(run.blocks[i], [f"{n}.weight" for n in reread])
+            return_freed_memory()
         reports: dict[str, LayerReport] = {}
         for k, j in enumerate(order):
             name = names[j]

@@ -26,7 +26,7 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from torch import Tensor
 
@@ -238,14 +238,9 @@ class ProgressStore:
         from .packing.linear import PREFIX
 
         where: dict[str, tuple[Path, str]] = {}
-        for i in range(last + 1):
-            path = self._block_file(i)
-            if not path.is_file():
-                raise BillmError(f"{self.folder}: block {i} is missing although block {last} finished; "
-                                 "rerun with --restart")
-            with safe_open(str(path), "pt") as f:
-                for name, spec in json.loads(f.metadata()["block"])["stored"].items():
-                    where.update({f"{name}.{PREFIX}{field}": (path, f"{name}.{field}") for field in spec["fields"]})
+        for path, f in self._block_files(last):
+            for name, spec in json.loads(f.metadata()["block"])["stored"].items():
+                where.update({f"{name}.{PREFIX}{field}": (path, f"{name}.{field}") for field in spec["fields"]})
 
         def read(name: str) -> Tensor:
             path, key = where[name]
@@ -254,22 +249,31 @@ class ProgressStore:
 
         return set(where), read
 
-    def _read_blocks(self, last: int) -> tuple[list[dict[str, Any]], dict[str, StoredWeight], dict[str, float]]:
+    def _block_files(self, last: int) -> Iterator[tuple[Path, Any]]:
+        """(path, open safetensors file) of each recorded block ``0..last``, in order.
+
+        Raises:
+            BillmError: a block's record is missing.
+        """
         from safetensors import safe_open
 
-        layers: list[dict[str, Any]] = []
-        stored: dict[str, StoredWeight] = {}
-        phases: dict[str, float] = {}
         for i in range(last + 1):
             path = self._block_file(i)
             if not path.is_file():
                 raise BillmError(f"{self.folder}: block {i} is missing although block {last} finished; "
                                  "rerun with --restart")
             with safe_open(str(path), "pt") as f:
-                meta = json.loads(f.metadata()["block"])
-                for name, spec in meta["stored"].items():
-                    tensors = {field: f.get_tensor(f"{name}.{field}") for field in spec["fields"]}
-                    stored[name] = StoredWeight(spec["format"], tuple(spec["shape"]), spec["meta"], tensors)
+                yield path, f
+
+    def _read_blocks(self, last: int) -> tuple[list[dict[str, Any]], dict[str, StoredWeight], dict[str, float]]:
+        layers: list[dict[str, Any]] = []
+        stored: dict[str, StoredWeight] = {}
+        phases: dict[str, float] = {}
+        for _, f in self._block_files(last):
+            meta = json.loads(f.metadata()["block"])
+            for name, spec in meta["stored"].items():
+                tensors = {field: f.get_tensor(f"{name}.{field}") for field in spec["fields"]}
+                stored[name] = StoredWeight(spec["format"], tuple(spec["shape"]), spec["meta"], tensors)
             layers.extend(meta["layers"])
             for k, v in meta["phases"].items():
                 phases[k] = phases.get(k, 0.0) + v

@@ -70,10 +70,14 @@ def is_billm_folder(path: Path) -> bool:
     return is_checkpoint(path) or (path / REPORT).is_file()
 
 
+def _tensor_bytes(t: Tensor):
+    """(nbytes,) uint8 numpy view of a tensor's bytes in C order (no copy where it is contiguous on the CPU)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+
+
 def tensor_sha256(t: Tensor) -> str:
     """SHA-256 of a tensor's bytes (C order)."""
-    b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(b).hexdigest()  # the array's own buffer, not a copy of it
+    return hashlib.sha256(_tensor_bytes(t)).hexdigest()  # the array's own buffer, not a copy of it
 
 
 # ----------------------------------------------------------------------------- save
@@ -126,14 +130,14 @@ def write_safetensors(path: Union[str, Path], specs: dict[str, tuple[torch.dtype
             if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
                 raise CheckpointError(f"{name}: expected {specs[name][0]} {tuple(specs[name][1])}, "
                                       f"got {t.dtype} {tuple(t.shape)}")
-            data = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
+            data = _tensor_bytes(t)
             sums[name] = hashlib.sha256(data).hexdigest()
             f.write(data.data)
             del t, data
     return sums
 
 
-def _state_without_ties(sd: dict[str, Tensor], owners: Optional[dict[str, int]] = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _state_without_ties(sd: dict[str, Tensor], owners: dict[str, int]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Drop tensors that alias an earlier one (tied embeddings); return (unique tensors, alias -> source).
 
     ``owners``: name -> identity of the parameter object behind it, which tells the ties of tensors on ``meta``
@@ -144,7 +148,7 @@ def _state_without_ties(sd: dict[str, Tensor], owners: Optional[dict[str, int]] 
     tied: dict[str, str] = {}
     for name, t in sd.items():
         if t.is_meta:
-            key = ("meta", (owners or {}).get(name, name), tuple(t.shape), t.dtype)
+            key = ("meta", owners.get(name, name), tuple(t.shape), t.dtype)
         else:
             key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
                    t.dtype)
