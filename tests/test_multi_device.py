@@ -28,7 +28,9 @@ def test_a_device_list_writes_the_same_bytes_as_one_device(family, cfg, tiny_mod
         reports.append(billm.quantize(model, CALIB, cfg, progress=False, batch_size=2, device=device))
         shas.append(_sha(billm.save(model, tmp_path / f"q{k}")))
     assert shas[0] == shas[1] == shas[2]
-    assert [r.hessian_rel_err for r in reports[0].layers] == [r.hessian_rel_err for r in reports[2].layers]
+    # one device frees a Hessian's last user's H and takes its error figure from the factor: equal up to rounding
+    assert [r.hessian_rel_err for r in reports[0].layers] == \
+        pytest.approx([r.hessian_rel_err for r in reports[2].layers], rel=1e-4)
 
 
 def test_cli_device_list(tiny_config, byte_tokenizer, tmp_path):

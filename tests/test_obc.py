@@ -5,7 +5,7 @@ from billm.errors import QuantizationError
 from billm.methods.binarize import binarize
 from billm.methods import obc
 from billm.methods.obc import (HessianAccumulator, damped_hessian, factor_hessian, hessian_error, obc_quantize,
-                               prepare_hessian)
+                               output_error, prepare_hessian)
 
 
 def test_accumulator_is_running_mean_of_2_xxT():
@@ -174,6 +174,38 @@ def test_last_user_of_a_hessian_gets_its_factor_handed_over_not_kept():
     with obc.last_use_of_factor():  # a Hessian no one shares: factored, never stored
         alone = prepare_hessian(_spd(16, seed=2), torch.randn(4, 16), 0.01)
     assert obc._MEMO._prep is None and torch.isfinite(alone.U).all()
+
+
+def test_a_released_hessian_is_freed_and_its_factor_left_for_the_caller():
+    H = _spd(16)
+    with obc.last_use_of_factor() as last:
+        prep = prepare_hessian(H, torch.randn(4, 16), 0.01, release=True)
+    assert H.numel() == 0 and last.factor is prep  # emptied in place: a later read of H fails, not reads stale values
+
+
+def test_release_frees_nothing_outside_a_last_use_or_when_not_asked():
+    H, H2 = _spd(16), _spd(16, seed=1)
+    prepare_hessian(H, torch.randn(4, 16), 0.01, release=True)  # a later linear may share H
+    with obc.last_use_of_factor() as last:
+        prepare_hessian(H2, torch.randn(4, 16), 0.01)  # the method reads H2 again (a refit)
+    assert H.shape == H2.shape == (16, 16) and last.factor is None
+
+
+@pytest.mark.parametrize("cols,rows", [(64, 5), (300, 40)])
+def test_output_error_from_the_factor_equals_the_product_with_h(cols, rows):
+    g = torch.Generator().manual_seed(cols)
+    X = torch.randn(4 * cols, cols, generator=g) * torch.linspace(0.1, 3.0, cols)
+    X[:, :3] = 0  # three dead columns: H is zero there, the damped H is not
+    H = 2 / X.shape[0] * X.t() @ X
+    W = torch.randn(rows, cols, generator=g)
+    prep = prepare_hessian(H, W, 0.01)
+    Q = W + 0.05 * torch.randn(rows, cols, generator=g)
+    Q[:, :3] = 1.0  # whatever a method stores on a dead column costs nothing
+    from_h = output_error(W, Q, H, rows=16)
+    assert output_error(W, Q, factor=prep, rows=16) == pytest.approx(from_h, rel=1e-5)
+    assert from_h == pytest.approx(float(torch.sum(((W - Q) @ H) * (W - Q))), rel=1e-5)
+    with pytest.raises(ValueError, match="either H or its factor"):
+        output_error(W, Q, H, factor=prep)
 
 
 @pytest.mark.parametrize("cols,tile", [(600, 256), (300, 128), (64, 256)])

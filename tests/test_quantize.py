@@ -196,3 +196,33 @@ def test_disk_estimate_counts_the_full_precision_stream(tiny_model):
     for spec in ("tiny+rec5+fpinputs", "tiny+ft5+finetune_target=fp"):
         assert estimate_run_bytes(model, billm.BiLLMConfig.from_spec(spec), quantized, 4, 32) == plain + 2 * hidden
     assert estimate_run_bytes(model, billm.BiLLMConfig.from_spec("tiny+rec5"), quantized, 4, 32) == plain
+
+
+@pytest.mark.parametrize("spec,freed", [("billm", True), ("gptq:w2g128", True), ("pbllm", True), ("arb", True),
+                                        ("billm:plus+hadamard", True), ("billm:tiny", False), ("arb:x", False),
+                                        ("slim:w2", False)])
+def test_last_user_of_a_hessian_frees_it_and_stores_the_same_bytes(spec, freed):
+    # A method that reads its Hessian no more frees it once factored when no later linear shares it; the stored
+    # bytes do not change, and the output error figure comes from the factor instead, equal up to rounding.
+    from billm.driver import quantize_linear
+    from billm.methods.obc import OBCTimes
+    from billm.methods.registry import config_from_spec, method_of
+
+    from conftest import random_problem
+
+    W, H = random_problem(48, 256, outlier_cols=(5,))
+    H[:, 7] = H[7, :] = 0  # a dead input column
+    config = config_from_spec(spec)
+    out = {}
+    for last_use in (False, True):
+        lin = torch.nn.Linear(256, 48, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        Hc = H.clone()
+        packed, rep = quantize_linear(lin, Hc, config, method_of(config), "blocks.0.down_proj", OBCTimes(),
+                                      last_use=last_use)
+        assert (Hc.numel() == 0) == (freed and last_use)
+        out[last_use] = ({k: v.clone() for k, v in packed.stored().tensors.items()}, rep.hessian_rel_err)
+    (kept, err_kept), (freed_t, err_freed) = out[False], out[True]
+    assert kept.keys() == freed_t.keys() and all(torch.equal(kept[k], freed_t[k]) for k in kept)
+    assert 0 < err_kept < 1 and err_freed == pytest.approx(err_kept, rel=1e-5)

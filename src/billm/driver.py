@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .errors import BillmError, DataError, ModelError, QuantizationError
 from .memory import return_freed_memory
-from .methods.obc import HessianAccumulator, OBCTimes, all_finite, hessian_error, last_use_of_factor
+from .methods.obc import (HessianAccumulator, OBCTimes, PreparedHessian, all_finite, last_use_of_factor, output_energy,
+                          output_error)
 from .methods.registry import Method, method_of
 from .model.lazy import LazyWeights, fill_outside_blocks, is_lazy
 from .model.walker import (
@@ -328,9 +329,13 @@ def _accumulate_hessians(run: _Run, i: int) -> dict[str, HessianAccumulator]:
 
 
 def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, method: Method, full: str,
-                    times: OBCTimes, device: Optional[torch.device] = None) -> tuple[PackedLinear, LayerReport]:
+                    times: OBCTimes, device: Optional[torch.device] = None,
+                    last_use: bool = False) -> tuple[PackedLinear, LayerReport]:
     """Step 2: quantize one linear on ``device`` (default: its weight's); returns its PackedLinear (on the
     weight's device) and its metrics.
+
+    ``last_use``: no later linear reads ``H``, which may then be freed while the method works (its factor standing in
+    for it in the error figure; :func:`~billm.methods.obc.last_use_of_factor`).
 
     Raises:
         QuantizationError: the method failed, or its stored form does not decode to its simulated weights.
@@ -340,12 +345,24 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     t0 = clock([dev])
     rot = Rotation.make(config.rotate, get_weight(mod).shape[1], config.rotate_seed, dev)  # None unless config.rotate
     if rot is not None:  # incoherence processing: the method (and the errors below) see W R and R^T H R
-        H = rot.hessian(H)
-    try:  # the method's own float32 copy, the only one alive while it works (the errors below make theirs after)
-        res = method(_float_weight(mod, dev, rot, copy=True), H, config, times)
-    except BillmError as e:
-        raise QuantizationError(f"{full}: {e}") from e
+        H0, H = H, rot.hessian(H)
+        if last_use and H0 is not None:
+            H0.set_()  # no one reads the unrotated Hessian again
+        del H0
+    den = output_energy(_float_weight(mod, dev, rot), H) if H is not None else float("nan")  # tr(W H W^T)
+    with last_use_of_factor() if last_use else nullcontext() as last:
+        try:  # the method's own float32 copy, the only one alive while it works (the errors below make theirs after)
+            res = method(_float_weight(mod, dev, rot, copy=True), H, config, times)
+        except BillmError as e:
+            raise QuantizationError(f"{full}: {e}") from e
+    factor = last.factor if last is not None else None  # where the method released H: its factor, in its place
+    del last
     return_freed_memory()  # the method's freed temporaries (its search's), before the decode makes its own
+    shape = tuple(get_weight(mod).shape)
+    errors = None
+    if res.q is not None:  # the errors from the simulated weights (the decode must equal them, checked below): the
+        errors = _errors(mod, dev, rot, res.q, H, factor, den)  # factor is gone before the decode's temporaries come
+    del factor
     st = (res.stored if rot is None else rot.attach(res.stored)).to(dev)
     Q = st.decode()  # (out, in): what every later forward computes with
     if res.q is not None and not torch.equal(res.q, Q):
@@ -356,15 +373,25 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     packed = PackedLinear.from_stored(st.to(home), getattr(mod, "bias", None), source=type(mod).__name__)
     # the propagation forward reuses it (decode_once), in the model's dtype (what its forward casts it to)
     packed.keep_decoded(Q.to(home, dtype if dtype.is_floating_point else torch.float32))
-    W = _float_weight(mod, dev, rot)  # (out, in), as the method saw it
-    took = clock([W.device]) - t0
-    rel = hessian_error(W, Q, H)[1] if H is not None else float("nan")
-    wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
+    rel, wrel = errors if errors is not None else _errors(mod, dev, rot, Q, H, None, den)
+    took = clock([Q.device]) - t0
     log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits (%.3f stored), %.2fs",
-             full, tuple(W.shape), rel, wrel, st.weight_bits, st.storage_bits, took)
-    return packed, LayerReport(name=full, shape=tuple(W.shape), weight_bits=st.weight_bits,
+             full, shape, rel, wrel, st.weight_bits, st.storage_bits, took)
+    return packed, LayerReport(name=full, shape=shape, weight_bits=st.weight_bits,
                                storage_bits=st.storage_bits, hessian_rel_err=rel, weight_rel_err=wrel, seconds=took,
                                info=info)
+
+
+def _errors(mod: nn.Module, device: torch.device, rot: Optional[Rotation], Q: Tensor, H: Optional[Tensor],
+            factor: Optional[PreparedHessian], den: float) -> tuple[float, float]:
+    """(relative output error ``tr(D H D^T) / den``, relative weight error) of ``Q`` against ``mod``'s weight as the
+    method saw it, D their difference; the output error from ``factor`` where the method released ``H``, nan without
+    a Hessian."""
+    W = _float_weight(mod, device, rot)  # (out, in)
+    num = float("nan") if H is None else output_error(W, Q, factor=factor) if factor is not None else \
+        output_error(W, Q, H)
+    wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
+    return (num / den if den > 0 else float("nan")), wrel
 
 
 def _float_weight(mod: nn.Module, device: torch.device, rot: Optional[Rotation], copy: bool = False) -> Tensor:
@@ -391,8 +418,8 @@ def _quantize_block(run: _Run, i: int, accs: dict[str, HessianAccumulator]) -> l
         times = OBCTimes()
         acc = accs.get(name)
         shared = len(run.devices) > 1 or any(accs.get(n) is acc for n in later)
-        with nullcontext() if shared else last_use_of_factor():  # its Hessian's last linear: no factor kept after it
-            return (*quantize_linear(mod, H, run.config, run.method, run.name(i, name), times, dev), times)
+        return (*quantize_linear(mod, H, run.config, run.method, run.name(i, name), times, dev, last_use=not shared),
+                times)
 
     def place(name: str, result: tuple[PackedLinear, LayerReport, OBCTimes]) -> LayerReport:
         packed, rep, times = result

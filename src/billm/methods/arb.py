@@ -387,14 +387,14 @@ def stored_arb(codes: list[ArbCode], shape: tuple[int, int], cfg: ArbConfig) -> 
 def arb_quantize_weight(W: Tensor, H: Tensor, cfg: ArbConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """ARB-LLM-quantize ``W`` (rows, cols) with Hessian ``H`` (cols, cols); simulated weights and stored form."""
     W = W.to(torch.float32)  # the quantizer's own copy (the registry's contract): compensated in place
-    prep = prepare_hessian(H, W, cfg.percdamp)
-    H = H.to(device=W.device, dtype=torch.float32)
+    S_full = H.to(device=W.device, dtype=torch.float32) if cfg.variant == "x" else None  # (cols, cols), ARB-X only
+    prep = prepare_hessian(H, W, cfg.percdamp, release=S_full is None)
     salient: list[list[int]] = []
     breaks: list[float] = []
     codes: list[ArbCode] = []
 
     def quantize_block(Wb: Tensor, Ub: Tensor, start: int) -> Tensor:
-        S = H[start:start + Wb.shape[1], start:start + Wb.shape[1]] if cfg.variant == "x" else None
+        S = None if S_full is None else S_full[start:start + Wb.shape[1], start:start + Wb.shape[1]]
         code, cols, p = arb_block(Wb, Ub, cfg, S)
         salient.append(sorted(int(c) + start for c in cols))
         breaks.append(p)

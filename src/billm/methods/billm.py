@@ -487,7 +487,7 @@ def billm_quantize_weight(W: Tensor, H: Tensor, cfg: BiLLMConfig, times: Optiona
     """BiLLM-quantize ``W`` (rows, cols) with Hessian ``H`` (cols, cols); simulated weights and stored form."""
     W = W.to(torch.float32)  # the quantizer's own copy (the registry's contract): compensated in place
     shape = tuple(W.shape)
-    prep = prepare_hessian(H, W, cfg.percdamp)
+    prep = prepare_hessian(H, W, cfg.percdamp, release=not cfg.refit)  # the refit reads H again
     W0 = W.clone() if cfg.refit else None  # the target of the output-error refit (dead columns zeroed)
     salient: list[list[int]] = []  # per block, salient column indices (absolute)
     breaks: list[float] = []

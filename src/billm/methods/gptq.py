@@ -79,19 +79,20 @@ class GPTQRun:
 
 
 def gptq_weight(W: Tensor, H: Tensor, blocksize: int, percdamp: float, quant_col_factory,
-                act_order: bool = False, times: Optional[OBCTimes] = None) -> GPTQRun:
+                act_order: bool = False, times: Optional[OBCTimes] = None, release: bool = False) -> GPTQRun:
     """Run GPTQ over ``W`` (rows, cols) with the per-column quantizer made by ``quant_col_factory(W)``.
 
     ``W`` is modified in place (pass a copy to keep it). The factory is called as ``quant_col_factory(W, U)`` with the (permuted, dead-column-zeroed)
     weights before any compensation, e.g. to fix per-row scales, and ``U = chol(H^-1)`` (upper) in the
-    same order; column indices the quantizer receives are positions in that (permuted) order.
+    same order; column indices the quantizer receives are positions in that (permuted) order. ``release``: the caller
+    reads ``H`` no more (:func:`~billm.methods.obc.prepare_hessian`; a factory that reads it must leave this off).
     """
     W = W.to(torch.float32)  # the caller's own copy: compensated in place
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    prep = prepare_hessian(H, W, percdamp)
+    prep = prepare_hessian(H, W, percdamp, release=release and perm is None)  # a permuted H is this function's own
     quant_col = quant_col_factory(W, prep.U)
     Q = obc_quantize(W, prep.U, blocksize, lambda Wb, Ub, st: gptq_block(Wb, Ub, st, quant_col), times)
     if perm is not None:
@@ -152,7 +153,7 @@ def gptq_quantize_weight(W: Tensor, H: Tensor, cfg: GPTQConfig, times: Optional[
     gs = -1 if cfg.groupsize >= W.shape[1] else cfg.groupsize
     sd = SCALE_DTYPES[cfg.scale_dtype]
     run = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, lambda W0, U: GridColumns(W0, cfg.bits, gs, sd),
-                      cfg.act_order, times)
+                      cfg.act_order, times, release=True)
     grid: GridColumns = run.quantizer  # type: ignore[assignment]
     codes, g_idx = grid.codes, None
     if run.perm is not None:

@@ -89,21 +89,33 @@ class PreparedHessian:
         U: (cols, cols) upper Cholesky factor of the damped H^-1.
         dead: (cols,) bool, columns with zero input energy (their weights were zeroed).
         percdamp: the damping actually used (may exceed the requested one after retries).
+        damping: what was added to the diagonal (``percdamp`` times its mean, dead columns counted as 1).
     """
 
     U: Tensor
     dead: Tensor
     percdamp: float
+    damping: float = 0.0
 
 
-def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> PreparedHessian:
+def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01, max_tries: int = 6,
+                    release: bool = False) -> PreparedHessian:
     """Dead columns, damping and ``U = chol(H^-1)`` (upper): :func:`factor_hessian`, and ``W[:, dead] = 0``.
 
     Dead columns (``H_jj == 0``) carry no input: their weights are zeroed in ``W`` (modified in
     place). The factor is shared by every linear fed the same ``H`` tensor; treat it as read-only.
+
+    ``release``: the method reads ``H`` no more. Where its caller is that Hessian's last user (inside
+    :func:`last_use_of_factor`), ``H``'s memory is then freed at once: ``H`` is left empty (a later read
+    fails), and the factor stands in for it in the caller's error figures (:func:`output_error`).
+    Elsewhere it changes nothing.
     """
     prep = factor_hessian(H, percdamp, max_tries)
     W[:, prep.dead] = 0
+    last = _LAST_USE.get()
+    if release and last is not None:
+        last.factor = prep
+        H.set_()  # (0,): the (cols, cols) storage goes now, unless some other tensor still views it
     return prep
 
 
@@ -120,7 +132,7 @@ def factor_hessian(H: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> Pre
         QuantizationError: non-finite H, or no damping made it positive definite.
     """
     key = (H._version, percdamp, max_tries)
-    keep = _KEEP_FACTOR.get()
+    keep = _LAST_USE.get() is None
     prep = _MEMO.get(H, key, keep)
     if prep is None:
         prep = _factor(H, percdamp, max_tries)
@@ -129,19 +141,29 @@ def factor_hessian(H: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> Pre
     return prep
 
 
-_KEEP_FACTOR: contextvars.ContextVar[bool] = contextvars.ContextVar("billm_keep_factor", default=True)
+@dataclass
+class LastUse:
+    """What :func:`last_use_of_factor` yields. ``factor``: the factor of the Hessian a method released
+    (``prepare_hessian(..., release=True)``), for the error figures in the Hessian's place; else None."""
+
+    factor: Optional[PreparedHessian] = None
+
+
+_LAST_USE: contextvars.ContextVar[Optional[LastUse]] = contextvars.ContextVar("billm_last_use", default=None)
 
 
 @contextmanager
-def last_use_of_factor() -> Iterator[None]:
-    """Inside it, :func:`factor_hessian` hands its factor over rather than keeping it for the next linear fed the same
-    Hessian: the caller is that Hessian's last user, and the (cols, cols) factor is freed as soon as the method is
-    done with it (before the decode and the error figures), not when the Hessian is. Results are the same."""
-    token = _KEEP_FACTOR.set(False)
+def last_use_of_factor() -> Iterator[LastUse]:
+    """Inside it, the caller is its Hessian's last user. :func:`factor_hessian` hands its factor over rather than
+    keeping it for the next linear fed the same Hessian, so the (cols, cols) factor is freed as soon as the method is
+    done with it, not when the Hessian is; and a method that releases the Hessian (``prepare_hessian(release=True)``)
+    frees it at once, leaving its factor in the :class:`LastUse` yielded. Stored values are the same either way."""
+    last = LastUse()
+    token = _LAST_USE.set(last)
     try:
-        yield
+        yield last
     finally:
-        _KEEP_FACTOR.reset(token)
+        _LAST_USE.reset(token)
 
 
 class _FactorMemo:
@@ -220,7 +242,7 @@ def _factor(H: Tensor, percdamp: float, max_tries: int) -> PreparedHessian:
             if int(info) == 0 and all_finite(A):
                 if attempt:
                     log.warning("Hessian not positive definite at percdamp=%g; used percdamp=%g", percdamp, damp_frac)
-                return PreparedHessian(U=A, dead=dead, percdamp=damp_frac)
+                return PreparedHessian(U=A, dead=dead, percdamp=damp_frac, damping=float(damp_frac * mean_diag))
         del A
         damp_frac = damp_frac * 10 if damp_frac > 0 else 1e-4
     raise QuantizationError(
@@ -285,15 +307,42 @@ def obc_quantize(W: Tensor, U: Tensor, blocksize: int, quantize_block: BlockQuan
 
 
 def hessian_error(W: Tensor, Q: Tensor, H: Tensor, rows: int = 256) -> tuple[float, float]:
-    """Output error proxy ``tr(D H D^T)`` with ``D = W - Q``, absolute and relative to ``tr(W H W^T)``; summed over
-    ``rows`` rows at a time (temporaries of (rows, cols), not of the weight's size)."""
-    num = den = 0.0
+    """Output error proxy ``tr(D H D^T)`` with ``D = W - Q``, absolute and relative to ``tr(W H W^T)``."""
+    num = output_error(W, Q, H, rows=rows)
+    den = output_energy(W, H, rows)
+    return num, num / den if den > 0 else float("nan")
+
+
+def output_energy(W: Tensor, H: Tensor, rows: int = 256) -> float:
+    """``tr(W H W^T)`` for ``W`` (out, cols), ``H`` (cols, cols); summed over ``rows`` rows at a time (temporaries of
+    (rows, cols), not of the weight's size)."""
+    total = 0.0
     for i in range(0, W.shape[0], rows):
         w = W[i:i + rows].float()  # (rows, cols)
-        d = w - Q[i:i + rows].float()
-        num += float(torch.sum((d @ H) * d))
-        den += float(torch.sum((w @ H) * w))
-    return num, num / den if den > 0 else float("nan")
+        total += float(torch.sum((w @ H) * w))
+    return total
+
+
+def output_error(W: Tensor, Q: Tensor, H: Optional[Tensor] = None, factor: Optional[PreparedHessian] = None,
+                 rows: int = 256) -> float:
+    """``tr(D H D^T)``, ``D = W - Q`` (out, cols), from ``H`` or, where a method released it, from its ``factor``.
+
+    With ``U`` the factor of the damped ``H_d = H + damping * I`` (dead columns' diagonal set to 1 first), ``H_d^-1 =
+    U^T U``, so for ``D`` zero on the dead columns (where ``H`` is zero) ``tr(D H D^T) = ||D U^-1||^2 - damping
+    ||D||^2``: one triangular solve of (rows, cols) a chunk. Equal to the product with ``H`` up to rounding.
+    """
+    if (H is None) == (factor is None):
+        raise ValueError("output_error needs either H or its factor")
+    total = 0.0
+    for i in range(0, W.shape[0], rows):
+        d = W[i:i + rows].float() - Q[i:i + rows].float()  # (rows, cols)
+        if H is not None:
+            total += float(torch.sum((d @ H) * d))
+            continue
+        d[:, factor.dead] = 0
+        x = torch.linalg.solve_triangular(factor.U, d, upper=True, left=False)  # (rows, cols): x U = d
+        total += float(torch.sum(x * x)) - factor.damping * float(torch.sum(d * d))
+    return total
 
 
 def damped_hessian(H: Tensor, dead: Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> Tensor:

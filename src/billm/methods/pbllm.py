@@ -126,7 +126,7 @@ def _masked_minmax(w: Tensor, m: Tensor, bits: int, scale_dtype: torch.dtype) ->
 def pbllm_quantize_weight(W: Tensor, H: Tensor, cfg: PBLLMConfig, times: Optional[OBCTimes] = None) -> WeightResult:
     """PB-LLM-quantize ``W`` (rows, cols)."""
     W = W.to(torch.float32)  # the quantizer's own copy (the registry's contract): compensated in place
-    prep = prepare_hessian(H, W, cfg.percdamp)
+    prep = prepare_hessian(H, W, cfg.percdamp, release=True)
     sd = SCALE_DTYPES[cfg.scale_dtype]
     rows, cols = W.shape
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)  # salient entries

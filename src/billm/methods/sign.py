@@ -107,6 +107,7 @@ def sign_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: SignConfig, times:
         s = (W - cols.mu if cols.mu is not None else W) >= 0
         cols.signs = s
         return WeightResult(q=sign_values(s, cols.alpha, cols.mu), stored=cols.stored(cfg))
-    run = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, lambda W0, U: SignColumns(W0, cfg.centred, sd), times=times)
+    run = gptq_weight(W, H, cfg.blocksize, cfg.percdamp, lambda W0, U: SignColumns(W0, cfg.centred, sd), times=times,
+                      release=True)
     return WeightResult(q=run.q, info={"percdamp_used": run.percdamp},
                         stored=run.quantizer.stored(cfg))  # type: ignore[attr-defined]
