@@ -124,8 +124,10 @@ class GridColumns:
         self.W, self.groupsize, self.scale_dtype = W0, groupsize, scale_dtype
         n_groups = 1 if groupsize == -1 else -(-W0.shape[1] // groupsize)
         self.group_bits = list(group_bits) if group_bits is not None else [bits] * n_groups
+        if not 1 <= min(self.group_bits) <= max(self.group_bits) <= 8:
+            raise ValueError(f"grid widths must be in 1..8 bits, got {sorted(set(self.group_bits))}")
         self.calibrate = calibrate or (lambda w, b, col: minmax_params(w, b, scale_dtype))
-        self.codes = torch.zeros_like(W0)  # (rows, cols)
+        self.codes = torch.zeros(W0.shape, dtype=torch.uint8, device=W0.device)  # (rows, cols): every width fits 8 bits
         self.scales: list[Tensor] = []  # per group (rows, 1)
         self.zeros: list[Tensor] = []
         if groupsize == -1:
