@@ -170,9 +170,13 @@ Where the block-by-block run keeps its memory: the imports (the first row); one 
 '
         printf 'dtype while its Hessians are accumulated, then one weight at a time (the others wait on disk), the widest
 '
-        printf 'first, so that its Hessian and factor (6144 x 6144 float32 each) are gone before the other six are
+        printf 'first; a Hessian no later linear shares is freed once it is factored (the factor gives the error figure),
 '
-        printf 'quantized; float32 working copies and the search'"'"'s temporaries; each finished block goes to the progress
+        printf 'so `down_proj`'"'"'s Hessian and factor (6144 x 6144 float32 each) are both alive only while it is factored
+'
+        printf '(`tiny`'"'"'s refit reads the Hessian again, in float64); float32 working copies and the search'"'"'s
+'
+        printf 'temporaries; each finished block goes to the progress
 '
         printf 'folder, and the checkpoint is written from there and from the model'"'"'s shards one tensor at a time.
 '
