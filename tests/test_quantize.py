@@ -226,3 +226,28 @@ def test_last_user_of_a_hessian_frees_it_and_stores_the_same_bytes(spec, freed):
     (kept, err_kept), (freed_t, err_freed) = out[False], out[True]
     assert kept.keys() == freed_t.keys() and all(torch.equal(kept[k], freed_t[k]) for k in kept)
     assert 0 < err_kept < 1 and err_freed == pytest.approx(err_kept, rel=1e-5)
+
+
+def test_a_method_that_releases_its_hessian_and_returns_no_simulated_weights_gets_its_error_from_the_factor():
+    # the error figure then waits for the decode, and the factor with it
+    from dataclasses import replace
+
+    from billm.driver import quantize_linear
+    from billm.methods.obc import OBCTimes
+    from billm.methods.registry import Method, config_from_spec, method_of
+
+    from conftest import random_problem
+
+    W, H = random_problem(48, 256)
+    config = config_from_spec("gptq:w2g128")
+    gptq = method_of(config)
+    no_q = Method(gptq.config, lambda *a: replace(gptq(*a), q=None))
+    errs = []
+    for method in (gptq, no_q):
+        lin = torch.nn.Linear(256, 48, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        Hc = H.clone()
+        errs.append(quantize_linear(lin, Hc, config, method, "blocks.0.down_proj", OBCTimes(), last_use=True)[1])
+        assert Hc.numel() == 0
+    assert errs[1].hessian_rel_err == errs[0].hessian_rel_err and errs[1].weight_rel_err == errs[0].weight_rel_err

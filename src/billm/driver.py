@@ -362,7 +362,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     errors = None
     if res.q is not None:  # the errors from the simulated weights (the decode must equal them, checked below): the
         errors = _errors(mod, dev, rot, res.q, H, factor, den)  # factor is gone before the decode's temporaries come
-    del factor
+        factor = None
     st = (res.stored if rot is None else rot.attach(res.stored)).to(dev)
     Q = st.decode()  # (out, in): what every later forward computes with
     if res.q is not None and not torch.equal(res.q, Q):
@@ -373,7 +373,8 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
     packed = PackedLinear.from_stored(st.to(home), getattr(mod, "bias", None), source=type(mod).__name__)
     # the propagation forward reuses it (decode_once), in the model's dtype (what its forward casts it to)
     packed.keep_decoded(Q.to(home, dtype if dtype.is_floating_point else torch.float32))
-    rel, wrel = errors if errors is not None else _errors(mod, dev, rot, Q, H, None, den)
+    rel, wrel = errors if errors is not None else _errors(mod, dev, rot, Q, H, factor, den)
+    del factor
     took = clock([Q.device]) - t0
     log.info("%s %s: rel. output error %.4f, rel. weight error %.4f, %.3f bits (%.3f stored), %.2fs",
              full, shape, rel, wrel, st.weight_bits, st.storage_bits, took)
