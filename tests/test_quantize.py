@@ -251,3 +251,31 @@ def test_a_method_that_releases_its_hessian_and_returns_no_simulated_weights_get
         errs.append(quantize_linear(lin, Hc, config, method, "blocks.0.down_proj", OBCTimes(), last_use=True)[1])
         assert Hc.numel() == 0
     assert errs[1].hessian_rel_err == errs[0].hessian_rel_err and errs[1].weight_rel_err == errs[0].weight_rel_err
+
+
+def test_a_factor_of_some_other_hessian_never_stands_in_for_the_drivers():
+    # a method may factor (and release) a Hessian it derived itself; the driver's own H, left whole, gives the error
+    from billm.driver import quantize_linear
+    from billm.methods.obc import OBCTimes, last_use_of_factor
+    from billm.methods.registry import Method, config_from_spec, method_of
+
+    from conftest import random_problem
+
+    W, H = random_problem(48, 256)
+    config = config_from_spec("gptq:w2g128")
+    gptq = method_of(config)
+    doubled = Method(gptq.config, lambda W_, H_, cfg, times: gptq(W_, H_ * 2, cfg, times))  # same weights: H scaled
+    reports = []
+    for method, last_use in ((gptq, False), (doubled, True)):
+        lin = torch.nn.Linear(256, 48, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        Hc = H.clone()
+        reports.append(quantize_linear(lin, Hc, config, method, "blocks.0.o_proj", OBCTimes(), last_use=last_use)[1])
+        assert Hc.shape == (256, 256)
+    assert reports[1].hessian_rel_err == pytest.approx(reports[0].hessian_rel_err, rel=1e-6)
+    with last_use_of_factor():  # an enclosing last use does not reach a call that says a later linear reads H
+        lin = torch.nn.Linear(256, 48, bias=False)
+        Hc = H.clone()
+        quantize_linear(lin, Hc, config, gptq, "blocks.0.q_proj", OBCTimes(), last_use=False)
+        assert Hc.shape == (256, 256)

@@ -15,7 +15,6 @@ import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -350,12 +349,13 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
             H0.set_()  # no one reads the unrotated Hessian again
         del H0
     den = output_energy(_float_weight(mod, dev, rot), H) if H is not None else float("nan")  # tr(W H W^T)
-    with last_use_of_factor() if last_use else nullcontext() as last:
+    with last_use_of_factor(last_use) as last:
         try:  # the method's own float32 copy, the only one alive while it works (the errors below make theirs after)
             res = method(_float_weight(mod, dev, rot, copy=True), H, config, times)
         except BillmError as e:
             raise QuantizationError(f"{full}: {e}") from e
-    factor = last.factor if last is not None else None  # where the method released H: its factor, in its place
+    # where the method released this very H (emptied): its factor, in its place
+    factor = last.factor if last is not None and H is not None and H.numel() == 0 else None
     del last
     return_freed_memory()  # the method's freed temporaries (its search's), before the decode makes its own
     shape = tuple(get_weight(mod).shape)

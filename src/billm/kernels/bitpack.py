@@ -55,7 +55,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    c = codes.to(torch.int32)
+    c = codes if codes.dtype == torch.uint8 else codes.to(torch.int32)  # uint8 as it is: no copy four times its size
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits")
     return torch.stack([pack_bits(((c >> i) & 1).bool()) for i in range(bits)])

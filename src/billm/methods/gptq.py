@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..config import SCALE_DTYPES, option
+from ..errors import QuantizationError
 from .obc import OBCTimes, obc_quantize, prepare_hessian
 from .registry import WeightResult, register_method
 from .rtn import GridConfig, grid_codes, grid_values, minmax_params, stored_grid
@@ -125,7 +126,7 @@ class GridColumns:
         n_groups = 1 if groupsize == -1 else -(-W0.shape[1] // groupsize)
         self.group_bits = list(group_bits) if group_bits is not None else [bits] * n_groups
         if not 1 <= min(self.group_bits) <= max(self.group_bits) <= 8:
-            raise ValueError(f"grid widths must be in 1..8 bits, got {sorted(set(self.group_bits))}")
+            raise QuantizationError(f"grid widths must be in 1..8 bits, got {sorted(set(self.group_bits))}")
         self.calibrate = calibrate or (lambda w, b, col: minmax_params(w, b, scale_dtype))
         self.codes = torch.zeros(W0.shape, dtype=torch.uint8, device=W0.device)  # (rows, cols): every width fits 8 bits
         self.scales: list[Tensor] = []  # per group (rows, 1)

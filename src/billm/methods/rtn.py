@@ -180,7 +180,7 @@ def stored_grid(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int, groupsi
                 g_idx: Optional[Tensor] = None) -> StoredWeight:
     """The packed stored form of integer-grid codes (RTN, GPTQ)."""
     meta = {"bits": bits, "groupsize": groupsize, "g_idx": g_idx is not None, "scale_dtype": scale_dtype}
-    tensors = grid_pack(codes.to(torch.int32), scales, zeros, g_idx, meta)
+    tensors = grid_pack(codes, scales, zeros, g_idx, meta)
     return StoredWeight("grid", tuple(codes.shape), meta, tensors)
 
 
