@@ -180,7 +180,7 @@ def test_a_released_hessian_is_freed_and_its_factor_left_for_the_caller():
     H = _spd(16)
     with obc.last_use_of_factor() as last:
         prep = prepare_hessian(H, torch.randn(4, 16), 0.01, release=True)
-    assert H.numel() == 0 and last.factor is prep  # emptied in place: a later read of H fails, not reads stale values
+    assert H.numel() == 0 and last.released is H and last.factor_of(H) is prep  # emptied in place: a later read fails
 
 
 def test_release_frees_nothing_outside_a_last_use_or_when_not_asked():

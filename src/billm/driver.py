@@ -354,8 +354,7 @@ def quantize_linear(mod: nn.Module, H: Optional[Tensor], config: QuantConfig, me
             res = method(_float_weight(mod, dev, rot, copy=True), H, config, times)
         except BillmError as e:
             raise QuantizationError(f"{full}: {e}") from e
-    # where the method released this very H (emptied): its factor, in its place
-    factor = last.factor if last is not None and H is not None and H.numel() == 0 else None
+    factor = last.factor_of(H) if last is not None else None  # where the method released this very H: its factor
     del last
     return_freed_memory()  # the method's freed temporaries (its search's), before the decode makes its own
     shape = tuple(get_weight(mod).shape)
@@ -389,8 +388,7 @@ def _errors(mod: nn.Module, device: torch.device, rot: Optional[Rotation], Q: Te
     method saw it, D their difference; the output error from ``factor`` where the method released ``H``, nan without
     a Hessian."""
     W = _float_weight(mod, device, rot)  # (out, in)
-    num = float("nan") if H is None else output_error(W, Q, factor=factor) if factor is not None else \
-        output_error(W, Q, H)
+    num = float("nan") if H is None else output_error(W, Q, None if factor is not None else H, factor)
     wrel = float(torch.linalg.norm(W - Q) / torch.linalg.norm(W).clamp(min=1e-12))
     return (num / den if den > 0 else float("nan")), wrel
 

@@ -114,7 +114,7 @@ def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01, max_tries: int
     W[:, prep.dead] = 0
     last = _LAST_USE.get()
     if release and last is not None:
-        last.factor = prep
+        last.factor, last.released = prep, H
         H.set_()  # (0,): the (cols, cols) storage goes now, unless some other tensor still views it
     return prep
 
@@ -143,10 +143,15 @@ def factor_hessian(H: Tensor, percdamp: float = 0.01, max_tries: int = 6) -> Pre
 
 @dataclass
 class LastUse:
-    """What :func:`last_use_of_factor` yields. ``factor``: the factor of the Hessian a method released
-    (``prepare_hessian(..., release=True)``), for the error figures in the Hessian's place; else None."""
+    """What :func:`last_use_of_factor` yields: the Hessian a method released (``prepare_hessian(..., release=True)``),
+    left empty, and its factor, for the error figures in its place; both None until a method releases one."""
 
     factor: Optional[PreparedHessian] = None
+    released: Optional[Tensor] = None
+
+    def factor_of(self, H: Optional[Tensor]) -> Optional[PreparedHessian]:
+        """The factor standing in for ``H`` if ``H`` is the very tensor released, else None."""
+        return self.factor if H is not None and self.released is H else None
 
 
 _LAST_USE: contextvars.ContextVar[Optional[LastUse]] = contextvars.ContextVar("billm_last_use", default=None)
