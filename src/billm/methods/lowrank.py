@@ -34,7 +34,7 @@ from ..kernels.layout import Factors, GridPlanes, GridValues, grid_planes
 from ..packing.formats import (
     FieldSpec, Format, SignPlanes, StoredWeight, pack_planes, pm1, register_format, round_to_stored, scale_dtype,
 )
-from .obc import OBCTimes
+from .obc import OBCTimes, factor_hessian
 from .registry import WeightResult, register_method
 
 
@@ -47,7 +47,7 @@ class LowRankConfig(QuantConfig):
     method: ClassVar[str] = "lowrank"
     storage_estimate: ClassVar[float] = 2.0
     abbrev: ClassVar[Mapping[str, Union[str, Mapping[str, Any]]]] = {
-        **QuantConfig.abbrev, "tb": "target_bits", "r": "rank", "it": "admm_iters"}
+        **QuantConfig.abbrev, "tb": "target_bits", "r": "rank", "it": "admm_iters", "rf": "refine_rounds"}
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "b1": {"target_bits": 1.0}, "b08": {"target_bits": 0.8}, "b055": {"target_bits": 0.55}}
 
@@ -60,6 +60,10 @@ class LowRankConfig(QuantConfig):
     scale_rounds: int = option(8, "alternating least-squares rounds of the two scale vectors, signs fixed")
     weighted: bool = option(True, "weight the error of each input column by sqrt(diag H), its calibration "
                                   "second moment (off: plain Frobenius)")
+    refine_rounds: int = option(0, "rounds of sign descent after the ADMM under the whole Hessian: U's rows by exact "
+                                   "coordinate descent, V's columns block by block with OBC's error feedback "
+                                   "(blocksize columns), then both scale vectors by exact least squares")
+    refine_sweeps: int = option(2, "coordinate-descent sweeps over each factor's signs per refinement round")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +73,8 @@ class LowRankConfig(QuantConfig):
         check(self.admm_lambda >= 0, f"admm_lambda must be >= 0, got {self.admm_lambda}")
         check(self.admm_seed >= 0, f"admm_seed must be >= 0, got {self.admm_seed}")
         check(self.scale_rounds >= 1, f"scale_rounds must be >= 1, got {self.scale_rounds}")
+        check(self.refine_rounds >= 0, f"refine_rounds must be >= 0, got {self.refine_rounds}")
+        check(self.refine_sweeps >= 1, f"refine_sweeps must be >= 1, got {self.refine_sweeps}")
 
     @property
     def uses_hessian(self) -> bool:  # type: ignore[override]
@@ -212,6 +218,99 @@ def fit_scales(w: Tensor, m: Tensor, col_weight: Tensor, s_out: Tensor, s_in: Te
     return s_out, s_in, errors
 
 
+# ----------------------------------------------------------------------------- refinement under the whole Hessian
+
+def quadratic_error(w: Tensor, q: Tensor, h: Tensor) -> float:
+    """``tr((w - q) h (w - q)^T)``: (p, q), (p, q), (q, q) -> the output error on inputs of second moment ``h``."""
+    d = w - q
+    return float(((d @ h) * d).sum())
+
+
+def descend_rows(u: Tensor, gram: Tensor, target: Tensor, s: Tensor, sweeps: int) -> tuple[Tensor, int]:
+    """Coordinate descent on the +-1 rows of ``u`` (p, r): each row minimises ``s_i^2 u^T gram u - 2 s_i u^T target_i``
+    (``gram`` (r, r), ``target`` (p, r), ``s`` (p,)), one coordinate at a time for every row at once; a coordinate
+    flips only where that lowers its row's value, so no row's value ever rises. Returns (a new u, the flips)."""
+    u = u.clone()
+    p_ = u @ gram  # (p, r): gram u for every row, kept current as signs flip
+    diag = torch.diagonal(gram)  # (r,)
+    flips = 0
+    for _ in range(sweeps):
+        n = 0
+        for k in range(u.shape[1]):
+            uk = u[:, k]  # (p,)
+            # the change of row i's value when u_ik flips: 4 s^2 (gram_kk - u_ik (gram u)_ik) + 4 s u_ik target_ik
+            gain = s * s * (diag[k] - uk * p_[:, k]) + s * uk * target[:, k]
+            rows = torch.nonzero(gain < -1e-12 * (s * s * diag[k]).abs()).squeeze(1)
+            if rows.numel():
+                d = -2 * uk[rows]  # (n,)
+                u[rows, k] += d
+                p_.index_add_(0, rows, d[:, None] * gram[k][None, :])
+                n += rows.numel()
+        flips += n
+        if n == 0:
+            break
+    return u, flips
+
+
+def fit_scales_exact(w: Tensor, m: Tensor, h: Tensor, s_out: Tensor, s_in: Tensor,
+                     sd: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+    """The scales minimising ``tr(D h D^T)``, ``D = w - diag(s_out) m diag(s_in)`` ((p, q) each, ``h`` (q, q)): ``s_in``
+    by one joint solve (its normal matrix is ``h`` times the Gram of ``diag(s_out) m`` entry by entry), rounded to
+    ``sd``, then each ``s_out_i`` exactly for the rounded ``s_in``, rounded. Returns (s_out (p,), s_in (q,))."""
+    wh = w @ h  # (p, q)
+    sm = s_out[:, None] * m  # (p, q)
+    a = h * (sm.t() @ sm)  # (q, q)
+    a.diagonal().add_(1e-9 * float(a.diagonal().mean()) + 1e-30)
+    b = (sm * wh).sum(0)  # (q,)
+    s_in = round_to_stored(torch.linalg.solve(a, b), sd)
+    t = m * s_in[None, :]  # (p, q)
+    den = ((t @ h) * t).sum(1)  # (p,)
+    s_out = round_to_stored(torch.where(den > 0, (wh * t).sum(1) / den.clamp(min=1e-30), s_out), sd)
+    return s_out, s_in
+
+
+def descend_columns(w: Tensor, a: Tensor, v: Tensor, s_in: Tensor, hinv: Tensor, sweeps: int,
+                    block: int) -> Tensor:
+    """V's signs column block by column block with OBC's error feedback: each block's columns ``w_j ~ s_in_j a v_j``
+    by :func:`descend_rows` (exact for each column alone), then the block's error is carried onto the later columns
+    through ``hinv`` (``chol(h^-1)``, upper), as GPTQ does, so later columns absorb what correlated inputs make of
+    it. w (p, q), a = diag(s_out) U (p, r), v (r, q) +-1, hinv (q, q). Returns a new v."""
+    w, v = w.clone(), v.clone()
+    gram = a.t() @ a  # (r, r)
+    for i0 in range(0, w.shape[1], block):
+        i1 = min(w.shape[1], i0 + block)
+        wb = w[:, i0:i1]  # (p, b), the targets with the earlier blocks' errors carried in
+        vb, _ = descend_rows(v[:, i0:i1].t(), gram, wb.t() @ a, s_in[i0:i1], sweeps)  # (b, r)
+        err = (wb - (a @ vb.t()) * s_in[None, i0:i1]) / torch.diagonal(hinv)[None, i0:i1]  # (p, b)
+        w[:, i1:] -= err @ hinv[i0:i1, i1:]
+        v[:, i0:i1] = vb.t()
+    return v
+
+
+def refine_factors(w: Tensor, u: Tensor, v: Tensor, s_out: Tensor, s_in: Tensor, h: Tensor, hinv: Tensor,
+                   rounds: int, sweeps: int, block: int,
+                   sd: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
+    """Rounds of: U's signs by :func:`descend_rows` under the whole ``h`` (exact, row by row); V's signs by
+    :func:`descend_columns`, kept only where the error under ``h`` falls; both scales by :func:`fit_scales_exact`.
+    w (p, q), u (p, r), v (r, q) float +-1, h (q, q) damped, hinv = chol(h^-1) upper. Returns (u, v, s_out, s_in,
+    the error under ``h`` before and after each round, never rising but for the scales' rounding)."""
+
+    def error(u_: Tensor, v_: Tensor, so: Tensor, si: Tensor) -> float:
+        return quadratic_error(w, so[:, None] * (u_ @ v_) * si[None, :], h)
+
+    errors = [error(u, v, s_out, s_in)]
+    for _ in range(rounds):
+        m = v * s_in[None, :]  # (r, q)
+        mh = m @ h  # (r, q)
+        u, _ = descend_rows(u, mh @ m.t(), w @ mh.t(), s_out, sweeps)
+        vc = descend_columns(w, s_out[:, None] * u, v, s_in, hinv, sweeps, block)
+        if error(u, vc, s_out, s_in) < error(u, v, s_out, s_in):
+            v = vc
+        s_out, s_in = fit_scales_exact(w, u @ v, h, s_out, s_in, sd)
+        errors.append(error(u, v, s_out, s_in))
+    return u, v, s_out, s_in, errors
+
+
 @register_method(LowRankConfig)
 def lowrank_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: LowRankConfig,
                             times: Optional[OBCTimes] = None) -> WeightResult:
@@ -235,11 +334,23 @@ def lowrank_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: LowRankConfig,
     beta = math.sqrt(float(b.norm()) / max(float(za.norm()), 1e-30))
     s_out0 = (za.abs() * beta).mean(1)  # (rows,)
     s_in0 = (b.abs() / beta).mean(0)  # (cols,)
-    s_out, s_in, scale_errors = fit_scales(W, m, c, round_to_stored(s_out0, sd), round_to_stored(s_in0, sd),
-                                           cfg.scale_rounds, sd)
+    s_out, s_in, _ = fit_scales(W, m, c, round_to_stored(s_out0, sd), round_to_stored(s_in0, sd),
+                                cfg.scale_rounds, sd)
+    info: dict[str, Any] = {"rank": rank, "admm_error": admm_errors[-1]}
+    if cfg.refine_rounds:
+        h = H.to(W.device) if cfg.weighted and H is not None else torch.eye(cols, device=W.device)  # (cols, cols)
+        prep = factor_hessian(h, cfg.percdamp)  # what it factors: dead inputs' diagonal set to 1, then damped
+        h = h.to(torch.float64)
+        h.diagonal()[prep.dead] = 1.0
+        h.diagonal().add_(prep.damping)
+        uf, vf, so, si, errs = refine_factors(W.double(), pm1(u).double(), pm1(v).double(), s_out.double(),
+                                              s_in.double(), h, prep.U.to(W.device, torch.float64),
+                                              cfg.refine_rounds, cfg.refine_sweeps, cfg.blocksize, sd)
+        del h, prep
+        u, v, s_out, s_in = uf > 0, vf > 0, so.float(), si.float()
+        info["refine_error"] = errs[-1] / max(errs[0], 1e-300)  # the error under H after refining, relative to before
     tensors = {"u": pack_bits(u), "v": pack_bits(v), "scales_out": s_out.to(sd), "scales_in": s_in.to(sd)}
     stored = StoredWeight("lowrank", (rows, cols), {"rank": rank, "scale_dtype": cfg.scale_dtype}, tensors)
     q = _decode(stored.tensors, stored.shape, stored.meta)
-    info = {"rank": rank, "admm_error": admm_errors[-1], "weighted_error": scale_errors[-1] / max(
-        weighted_error(W, torch.zeros_like(W), c), 1e-30)}
+    info["weighted_error"] = weighted_error(W, q, c) / max(weighted_error(W, torch.zeros_like(W), c), 1e-30)
     return WeightResult(stored=stored, q=q, info=info)
