@@ -10,8 +10,13 @@ weighted matrix into continuous factors ``A B`` and their projections ``Z_A``, `
 sign-times-rank-1-magnitude matrices (:func:`svid`), with a penalty ``rho`` rising linearly to 1
 over the iterations and a ridge ``lambda``. The exported signs are those of the projections. Then,
 with the signs fixed, the two scale vectors are solved by alternating weighted least squares
-(:func:`fit_scales`), each step exact, so the weighted error never rises; the scales are rounded to
-their stored dtype and the stored weight decodes to exactly what the model uses.
+(:func:`fit_scales`), each step exact, so the weighted error never rises.
+
+Then (``refine_rounds``; not in NanoQuant) the signs and scales are refined under the whole Hessian, i.e. the
+layer's output error ``tr(D H D^T)`` that the diagonal weighting only approximates (:func:`refine_factors`):
+U's rows by exact coordinate descent, V's columns block by block with OBC's error feedback, the scales by exact
+least squares. Scales are rounded to their stored dtype as they are set, and the stored weight decodes to
+exactly what the model uses.
 
 Block reconstruction (``--reconstruct``) tunes the two scale vectors like any format's scales, and with
 ``--reconstruct-signs`` the signs of U and V too, through latent weights (NanoQuant's block stage). A layer
@@ -60,9 +65,10 @@ class LowRankConfig(QuantConfig):
     scale_rounds: int = option(8, "alternating least-squares rounds of the two scale vectors, signs fixed")
     weighted: bool = option(True, "weight the error of each input column by sqrt(diag H), its calibration "
                                   "second moment (off: plain Frobenius)")
-    refine_rounds: int = option(0, "rounds of sign descent after the ADMM under the whole Hessian: U's rows by exact "
+    refine_rounds: int = option(4, "rounds of sign descent after the ADMM under the whole Hessian: U's rows by exact "
                                    "coordinate descent, V's columns block by block with OBC's error feedback "
-                                   "(blocksize columns), then both scale vectors by exact least squares")
+                                   "(blocksize columns), then both scale vectors by exact least squares (0: the ADMM's "
+                                   "signs as they are)")
     refine_sweeps: int = option(2, "coordinate-descent sweeps over each factor's signs per refinement round")
 
     def __post_init__(self) -> None:
