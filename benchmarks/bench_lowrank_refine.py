@@ -1,11 +1,11 @@
 """The low-rank binary method's refinement under the whole Hessian, on the two real SmolLM2 layers.
 
-    python benchmarks/bench_lowrank_refine.py [--specs lowrank:b1+rf0,lowrank:b1+rf2,lowrank:b1+rf4] [--json FILE]
+    python benchmarks/bench_lowrank_refine.py [--specs lowrank:b1+rf0,lowrank:b1+rf2,...] [--json FILE]
 
 Each spec quantizes ``q_proj`` and ``down_proj`` of SmolLM2-135M's block 0 with their calibration Hessians
 (``../shared/data/reference``, the file the ``reference`` preset reproduces) and prints the layer's output
 error ``tr(D H D^T) / tr(W H W^T)`` (``D = W - Q``), the error the refinement lowers, beside the seconds it
-took on one thread.
+took on one thread. The default specs end with two BiLLM settings for comparison (``rank`` 0: not low-rank).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", default="lowrank:b1+rf0,lowrank:b1+rf2,lowrank:b1+rf4")
+    ap.add_argument("--specs", default="lowrank:b1+rf0,lowrank:b1+rf2,lowrank:b1+rf4,billm:reference,billm:tiny")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -53,7 +53,7 @@ def main() -> int:
             res = method_of(cfg)(W.clone(), H.clone(), cfg)
             seconds = time.perf_counter() - t0
             row = {"layer": name, "spec": spec, "output_error": output_error(W, res.q, H), "seconds": seconds,
-                   "storage_bits": res.stored.storage_bits, "rank": res.info["rank"]}
+                   "storage_bits": res.stored.storage_bits, "rank": res.info.get("rank", 0)}
             rows.append(row)
             print(f"{name:10s} {spec:24s} rank {row['rank']:4d}  {row['storage_bits']:.3f} bits  "
                   f"output error {row['output_error']:.4f}  {seconds:5.1f} s", flush=True)
