@@ -109,11 +109,11 @@ def test_sign_descent_lowers_every_row_until_no_single_flip_helps():
     p, r = 40, 6
     a = torch.randn(r, 30, generator=g, dtype=torch.float64)
     gram, target = a @ a.t(), torch.randn(p, r, generator=g, dtype=torch.float64) * 5
-    s = torch.rand(p, generator=g, dtype=torch.float64) + 0.5
+    s = (torch.rand(p, generator=g, dtype=torch.float64) + 0.5) * pm1(torch.rand(p, generator=g) > 0.2)  # some < 0
     u0 = pm1(torch.rand(p, r, generator=g) > 0.5).double()
     u, flips = descend_rows(u0, gram, target, s, sweeps=50)
     before, after = row_values(u0, gram, target, s), row_values(u, gram, target, s)
-    assert flips > 0 and torch.all(after <= before + 1e-9) and torch.equal(u0.abs(), torch.ones_like(u0))
+    assert flips > 0 and torch.all(after <= before + 1e-9) and torch.equal(u.abs(), torch.ones_like(u))
     for k in range(r):  # a local minimum: no single flip lowers any row
         one = u.clone()
         one[:, k] *= -1
@@ -177,6 +177,31 @@ def test_refinement_never_raises_the_whole_hessian_error_and_beats_the_admm_alon
     *_, errors = refine_factors(W.double(), u, v, st.tensors["scales_out"].double(), st.tensors["scales_in"].double(),
                                 h, hinv, 4, 2, 16, None)
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])) and errors[-1] < errors[0]
+
+
+def test_refinement_leaves_the_hessian_as_it_is_and_fits_nothing_to_dead_inputs(random_problem):
+    W, H = random_problem(32, 64, seed=11)
+    H = H.double()
+    H[:, :4] = 0
+    H[:4, :] = 0  # no input reaches columns 0..3
+    W[:, :4] *= 10  # large weights there, which a refinement that fitted them would spend its signs on
+    before = H.clone()
+    cfg = LowRankConfig(rank=8, admm_iters=30)
+    refined = get_method("lowrank")(W.clone(), H, cfg)
+    assert torch.equal(H, before)  # a float64 H is not damped in place
+    plain = get_method("lowrank")(W.clone(), H, LowRankConfig(rank=8, admm_iters=30, refine_rounds=0))
+    assert quadratic_error(W.double(), refined.q.double(), H) < quadratic_error(W.double(), plain.q.double(), H)
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["H-None", "unweighted"])
+def test_refinement_without_a_hessian_lowers_the_plain_error(random_problem, weighted):
+    W, H = random_problem(24, 40, seed=12)
+    H_arg = None if weighted else H
+    plain = get_method("lowrank")(W.clone(), H_arg, LowRankConfig(rank=6, admm_iters=30, refine_rounds=0,
+                                                                   weighted=weighted))
+    refined = get_method("lowrank")(W.clone(), H_arg, LowRankConfig(rank=6, admm_iters=30, weighted=weighted))
+    assert torch.equal(refined.stored.decode(), refined.q)
+    assert float((W - refined.q).pow(2).sum()) < float((W - plain.q).pow(2).sum())
 
 
 def test_stored_bytes_decode_to_the_quantized_weights_and_count_every_byte(random_problem):

@@ -277,10 +277,13 @@ def fit_scales_exact(w: Tensor, m: Tensor, h: Tensor, s_out: Tensor, s_in: Tenso
 
 def descend_columns(w: Tensor, a: Tensor, v: Tensor, s_in: Tensor, hinv: Tensor, sweeps: int,
                     block: int) -> Tensor:
-    """V's signs column block by column block with OBC's error feedback: each block's columns ``w_j ~ s_in_j a v_j``
-    by :func:`descend_rows` (exact for each column alone), then the block's error is carried onto the later columns
-    through ``hinv`` (``chol(h^-1)``, upper), as GPTQ does, so later columns absorb what correlated inputs make of
-    it. w (p, q), a = diag(s_out) U (p, r), v (r, q) +-1, hinv (q, q). Returns a new v."""
+    """V's signs column block by column block with error feedback: each block's columns ``w_j ~ s_in_j a v_j`` by
+    :func:`descend_rows` (for each column alone, unweighted), then the block's error is carried onto the later
+    columns through ``hinv`` (``chol(h^-1)``, upper), so later columns absorb what correlated inputs make of it.
+    The carried error is GPTQ's per-column form, each column's error over its diagonal entry of ``hinv``; GPTQ
+    propagates inside a block first, which this does not, so it approximates the exact update for a block's
+    errors ``D_b`` (``D_b hinv_bb^-1``), and the caller keeps the result only where it lowers the error. w (p, q), a = diag(s_out) U (p, r), v (r, q) +-1, hinv (q, q).
+    Returns a new v."""
     w, v = w.clone(), v.clone()
     gram = a.t() @ a  # (r, r)
     for i0 in range(0, w.shape[1], block):
@@ -296,10 +299,11 @@ def descend_columns(w: Tensor, a: Tensor, v: Tensor, s_in: Tensor, hinv: Tensor,
 def refine_factors(w: Tensor, u: Tensor, v: Tensor, s_out: Tensor, s_in: Tensor, h: Tensor, hinv: Tensor,
                    rounds: int, sweeps: int, block: int,
                    sd: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
-    """Rounds of: U's signs by :func:`descend_rows` under the whole ``h`` (exact, row by row); V's signs by
-    :func:`descend_columns`, kept only where the error under ``h`` falls; both scales by :func:`fit_scales_exact`.
-    w (p, q), u (p, r), v (r, q) float +-1, h (q, q) damped, hinv = chol(h^-1) upper. Returns (u, v, s_out, s_in,
-    the error under ``h`` before and after each round, never rising but for the scales' rounding)."""
+    """Rounds of: U's signs by :func:`descend_rows` under the whole ``h`` (row by row, to where no single flip
+    helps); V's signs by :func:`descend_columns`, kept only where the error under ``h`` falls; both scales by
+    :func:`fit_scales_exact`. w (p, q), u (p, r), v (r, q) float +-1, h (q, q) damped, hinv = chol(h^-1) upper.
+    Returns (u, v, s_out, s_in, the error under ``h`` before and after each round). No step raises that error
+    but the scales' rounding to ``sd`` (and the solve's 1e-9 ridge), which the last round's figure includes."""
 
     def error(u_: Tensor, v_: Tensor, so: Tensor, si: Tensor) -> float:
         return quadratic_error(w, so[:, None] * (u_ @ v_) * si[None, :], h)
@@ -346,13 +350,15 @@ def lowrank_quantize_weight(W: Tensor, H: Optional[Tensor], cfg: LowRankConfig,
     if cfg.refine_rounds:
         h = H.to(W.device) if cfg.weighted and H is not None else torch.eye(cols, device=W.device)  # (cols, cols)
         prep = factor_hessian(h, cfg.percdamp)  # what it factors: dead inputs' diagonal set to 1, then damped
-        h = h.to(torch.float64)
+        h = h.to(torch.float64, copy=True)  # a copy even of a float64 H, which stays as it is
         h.diagonal()[prep.dead] = 1.0
         h.diagonal().add_(prep.damping)
-        uf, vf, so, si, errs = refine_factors(W.double(), pm1(u).double(), pm1(v).double(), s_out.double(),
+        w = W.double()
+        w[:, prep.dead] = 0  # no input reaches these columns: nothing to fit there (as prepare_hessian does)
+        uf, vf, so, si, errs = refine_factors(w, pm1(u).double(), pm1(v).double(), s_out.double(),
                                               s_in.double(), h, prep.U.to(W.device, torch.float64),
                                               cfg.refine_rounds, cfg.refine_sweeps, cfg.blocksize, sd)
-        del h, prep
+        del h, w, prep
         u, v, s_out, s_in = uf > 0, vf > 0, so.float(), si.float()
         info["refine_error"] = errs[-1] / max(errs[0], 1e-300)  # the error under H after refining, relative to before
     tensors = {"u": pack_bits(u), "v": pack_bits(v), "scales_out": s_out.to(sd), "scales_in": s_in.to(sd)}
