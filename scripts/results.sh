@@ -84,7 +84,7 @@ for section in "${SECTIONS[@]}"; do
       out=docs/results/lowrank; mkdir -p "$out"
       # low-rank binary factors at three budgets and one with reconstruction, at the pareto protocol (about 2 hours on 2 CPU cores;
       # interrupted, the same command continues: finished rows are kept in $out/jobs)
-      methods="lowrank:b1,lowrank:b08,lowrank:b055,lowrank:b1+rec50+reconstruct_signs"
+      methods="lowrank:b1,lowrank:b08,lowrank:b055,lowrank:b1+rec50,lowrank:b1+rec50+reconstruct_signs"
       cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512
            --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
       # its jobs two at a time at 1 thread each (faster on 2 cores than one job on both), then the table from their rows
