@@ -94,8 +94,8 @@ for section in "${SECTIONS[@]}"; do
       { printf '# SmolLM2-135M: low-rank binary factors (lowrank) below and at one bit\n\n'; cat "$out/compare.md"
         printf '\nThe same protocol as [../pareto](../pareto/README.md), whose table holds BiLLM, the baselines and full\n'
         printf 'precision; pydoc is the held-out text. Storage bits: measured from each checkpoint file (signs of both\n'
-        printf 'factors, both scale vectors). Seconds: quantization only (the report'"'"'s), each job at 1 thread beside\n'
-        printf 'at least one other (two at a time on 2 cores). Every row refines the ADMM'"'"'s\n'
+        printf 'factors, both scale vectors). Seconds: quantization only (the report'"'"'s), with other jobs\n'
+        printf 'sharing the 2 cores: not a speed measurement. Every row refines the ADMM'"'"'s\n'
         printf 'signs and scales under the whole Hessian (`refine_rounds`, default 4); [refine.md](refine.md) measures\n'
         printf 'what that refinement does, layer by layer and over the whole model.\n'
       } > "$out/README.md"
