@@ -22,13 +22,6 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(D H D^T) / tr(W H W^T)``: (out, in), (out, in), (in, in) -> a float."""
-    D = (W - Q).double()
-    Hd, Wd = H.double(), W.double()
-    return float(((D @ Hd) * D).sum() / ((Wd @ Hd) * Wd).sum())
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", default="lowrank:b1+rf0,lowrank:b1+rf2,lowrank:b1+rf4,billm:reference,billm:tiny")
@@ -38,6 +31,7 @@ def main() -> int:
     torch.set_num_threads(1)
     import billm
     from billm.methods import method_of
+    from billm.methods.obc import hessian_error
 
     path = Path(args.data_dir) / "reference" / "billm_reference_block0.safetensors"
     if not path.exists():
@@ -52,7 +46,7 @@ def main() -> int:
             t0 = time.perf_counter()
             res = method_of(cfg)(W.clone(), H.clone(), cfg)
             seconds = time.perf_counter() - t0
-            row = {"layer": name, "spec": spec, "output_error": output_error(W, res.q, H), "seconds": seconds,
+            row = {"layer": name, "spec": spec, "output_error": hessian_error(W, res.q, H)[1], "seconds": seconds,
                    "storage_bits": res.stored.storage_bits, "rank": res.info.get("rank", 0)}
             rows.append(row)
             print(f"{name:10s} {spec:24s} rank {row['rank']:4d}  {row['storage_bits']:.3f} bits  "

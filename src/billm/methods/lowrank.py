@@ -227,7 +227,8 @@ def fit_scales(w: Tensor, m: Tensor, col_weight: Tensor, s_out: Tensor, s_in: Te
 # ----------------------------------------------------------------------------- refinement under the whole Hessian
 
 def quadratic_error(w: Tensor, q: Tensor, h: Tensor) -> float:
-    """``tr((w - q) h (w - q)^T)``: (p, q), (p, q), (q, q) -> the output error on inputs of second moment ``h``."""
+    """``tr((w - q) h (w - q)^T)``: (p, q), (p, q), (q, q) -> the output error on inputs of second moment ``h``, in
+    the inputs' dtype (the refinement's float64; :func:`~billm.methods.obc.output_error` works in float32)."""
     d = w - q
     return float(((d @ h) * d).sum())
 
@@ -282,8 +283,8 @@ def descend_columns(w: Tensor, a: Tensor, v: Tensor, s_in: Tensor, hinv: Tensor,
     columns through ``hinv`` (``chol(h^-1)``, upper), so later columns absorb what correlated inputs make of it.
     The carried error is GPTQ's per-column form, each column's error over its diagonal entry of ``hinv``; GPTQ
     propagates inside a block first, which this does not, so it approximates the exact update for a block's
-    errors ``D_b`` (``D_b hinv_bb^-1``), and the caller keeps the result only where it lowers the error. w (p, q), a = diag(s_out) U (p, r), v (r, q) +-1, hinv (q, q).
-    Returns a new v."""
+    errors ``D_b`` (``D_b hinv_bb^-1``), and the caller keeps the result only where it lowers the error.
+    w (p, q), a = diag(s_out) U (p, r), v (r, q) +-1, hinv (q, q). Returns a new v."""
     w, v = w.clone(), v.clone()
     gram = a.t() @ a  # (r, r)
     for i0 in range(0, w.shape[1], block):
