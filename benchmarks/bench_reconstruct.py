@@ -11,7 +11,10 @@ against the full-precision block's (on the same full-precision inputs):
 * ``none``: as quantized;
 * ``scales``: ``--steps`` steps of block reconstruction on the scales (``--reconstruct``);
 * ``scales+signs``: the same steps, the format's sign planes tuned too (``--reconstruct-signs``; only
-  formats that declare sign planes, e.g. ``lowrank``).
+  formats that declare sign planes, e.g. ``lowrank``);
+* ``scales+norms``: the same steps, the block's full-precision norm weights tuned too (``--reconstruct-norms``).
+
+``--variants`` picks which of them run (``none`` always).
 
 The held-out error says whether what was tuned carries beyond the tuning text. Seconds are the tuning's.
 """
@@ -54,6 +57,8 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="scales,scales+signs",
+                    help="comma-separated; each a '+' join of scales, signs, norms")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,14 +98,19 @@ def main() -> int:
         rep = billm.quantize(model, tune_ids, cfg, batch_size=4, progress=False)
         quantized = find_blocks(model)[1][k]
         row = {"spec": spec, "block": k, "storage_bits": rep.storage_bits, "quantize_seconds": time.perf_counter() - t0}
-        for name, signs in (("none", None), ("scales", False), ("scales+signs", True)):
+        for name in ["none"] + [v for v in args.variants.split(",") if v and v != "none"]:
+            parts = set(name.split("+"))
+            if name != "none" and not parts <= {"scales", "signs", "norms"}:
+                raise SystemExit(f"unknown variant {name!r}: join scales, signs, norms with '+'")
             blk = copy.deepcopy(quantized)
             secs = 0.0
-            if signs is not None:
+            if name != "none":
                 st = reconstruct_block(blk, tune_in.hidden, [tune_in.for_block(b, k) for b in range(len(tune_t))], tune_t,
-                                       Settings(args.steps, args.lr, 1, 0, signs, args.sign_lr), torch.device("cpu"), k)
+                                       Settings(args.steps, args.lr, 1, 0, "signs" in parts, args.sign_lr,
+                                                norms="norms" in parts), torch.device("cpu"), k)
                 secs = st.seconds
-                row[f"{name}_flipped"] = st.flipped
+                if "signs" in parts:
+                    row[f"{name}_flipped"] = st.flipped
             row[name] = {"tune_err": block_error(blk, tune_in, tune_t, k), "heldout_err": block_error(blk, held_in, held_t, k),
                          "seconds": secs}
             print(f"{spec:16s} {name:13s} tuned-on error {row[name]['tune_err']:.4f}  held-out error "

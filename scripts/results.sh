@@ -8,8 +8,9 @@
 # size, load and evaluation speed), kernels (the fast paths' speed), pareto (perplexity against storage
 # bits measured from each checkpoint file), zeroshot (accuracy on the paper's seven tasks), lowrank (low-rank
 # binary factors at three budgets), reconstruct (block reconstruction against none, at the pareto
-# protocol), memory (peak memory of quantize against the model's size), speed (quantize time against the
-# protocol's floor, and where the rest goes). Data: $BILLM_DATA_DIR, else
+# protocol), reconstruct-baselines (the baselines' best settings with block reconstruction), memory (peak
+# memory of quantize against the model's size), speed (quantize time against the protocol's floor, and
+# where the rest goes). Data: $BILLM_DATA_DIR, else
 # ../shared/data (C4 train shard and WikiText-2 test, see docs/data.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -119,6 +120,32 @@ for section in "${SECTIONS[@]}"; do
       } > "$out/README.md"
       stamp "$out/README.md" "$made"
       stamp "$out/compare.md" "$made" ;;
+    reconstruct-baselines)
+      out=docs/results/reconstruct/baselines; mkdir -p "$out"
+      # 200 steps of block reconstruction for the baselines' and BiLLM's best settings between 2 and 3.2 storage bits,
+      # at the pareto protocol (about 100 minutes on 2 CPU cores; each job's row is kept in $out/jobs, so an
+      # interrupted or extended run measures only what is missing); the rows without it are the pareto table's
+      methods="slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,arb+rec200"
+      cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512
+           --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
+      "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
+      "${cmd[@]}"
+      made="billm pareto smollm2 --methods $methods --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
+      { printf '# SmolLM2-135M: block reconstruction for the baselines
+
+'; cat "$out/compare.md"
+        printf '
+The same protocol as [../../pareto](../../pareto/README.md), whose table holds the same settings without
+'
+        printf 'reconstruction; pydoc is the held-out text. `rec200`: 200 steps of block reconstruction per block, tuning
+'
+        printf 'the stored scales (and means, zero-point grids'"'"' scales) toward the full-precision block on the quantized
+'
+        printf 'model'"'"'s inputs. Seconds: quantization only, two jobs sharing the 2 cores at 1 thread each.
+'
+      } > "$out/README.md"
+      stamp "$out/README.md" "$made"
+      stamp "$out/compare.md" "$made" ;;
     zeroshot)
       out=docs/results/zeroshot; ck="$out/checkpoints/$COMMIT"; mkdir -p "$out"
       # the paper's seven zero-shot tasks (lm-evaluation-harness over the local copies, the first 200 items of each:
@@ -203,6 +230,6 @@ Where the block-by-block run keeps its memory: the imports (the first row); one 
         python benchmarks/profile_quantize.py --method billm --json "$out/profile-billm.json"
       } | tee "$out/README.md"
       stamp "$out/README.md" "python benchmarks/bench_quantize.py --method M (M = billm, billm:plus, gptq:w2g128); python benchmarks/profile_quantize.py --method billm" ;;
-    *) echo "unknown section $section (smollm2, beyond, packed, kernels, pareto, zeroshot, speed, lowrank, memory, reconstruct)" >&2; exit 2 ;;
+    *) echo "unknown section $section (smollm2, beyond, packed, kernels, pareto, zeroshot, speed, lowrank, memory, reconstruct, reconstruct-baselines)" >&2; exit 2 ;;
   esac
 done
