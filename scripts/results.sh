@@ -125,7 +125,7 @@ for section in "${SECTIONS[@]}"; do
       # 200 steps of block reconstruction for the baselines' and BiLLM's best settings between 2 and 3.2 storage bits,
       # at the pareto protocol (about 100 minutes on 2 CPU cores; each job's row is kept in $out/jobs, so an
       # interrupted or extended run measures only what is missing); the rows without it are the pareto table's
-      methods="slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,arb+rec200"
+      methods="slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,arb:rec200"
       cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512
            --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
       "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
