@@ -11,8 +11,7 @@ against the full-precision block's (on the same full-precision inputs):
 * ``none``: as quantized;
 * ``scales``: ``--steps`` steps of block reconstruction on the scales (``--reconstruct``);
 * ``scales+signs``: the same steps, the format's sign planes tuned too (``--reconstruct-signs``; only
-  formats that declare sign planes, e.g. ``lowrank``);
-* ``scales+norms``: the same steps, the block's full-precision norm weights tuned too (``--reconstruct-norms``).
+  formats that declare sign planes, e.g. ``lowrank``).
 
 ``--variants`` picks which of them run (``none`` always).
 
@@ -58,7 +57,7 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="scales,scales+signs",
-                    help="comma-separated; each a '+' join of scales, signs, norms")
+                    help="comma-separated: scales, scales+signs")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,14 +99,14 @@ def main() -> int:
         row = {"spec": spec, "block": k, "storage_bits": rep.storage_bits, "quantize_seconds": time.perf_counter() - t0}
         for name in ["none"] + [v for v in args.variants.split(",") if v and v != "none"]:
             parts = set(name.split("+"))
-            if name != "none" and not parts <= {"scales", "signs", "norms"}:
-                raise SystemExit(f"unknown variant {name!r}: join scales, signs, norms with '+'")
+            if name != "none" and not parts <= {"scales", "signs"}:
+                raise SystemExit(f"unknown variant {name!r}: scales or scales+signs")
             blk = copy.deepcopy(quantized)
             secs = 0.0
             if name != "none":
                 st = reconstruct_block(blk, tune_in.hidden, [tune_in.for_block(b, k) for b in range(len(tune_t))], tune_t,
-                                       Settings(args.steps, args.lr, 1, 0, "signs" in parts, args.sign_lr,
-                                                norms="norms" in parts), torch.device("cpu"), k)
+                                       Settings(args.steps, args.lr, 1, 0, "signs" in parts, args.sign_lr),
+                                       torch.device("cpu"), k)
                 secs = st.seconds
                 if "signs" in parts:
                     row[f"{name}_flipped"] = st.flipped

@@ -11,8 +11,7 @@ import billm
 from billm import BiLLMConfig, GPTQConfig
 from billm.packing import formats
 from billm.packing.linear import PackedLinear
-from billm.reconstruct import (Settings, full_precision_params, reconstruct_block, select_rows, straight_through,
-                               tunable_fields)
+from billm.reconstruct import Settings, reconstruct_block, select_rows, straight_through, tunable_fields
 
 
 def _packed(block):
@@ -187,55 +186,6 @@ def test_sign_latents_change_nothing_for_a_format_without_sign_planes(quantized_
         runs.append((_buffers(block), stats))
     (a, sa), (b, sb) = runs
     assert sb.signs == 0 and sb.flipped == 0 and all(torch.equal(a[k], b[k]) for k in a)
-
-
-# ----------------------------------------------------------------------------- the norms (reconstruct_norms)
-
-def _norms(block):
-    return {n: p.detach().clone() for n, p in block.named_parameters() if n.endswith("layernorm.weight")}
-
-
-@pytest.mark.parametrize("spec", ["billm:tiny", "gptq:w2g32"])
-def test_tuned_norms_lower_the_error_below_scales_alone_and_stay_parameters_in_their_dtype(quantized_block, spec):
-    block, hidden, kwargs, targets = quantized_block(spec)
-    scales_only = copy.deepcopy(block)
-    old, before = _norms(block), _block_error(block, hidden, kwargs, targets)
-    settings = Settings(steps=60, lr=1e-2, batch=2)
-    stats = reconstruct_block(block, hidden, kwargs, targets, dataclasses.replace(settings, norms=True),
-                              torch.device("cpu"))
-    reconstruct_block(scales_only, hidden, kwargs, targets, settings, torch.device("cpu"))
-    new = _norms(block)
-    assert set(new) == {"input_layernorm.weight", "post_attention_layernorm.weight"}
-    assert stats.params == sum(v.numel() for v in old.values())
-    assert all(not torch.equal(old[k], new[k]) and new[k].dtype == old[k].dtype for k in old)
-    assert all(torch.equal(old[k], v) for k, v in _norms(scales_only).items())  # off: the norms are not touched
-    params = dict(block.named_parameters())
-    assert all(isinstance(params[k], torch.nn.Parameter) and params[k].requires_grad for k in old)
-    after, scales = _block_error(block, hidden, kwargs, targets), _block_error(scales_only, hidden, kwargs, targets)
-    assert after < 0.98 * scales < 0.98 * before, (before, scales, after)
-
-
-def test_tuned_norms_are_rounded_to_a_half_precision_parameter(quantized_block):
-    block, hidden, kwargs, targets = quantized_block("billm:tiny")
-    norm = block.input_layernorm
-    norm.weight.data = norm.weight.data.to(torch.bfloat16)  # a bf16 norm weight (the product promotes to float32)
-    old = norm.weight.detach().clone()
-    reconstruct_block(block, hidden, kwargs, targets, Settings(steps=5, lr=1e-2, batch=2, norms=True), torch.device("cpu"))
-    assert norm.weight.dtype == torch.bfloat16 and isinstance(norm.weight, torch.nn.Parameter)
-    assert not torch.equal(norm.weight, old)
-
-
-def test_full_precision_params_are_the_vectors_outside_the_packed_layers(quantized_block, tiny_model):
-    block = quantized_block("billm:tiny")[0]
-    assert [q for q, _, _ in full_precision_params(block)] == ["input_layernorm.weight", "post_attention_layernorm.weight"]
-    model = tiny_model("qwen2")  # q/k/v biases: left out once their layer is packed, kept while it is a float linear
-    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    names = {q for q, _, _ in full_precision_params(model.model.layers[0])}
-    assert "self_attn.q_proj.bias" in names
-    billm.quantize(model, ids, BiLLMConfig.from_spec("tiny+b32").replace(exclude=("*k_proj",)), progress=False)
-    names = {q for q, _, _ in full_precision_params(model.model.layers[0])}
-    assert "self_attn.q_proj.bias" not in names and "self_attn.k_proj.bias" in names
-    assert not any(q.endswith("k_proj.weight") for q in names)  # 2-D weights are never tuned
 
 
 # ----------------------------------------------------------------------------- end-to-end tuning (finetune)

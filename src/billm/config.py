@@ -135,10 +135,6 @@ class QuantConfig:
     reconstruct_sign_lr: float = option(0.05, "block reconstruction: Adam learning rate of the sign latents "
                                               "(they start at +-1; a sign flips when its latent crosses 0)",
                                         record_default=False)
-    reconstruct_norms: bool = option(False, "block reconstruction: also tune the block's full-precision norm "
-                                            "weights (and biases), in their dtype: a per-channel gain on the "
-                                            "inputs of the layers after each norm, at no stored bit",
-                                     record_default=False)
     # --- end block reconstruction
     # --- end-to-end tuning (billm.reconstruct.finetune_model): after the last block, every stored scale/mean at once
     finetune: int = option(0, "end-to-end tuning after the last block: Adam steps tuning every stored scale and mean "

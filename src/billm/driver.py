@@ -37,7 +37,7 @@ from .packing.checkpoint import quantization_record
 from .packing.formats import StoredWeight
 from .packing.linear import PackedLinear, decode_once
 from .packing.rotation import Rotation
-from .reconstruct import Settings, finetune_model, full_precision_params, reconstruct_block
+from .reconstruct import Settings, finetune_model, reconstruct_block
 
 if TYPE_CHECKING:
     from .resume import ProgressStore
@@ -526,7 +526,7 @@ def _reconstruct(run: _Run, i: int, targets: list[Tensor], done: list[LayerRepor
     c = run.config
     stats = reconstruct_block(run.blocks[i], run.inputs.hidden, [run.inputs.for_block(b, i) for b in range(len(targets))],
                               targets, Settings(c.reconstruct, c.reconstruct_lr, c.reconstruct_batch, c.reconstruct_seed,
-                                                c.reconstruct_signs, c.reconstruct_sign_lr, c.reconstruct_norms),
+                                                c.reconstruct_signs, c.reconstruct_sign_lr),
                               run.device, i)
     run.phases["reconstruct"] += stats.seconds
     for r in done:
@@ -534,8 +534,6 @@ def _reconstruct(run: _Run, i: int, targets: list[Tensor], done: list[LayerRepor
                                  "steps": stats.steps}
         if stats.signs:
             r.info["reconstruct"].update(block_signs=stats.signs, block_signs_flipped=stats.flipped)
-        if stats.params:
-            r.info["reconstruct"].update(block_params=stats.params)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -549,10 +547,6 @@ def _replay(run: _Run, store: "ProgressStore") -> int:
     for i in range(state.next_block):
         run.targets[i] = {}
         _fill_block(run, i)  # what the store does not hold (norms) of an empty model's finished blocks
-    with torch.no_grad():  # the full-precision parameters tuning changed (reconstruct_norms), not the source's
-        for name, t in state.params.items():
-            p = run.model.get_parameter(name)
-            p.copy_(t.to(p.device, p.dtype))
     run.layers = [LayerReport(**{**d, "shape": tuple(d["shape"])}) for d in state.layers]
     for k, v in state.phases.items():
         run.phases[k] += v
@@ -594,12 +588,9 @@ def _record(run: _Run, i: int, done: list[LayerReport], store: "ProgressStore", 
     prefix = f"{run.blocks_name}.{i}."
     stored = {prefix + n: m.stored() for n, m in run.blocks[i].named_modules() if isinstance(m, PackedLinear)}
     last = i + 1 == len(run.blocks)
-    tuned = {}  # the full-precision parameters reconstruction tuned (reconstruct_norms)
-    if run.config.reconstruct and run.config.reconstruct_norms:
-        tuned = {prefix + q: o._parameters[n].detach() for q, o, n in full_precision_params(run.blocks[i])}
     store.record_block(i, done, stored, None if last else run.inputs.hidden,
                        {k: run.phases[k] - before[k] for k in run.phases},
-                       run.fp_hidden if not last or _tunes_toward_fp(run.config) else None, tuned)
+                       run.fp_hidden if not last or _tunes_toward_fp(run.config) else None)
 
 
 def _finetune(run: _Run, model: nn.Module, batches: list[Tensor]) -> dict[str, Any]:

@@ -46,9 +46,6 @@ class Settings:
             starts at +-1, the forward takes its sign, the backward passes the gradient where ``|latent| <= 1``
             (a clipped straight-through estimator); a sign flips when its latent crosses 0.
         sign_lr: Adam's learning rate on those latents.
-        norms: also tune the module's full-precision vectors (:func:`full_precision_params`: a decoder block's
-            norm weights), in their dtype and with the same relative ``lr``: a per-channel gain on the inputs of
-            the layers after each norm, which costs no stored bit.
     """
 
     steps: int
@@ -57,7 +54,6 @@ class Settings:
     seed: int = 0
     signs: bool = False
     sign_lr: float = 0.05
-    norms: bool = False
 
 
 @dataclass
@@ -67,7 +63,6 @@ class Stats:
     Attributes:
         steps: Adam steps taken (0 when nothing was tunable or steps was 0).
         values: stored values tuned.
-        params: full-precision parameter values tuned (``Settings.norms``).
         loss_first: the loss figure of the first mini-batch, before tuning (a block: the relative squared error
             ``|out - target|^2 / |target|^2``; the whole model: the next-token cross-entropy, or the KL divergence
             from the full-precision model's distribution).
@@ -78,7 +73,6 @@ class Stats:
 
     steps: int = 0
     values: int = 0
-    params: int = 0
     loss_first: float = float("nan")
     loss_last: float = float("nan")
     seconds: float = 0.0
@@ -187,55 +181,6 @@ class _Layer:
         return flipped
 
 
-class _Param:
-    """One full-precision parameter of the module under tuning (``Settings.norms``), as ``v0 + step * u`` like a
-    stored field: while tuned, the owner's attribute is a plain tensor, the tuned values rounded to the parameter's
-    dtype (straight-through); :meth:`restore` puts the parameter back, holding the rounded tuned values."""
-
-    def __init__(self, owner: nn.Module, name: str) -> None:
-        self.owner, self.name = owner, name
-        self.param = owner._parameters[name]
-        self.start = self.param.detach().float()
-        self.step = relative_step(self.start)
-        self.u = nn.Parameter(torch.zeros_like(self.start))
-
-    def values(self) -> Tensor:
-        return self.start + self.step * self.u
-
-    def install(self) -> None:
-        """The owner's attribute becomes the tuned values as the parameter's dtype holds them (differentiable in ``u``)."""
-        if self.name in self.owner._parameters:
-            del self.owner._parameters[self.name]
-        setattr(self.owner, self.name, straight_through(self.values(), self.param.dtype).to(self.param.dtype))
-
-    def restore(self, tuned: bool) -> None:
-        """The parameter back in its place; with ``tuned``, holding the tuned values rounded to its dtype."""
-        if self.name in self.owner.__dict__:
-            delattr(self.owner, self.name)
-        if tuned:
-            with torch.no_grad():
-                self.param.copy_(stored_round(self.values(), self.param.dtype).to(self.param.dtype))
-        self.owner._parameters[self.name] = self.param
-
-
-def full_precision_params(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(qualified name inside ``module``, owner, attribute) of the full-precision vectors of ``module`` that
-    :class:`Settings`' ``norms`` tunes: every 1-D floating-point parameter outside its :class:`PackedLinear` layers
-    (a decoder block's norm weights; the biases of layers left in full precision), each shared tensor once, in
-    module order. A packed layer's bias is left out: the packed layer is rebuilt from its stored fields and the
-    source's bias when a run is resumed or streamed to disk."""
-    seen: set[int] = set()
-    out = []
-    packed = {id(p) for m in module.modules() if isinstance(m, PackedLinear) for p in m.parameters()}
-    for path, owner in module.named_modules():
-        for name, p in owner._parameters.items():
-            if p is None or not p.is_floating_point() or p.dim() != 1 or id(p) in packed or id(p) in seen:
-                continue
-            seen.add(id(p))
-            out.append((f"{path}.{name}" if path else name, owner, name))
-    return out
-
-
 def _draws(sizes: Sequence[int], batch: int, steps: int, gen: torch.Generator) -> list[tuple[int, Tensor]]:
     """For each step, (calibration batch, the rows of it to use): batches drawn in proportion to their sequences."""
     weights = torch.tensor(sizes, dtype=torch.float64)
@@ -249,11 +194,10 @@ def _draws(sizes: Sequence[int], batch: int, steps: int, gen: torch.Generator) -
 
 def tune(module: nn.Module, settings: Settings, loss_of: Callable[[int], tuple[Tensor, float]], label: str) -> Stats:
     """Tune the stored continuous values (and, with ``settings.signs``, the sign planes) of every
-    :class:`PackedLinear` inside ``module`` with Adam, then write them back in their stored form; with
-    ``settings.norms``, the module's full-precision parameters too (:func:`full_precision_params`).
+    :class:`PackedLinear` inside ``module`` with Adam, then write them back in their stored form.
 
     ``loss_of(k)`` runs step ``k``'s forward (the layers then decode from the values being tuned) and returns
-    (the differentiable loss, the figure reported for it). The module's own parameters are otherwise frozen.
+    (the differentiable loss, the figure reported for it). The module's own parameters are frozen meanwhile.
     With 0 steps, or nothing tunable, nothing changes (not one byte). ``label`` names the module in the log.
     """
     t0 = time.perf_counter()
@@ -261,8 +205,7 @@ def tune(module: nn.Module, settings: Settings, loss_of: Callable[[int], tuple[T
     layers = [la for la in layers if la.params or la.latents]
     if settings.steps <= 0 or not layers:
         return Stats()
-    extras = [_Param(o, n) for _, o, n in full_precision_params(module)] if settings.norms else []
-    groups = [{"params": [p for la in layers for p in la.params.values()] + [e.u for e in extras], "lr": settings.lr},
+    groups = [{"params": [p for la in layers for p in la.params.values()], "lr": settings.lr},
               {"params": [z for la in layers for z in la.latents.values()], "lr": settings.sign_lr}]
     opt = torch.optim.Adam([g for g in groups if g["params"]])
     frozen = {p: p.requires_grad for p in module.parameters()}
@@ -278,16 +221,12 @@ def tune(module: nn.Module, settings: Settings, loss_of: Callable[[int], tuple[T
             for k in range(settings.steps):
                 for la in layers:
                     la.module._decoded = la.decode()
-                for e in extras:
-                    e.install()
                 loss, figure = loss_of(k)
                 losses.append(figure)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
     finally:
-        for e in extras:  # tuned values only when every step ran
-            e.restore(tuned=len(losses) == settings.steps)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         for la in layers:
@@ -295,12 +234,11 @@ def tune(module: nn.Module, settings: Settings, loss_of: Callable[[int], tuple[T
             la.module._decoded = None
     flipped = sum(la.write_back() for la in layers)
     stats = Stats(steps=len(losses), values=sum(p.numel() for la in layers for p in la.params.values()),
-                  params=sum(e.u.numel() for e in extras),
                   loss_first=losses[0], loss_last=sum(losses[-10:]) / len(losses[-10:]),
                   seconds=time.perf_counter() - t0, signs=sum(z.numel() for la in layers for z in la.latents.values()),
                   flipped=flipped)
-    log.info("%s tuned: %d steps, %d values, %d parameters, %d of %d signs flipped, loss %.4f -> %.4f, %.1fs", label,
-             stats.steps, stats.values, stats.params, stats.flipped, stats.signs, stats.loss_first, stats.loss_last, stats.seconds)
+    log.info("%s tuned: %d steps, %d values, %d of %d signs flipped, loss %.4f -> %.4f, %.1fs", label, stats.steps,
+             stats.values, stats.flipped, stats.signs, stats.loss_first, stats.loss_last, stats.seconds)
     return stats
 
 

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -36,7 +36,6 @@ from .packing.formats import StoredWeight
 
 log = logging.getLogger(__name__)
 
-PARAM_PREFIX = "param."  # a block file's key of a tuned full-precision parameter: PARAM_PREFIX + its full name
 FAULT_ENV = "BILLM_FAULT_INJECT"  # tests: "stage:block" kills the process with SIGKILL there
 FAULT_FILE_ENV = "BILLM_FAULT_FILE"  # tests: a file holding "stage:block"; the first process to get there kills itself
 
@@ -148,8 +147,6 @@ class ResumeState:
         hidden: the next block's inputs, per calibration batch (None when every block is done).
         phases: the phase timings spent so far.
         fp_hidden: the full-precision stream at the same point (after the last block too; None when not kept).
-        params: the finished blocks' full-precision parameters that tuning changed (block reconstruction's
-            ``reconstruct_norms``), by full name; empty when none was.
     """
 
     next_block: int
@@ -158,7 +155,6 @@ class ResumeState:
     hidden: Optional[list[Tensor]]
     phases: dict[str, float]
     fp_hidden: Optional[list[Tensor]] = None
-    params: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str], stage: str, block: int) -> None:
@@ -221,9 +217,9 @@ class ProgressStore:
                 fp_hidden = _read_stream(f, "fp") if "fp0" in f.keys() else None
         else:
             return None
-        layers, stored, phases, params = self._read_blocks(last)
+        layers, stored, phases = self._read_blocks(last)
         log.info("resuming after block %d (%d layers done) from %s", last, len(layers), self.folder)
-        return ResumeState(last + 1, layers, stored, hidden, phases, fp_hidden, params)
+        return ResumeState(last + 1, layers, stored, hidden, phases, fp_hidden)
 
     def packed(self, last: int) -> dict[str, StoredWeight]:
         """The packed layers of blocks ``0..last`` as recorded (qualified layer name -> stored weight)."""
@@ -269,41 +265,32 @@ class ProgressStore:
             with safe_open(str(path), "pt") as f:
                 yield path, f
 
-    def _read_blocks(self, last: int) -> tuple[list[dict[str, Any]], dict[str, StoredWeight], dict[str, float],
-                                               dict[str, Tensor]]:
+    def _read_blocks(self, last: int) -> tuple[list[dict[str, Any]], dict[str, StoredWeight], dict[str, float]]:
         layers: list[dict[str, Any]] = []
         stored: dict[str, StoredWeight] = {}
         phases: dict[str, float] = {}
-        params: dict[str, Tensor] = {}
         for _, f in self._block_files(last):
             meta = json.loads(f.metadata()["block"])
             for name, spec in meta["stored"].items():
                 tensors = {field: f.get_tensor(f"{name}.{field}") for field in spec["fields"]}
                 stored[name] = StoredWeight(spec["format"], tuple(spec["shape"]), spec["meta"], tensors)
-            params.update({name: f.get_tensor(PARAM_PREFIX + name) for name in meta.get("params", [])})
             layers.extend(meta["layers"])
             for k, v in meta["phases"].items():
                 phases[k] = phases.get(k, 0.0) + v
-        return layers, stored, phases, params
+        return layers, stored, phases
 
     def record_block(self, i: int, layers: list, stored: dict[str, StoredWeight], hidden: Optional[list[Tensor]],
-                     phases: dict[str, float], fp_hidden: Optional[list[Tensor]] = None,
-                     params: Optional[dict[str, Tensor]] = None) -> None:
+                     phases: dict[str, float], fp_hidden: Optional[list[Tensor]] = None) -> None:
         """Record block ``i`` as finished: its packed weights and reports, then its output activations.
 
         ``hidden`` is None for the last block (nothing follows it). ``fp_hidden``: the full-precision stream (block
         reconstruction's ``fpinputs``, end-to-end tuning's ``fp`` target), saved beside ``hidden`` (keys ``fp0``,
-        ``fp1``, ...), and after the last block in ``final.safetensors``. ``params``: the block's full-precision
-        parameters that tuning changed (full name -> tensor), which a resumed run puts back in place of the source's.
+        ``fp1``, ...), and after the last block in ``final.safetensors``.
         """
-        params = params or {}
         meta = {"layers": [asdict(r) for r in layers], "phases": phases,
                 "stored": {n: {"format": s.format, "shape": list(s.shape), "meta": s.meta, "fields": sorted(s.tensors)}
                            for n, s in stored.items()}}
-        if params:
-            meta["params"] = sorted(params)
         tensors = {f"{n}.{field}": t.detach().cpu().contiguous() for n, s in stored.items() for field, t in s.tensors.items()}
-        tensors.update({PARAM_PREFIX + n: t.detach().cpu().contiguous() for n, t in params.items()})
         fault_point("before-block", i)
         _save_atomic(tensors, self._block_file(i), {"block": json.dumps(meta)}, "block", i)
         fault_point("after-block", i)
