@@ -131,18 +131,12 @@ for section in "${SECTIONS[@]}"; do
       "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
       "${cmd[@]}"
       made="billm pareto smollm2 --methods $methods --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
-      { printf '# SmolLM2-135M: block reconstruction for the baselines
-
-'; cat "$out/compare.md"
-        printf '
-The same protocol as [../../pareto](../../pareto/README.md), whose table holds the same settings without
-'
-        printf 'reconstruction; pydoc is the held-out text. `rec200`: 200 steps of block reconstruction per block, tuning
-'
-        printf 'the stored scales (and means, zero-point grids'"'"' scales) toward the full-precision block on the quantized
-'
-        printf 'model'"'"'s inputs. Seconds: quantization only, two jobs sharing the 2 cores at 1 thread each.
-'
+      { printf '# SmolLM2-135M: block reconstruction for the baselines\n\n'; cat "$out/compare.md"
+        printf '\nThe same protocol as [../../pareto](../../pareto/README.md), whose table holds the same settings without\n'
+        printf 'reconstruction; pydoc is the held-out text. `rec200`: 200 steps of block reconstruction per block, tuning\n'
+        printf 'every floating-point field of each format (scales; ARB'"'"'s means and column scales too; never codes, signs or\n'
+        printf 'bitmaps) toward the full-precision block on the quantized model'"'"'s inputs. Seconds: quantization only,\n'
+        printf 'two jobs sharing the 2 cores at 1 thread each.\n'
       } > "$out/README.md"
       stamp "$out/README.md" "$made"
       stamp "$out/compare.md" "$made" ;;
