@@ -127,7 +127,7 @@ for section in "${SECTIONS[@]}"; do
       # 1.6 storage bits) with and without it. At the pareto protocol (about 3 hours on 2 CPU cores, two jobs at a
       # time; each job's row is kept in $out/jobs, so an interrupted or extended run measures only what is missing)
       mid="billm:tiny+hadamard+min_salient_cols=36+max_salient_cols=36"
-      methods="slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,arb:rec200,$mid+rec200,$mid"
+      methods="slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,$mid+rec200,$mid"
       cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512
            --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
       "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
