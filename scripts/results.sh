@@ -134,10 +134,11 @@ for section in "${SECTIONS[@]}"; do
       "${cmd[@]}"
       made="billm pareto smollm2 --methods $methods --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
       { printf '# SmolLM2-135M: block reconstruction for more settings\n\n'; cat "$out/compare.md"
-        printf '\nThe same protocol as [../../pareto](../../pareto/README.md), whose table holds the first four settings\n'
-        printf 'without reconstruction; pydoc is the held-out text. `rec200`: 200 steps of block reconstruction per block, tuning\n'
-        printf 'every floating-point field of each format (scales; ARB'"'"'s means and column scales too; never codes, signs or\n'
-        printf 'bitmaps) toward the full-precision block on the quantized model'"'"'s inputs. Seconds: quantization only, at 1 thread\n'
+        printf '\nThe same protocol as [../../pareto](../../pareto/README.md), whose table holds `slim:w2+hadamard`,\n'
+        printf '`billm:plus+hadamard` and `gptq:w3g128` without reconstruction; pydoc is the held-out text. `rec200`: 200\n'
+        printf 'steps of block reconstruction per block, tuning every floating-point field of each format (scales, and means\n'
+        printf 'where a format stores them; never codes, signs or bitmaps) toward the full-precision block on the quantized\n'
+        printf 'model'"'"'s inputs. Seconds: quantization only, at 1 thread\n'
         printf 'with other jobs sharing the 2 cores: inflated, not a speed measurement.\n'
       } > "$out/README.md"
       stamp "$out/README.md" "$made"
