@@ -45,6 +45,17 @@ compare_section() {  # compare_section NAME TITLE METHODS
   stamp "$out/compare.md" "$made"
 }
 
+pareto_jobs() {  # pareto_jobs OUT METHODS: billm pareto at its protocol, the jobs two at a time at 1 thread each (faster
+  # on 2 cores than one job on both; finished rows are kept in OUT/jobs, so an interrupted or extended run measures
+  # only what is missing), then the table from their rows; sets $made, the command as a user would type it
+  local out="$1" methods="$2"
+  local cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64
+             --seqlen 512 --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
+  "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
+  "${cmd[@]}"
+  made="billm pareto smollm2 --methods $methods --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
+}
+
 for section in "${SECTIONS[@]}"; do
   echo "== $section"
   case "$section" in
@@ -85,13 +96,7 @@ for section in "${SECTIONS[@]}"; do
       out=docs/results/lowrank; mkdir -p "$out"
       # low-rank binary factors at three budgets and one with reconstruction, at the pareto protocol (about 2 hours on 2 CPU cores;
       # interrupted, the same command continues: finished rows are kept in $out/jobs)
-      methods="lowrank:b1,lowrank:b08,lowrank:b055,lowrank:b1+rec50,lowrank:b1+rec50+reconstruct_signs"
-      cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512
-           --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
-      # its jobs two at a time at 1 thread each (faster on 2 cores than one job on both), then the table from their rows
-      "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
-      "${cmd[@]}"
-      made="billm pareto smollm2 --methods $methods --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
+      pareto_jobs "$out" "lowrank:b1,lowrank:b08,lowrank:b055,lowrank:b1+rec50,lowrank:b1+rec50+reconstruct_signs"
       { printf '# SmolLM2-135M: low-rank binary factors (lowrank) below and at one bit\n\n'; cat "$out/compare.md"
         printf '\nThe same protocol as [../pareto](../pareto/README.md), whose table holds BiLLM, the baselines and full\n'
         printf 'precision; pydoc is the held-out text. Storage bits: measured from each checkpoint file (signs of both\n'
@@ -127,12 +132,7 @@ for section in "${SECTIONS[@]}"; do
       # 1.6 storage bits) with and without it. At the pareto protocol (about 3 hours on 2 CPU cores, two jobs at a
       # time; each job's row is kept in $out/jobs, so an interrupted or extended run measures only what is missing)
       mid="billm:tiny+hadamard+min_salient_cols=36+max_salient_cols=36"
-      methods="slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,$mid+rec200,$mid"
-      cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512
-           --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
-      "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
-      "${cmd[@]}"
-      made="billm pareto smollm2 --methods $methods --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
+      pareto_jobs "$out" "slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,$mid+rec200,$mid"
       { printf '# SmolLM2-135M: block reconstruction for more settings\n\n'; cat "$out/compare.md"
         printf '\nThe same protocol as [../../pareto](../../pareto/README.md), whose table holds `slim:w2+hadamard`,\n'
         printf '`billm:plus+hadamard` and `gptq:w3g128` without reconstruction; pydoc is the held-out text. `rec200`: 200\n'
