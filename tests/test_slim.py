@@ -12,7 +12,7 @@ from billm.methods.gptq import GridColumns, gptq_weight
 from billm.methods.obc import hessian_error, prepare_hessian
 from billm.methods.rtn import minmax_params, quantize_minmax
 from billm.methods.slim import (allocation_candidates, allocation_errors, diag_allocation_errors, group_salience,
-                                group_sizes, local_weights, make_calibrate, salience_allocation, sqc_params,
+                                group_sizes, local_weights, lowered_groups, make_calibrate, salience_allocation, sqc_params,
                                 weighted_error)
 
 from conftest import random_problem, real_layer, tiny_model
@@ -42,6 +42,36 @@ def test_bits_flow_from_the_least_to_the_most_salient_groups():
     cands = allocation_candidates(sal, [8] * 6, 8, 2)
     assert cands[1] == [2, 2, 3, 2, 2, 1]
     assert cands[2] == [3 if s in (9.0, 7.0) else 1 if s in (1.0, 0.5) else 2 for s in sal.tolist()]
+
+
+@pytest.mark.parametrize("cols,average,expected", [(576, 1.9, 1), (576, 1.5, 3), (1536, 1.9, 2), (1536, 1.5, 6),
+                                                    (1536, 1.75, 3), (256, 1.01, 2), (576, 0.0, 0)])
+def test_lowered_groups_are_the_fewest_that_reach_the_average(cols, average, expected):
+    sizes = group_sizes(cols, 128)
+    n = lowered_groups(sizes, 128, 2, average)
+    assert n == expected
+    if average:
+        assert (2 * cols - n * 128) / cols <= average + 1e-12  # reached...
+        assert n == 0 or (2 * cols - (n - 1) * 128) / cols > average  # ...by the fewest groups
+
+
+def test_a_fractional_average_lowers_the_least_salient_groups_in_every_candidate():
+    sal = torch.tensor([5.0, 1.0, 9.0, 3.0, 7.0, 0.5, 4.0, 6.0])
+    cands = allocation_candidates(sal, [8] * 8, 8, 2, lowered=2)
+    assert cands[0] == [2, 1, 2, 2, 2, 1, 2, 2]  # saliences 1.0 and 0.5 at bits - 1
+    assert cands[1] == [2, 1, 3, 1, 2, 1, 2, 2]  # then the pairs among the rest: 9.0 up, 3.0 down
+    for gb in cands:
+        assert sum(gb) == 2 * 8 - 2 and gb[1] == gb[5] == 1
+
+
+def test_a_fractional_average_is_stored_and_reported_honestly(shared_data):
+    W, H = real_layer(shared_data, "q_proj")
+    res = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=2, average=1.5))
+    gb = res.info["group_bits"]
+    width = sum(n * b for n, b in zip(group_sizes(W.shape[1], 128), gb)) / W.shape[1]
+    assert width <= 1.5 and res.stored.weight_bits == pytest.approx(width) and res.weight_bits == pytest.approx(width)
+    plain = get_method("slim")(W.clone(), H.clone(), SliMConfig(bits=2))
+    assert hessian_error(W, res.q, H)[1] > hessian_error(W, plain.q, H)[1]  # fewer bits cost error, not silently nothing
 
 
 def test_uniform_salience_moves_no_bits():
@@ -206,6 +236,13 @@ def test_config_validation_and_spec():
     assert parse_method("slim:w3+output") == SliMConfig(bits=3, sba_error="output")
     with pytest.raises(BillmError, match="sba_error"):
         SliMConfig(sba_error="kl")
+    assert parse_method("slim:w2+average=1.8") == SliMConfig(bits=2, average=1.8)
+    for bad in (2.0, 1.0, 2.5):
+        with pytest.raises(BillmError, match="average"):
+            SliMConfig(bits=2, average=bad)
+    with pytest.raises(BillmError, match="sba"):
+        SliMConfig(bits=2, average=1.8, sba=False)
+    assert "average" not in SliMConfig(bits=2).to_dict()  # records of configs without it are unchanged
     with pytest.raises(BillmError, match="slim"):
         parse_method("slim:w2+fast")
     assert billm.config_from_dict(SliMConfig(bits=3, tau=2.0).to_dict()) == SliMConfig(bits=3, tau=2.0)

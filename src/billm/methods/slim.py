@@ -6,7 +6,9 @@ Two additions to GPTQ on the shared OBC loop, both driven by the Hessian salienc
 * **SBA** (salience-determined bit allocation). The input columns are cut into groups of
   ``groupsize``. Each full group gets a salience, the sum of its ``delta``. For an average of ``N``
   bits, the ``k`` most salient groups get ``N + 1`` bits and the ``k`` least salient get ``N - 1``,
-  so the layer's average stays exactly ``N``. ``k`` (0 included) is chosen for the least error of
+  so the layer's average stays exactly ``N``. (Beyond SliM-LLM: an ``average`` below ``N`` first
+  lowers the least salient full groups to ``N - 1``, as few as bring the layer's width to it or
+  under; the pairs then move among the rest.) ``k`` (0 included) is chosen for the least error of
   the rounded weights: by default GPTQ's per-column loss ``sum (w - q)^2 / U_jj^2``, the part of
   each column's error that compensation cannot remove (``sba_error="diag"``), or the output error
   ``tr(D H D^T)``, which ignores the compensation that follows (``"output"``). A partial last
@@ -60,6 +62,9 @@ class SliMConfig(GridConfig):
     ``omega = 1 + tau`` on locally salient weights (salience above mean + 3 std), 1 elsewhere.
     ``sba_error``: ``diag`` (default) scores a choice by the loss GPTQ's compensation cannot remove;
     ``output`` by the rounding's whole output error, which that compensation then changes.
+    ``average`` (beyond SliM-LLM): a fractional width under ``bits``, reached by lowering the least
+    salient full groups to ``bits - 1`` before SBA pairs the rest (each layer lands at or under it:
+    its groups are whole).
     """
 
     method: ClassVar[str] = "slim"
@@ -73,6 +78,9 @@ class SliMConfig(GridConfig):
     max_shrink: float = option(0.5, "SQC shrinks the range by at most this fraction")
     sba_error: SBAError = option(SBAError.DIAG, "what SBA minimises: diag (GPTQ's per-column loss) or output "
                                                 "(tr(D H D^T), ignoring the compensation that follows)")
+    average: float = option(0.0, "beyond SliM-LLM: a layer width below bits, in (bits-1, bits): the least salient "
+                                 "full groups drop to bits-1 until the layer's width is at most this (0: exactly bits)",
+                            record_default=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +89,9 @@ class SliMConfig(GridConfig):
         check(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
         check(self.clip_steps >= 0, f"clip_steps must be >= 0, got {self.clip_steps}")
         check(0 <= self.max_shrink < 1, f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        check(self.average == 0 or self.bits - 1 < self.average < self.bits,
+              f"average must be 0 (exactly bits) or in ({self.bits - 1}, {self.bits}), got {self.average}")
+        check(self.sba or not self.average, "average lowers the least salient groups: it needs sba (drop nosba)")
 
 
 
@@ -180,15 +191,33 @@ def group_salience(W: Tensor, d: Tensor, groupsize: int) -> Tensor:
     return torch.zeros(G, dtype=per_col.dtype, device=W.device).index_add_(0, grid_index(W.shape[1], groupsize, W.device), per_col)
 
 
-def allocation_candidates(salience: Tensor, sizes: list[int], groupsize: int, bits: int) -> list[list[int]]:
+def lowered_groups(sizes: list[int], groupsize: int, bits: int, average: float) -> int:
+    """How many full groups must drop to ``bits - 1`` for the layer's width to be at most ``average``
+    (0 when ``average`` is 0; all the full groups when even that is not enough)."""
+    if not average:
+        return 0
+    cols, full = sum(sizes), sum(n == groupsize for n in sizes)
+    need = bits * cols - average * cols  # bits to remove, one per column of a lowered group
+    return min(full, max(0, -(-int(round(need * 1e6)) // (groupsize * 1_000_000))))  # ceil, robust to float noise
+
+
+def allocation_candidates(salience: Tensor, sizes: list[int], groupsize: int, bits: int,
+                          lowered: int = 0) -> list[list[int]]:
     """Allocations for ``k = 0, 1, ...``: the k most salient full groups at ``bits + 1``, the k least at ``bits - 1``.
 
     Only full groups move, so every candidate's average over weights is exactly ``bits``. The list
     stops when the next pair would take a bit from a group as salient as the one receiving it.
+    ``lowered`` (beyond SliM-LLM): the ``lowered`` least salient full groups are at ``bits - 1`` in every
+    candidate, and the pairs move among the others (every candidate's width is then
+    ``bits - lowered * groupsize / cols``).
     """
     full = [g for g, n in enumerate(sizes) if n == groupsize]
     order = sorted(full, key=lambda g: (-float(salience[g]), g))  # most salient first; ties by position
-    cands = [[bits] * len(sizes)]
+    base = [bits] * len(sizes)
+    for g in order[len(order) - lowered:] if lowered else []:
+        base[g] = bits - 1
+    order = order[:len(order) - lowered]
+    cands = [base]
     for k in range(1, len(order) // 2 + 1):
         up, down = order[k - 1], order[-k]
         if not float(salience[up]) > float(salience[down]):
@@ -268,7 +297,8 @@ class Allocation:
 def salience_allocation(W: Tensor, H: Tensor, d: Tensor, cfg: SliMConfig, calibrate: Calibrate) -> Allocation:
     """SBA for one layer: rank groups by salience, choose k by the output error of the rounded weights."""
     sizes = group_sizes(W.shape[1], cfg.groupsize)
-    cands = allocation_candidates(group_salience(W, d, cfg.groupsize), sizes, cfg.groupsize, cfg.bits)
+    lowered = lowered_groups(sizes, cfg.groupsize, cfg.bits, cfg.average)
+    cands = allocation_candidates(group_salience(W, d, cfg.groupsize), sizes, cfg.groupsize, cfg.bits, lowered)
 
     def round_group(w: Tensor, b: int, col: int) -> Tensor:
         scale, zero = calibrate(w, b, col)
