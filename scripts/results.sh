@@ -45,15 +45,16 @@ compare_section() {  # compare_section NAME TITLE METHODS
   stamp "$out/compare.md" "$made"
 }
 
-pareto_jobs() {  # pareto_jobs OUT METHODS: billm pareto at its protocol, the jobs two at a time at 1 thread each (faster
-  # on 2 cores than one job on both; finished rows are kept in OUT/jobs, so an interrupted or extended run measures
-  # only what is missing), then the table from their rows; sets $made, the command as a user would type it
-  local out="$1" methods="$2"
-  local cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64
-             --seqlen 512 --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
+pareto_jobs() {  # pareto_jobs OUT [METHODS]: billm pareto at its protocol (METHODS empty: its default set), the jobs two at
+  # a time at 1 thread each (faster on 2 cores than one job on both; finished rows are kept in OUT/jobs, so an interrupted
+  # or extended run measures only what is missing), then the table from their rows; sets $made, the command as typed
+  local out="$1" methods="${2:-}"
+  local pick=(); [ -n "$methods" ] && pick=(--methods "$methods")
+  local protocol=(--tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64)
+  local cmd=(python -m billm.cli pareto smollm2 "${pick[@]}" "${protocol[@]}" --data-dir "$DATA" --out "$out")
   "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
   "${cmd[@]}"
-  made="billm pareto smollm2 --methods $methods --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
+  made="billm pareto smollm2 ${pick[*]} ${protocol[*]} --out $out"
 }
 
 for section in "${SECTIONS[@]}"; do
@@ -79,11 +80,9 @@ for section in "${SECTIONS[@]}"; do
     pareto)
       out=docs/results/pareto; mkdir -p "$out"
       # its own protocol, the published one: 64 x 512 C4 calibration, 64 WikiText-2 windows of 2048, and the held-out
-      # pydoc text (about 4 hours on 2 CPU cores; interrupted, the same command continues: finished rows are kept in $out/jobs)
-      cmd=(python -m billm.cli pareto smollm2 --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048
-           --max-windows 64 --data-dir "$DATA" --out "$out")
-      "${cmd[@]}"
-      made="billm pareto smollm2 --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
+      # pydoc text (about 8 hours on 2 CPU cores; interrupted or extended, the same command measures only what is missing:
+      # finished rows are kept in $out/jobs)
+      pareto_jobs "$out"
       { printf '# SmolLM2-135M: perplexity against true storage bits\n\n'; cat "$out/compare.md"
         printf '\nStorage bits: measured from each method'"'"'s checkpoint file (every packed byte x 8 / quantized weights);\n'
         printf 'each checkpoint was loaded back (logits checked equal to the quantized model'"'"'s) and the loaded one evaluated.\n'
@@ -112,11 +111,7 @@ for section in "${SECTIONS[@]}"; do
       # block reconstruction at the pareto protocol, WikiText-2 and the held-out pydoc text, beside the same settings
       # without it (about 2 hours on 2 CPU cores; interrupted, the same command continues from $out/jobs). Sign tuning
       # (+reconstruct_signs) tied scales alone on held-out text in the one-block measurement, so it has no row here.
-      methods="billm:tiny+hadamard+rec200,billm:wide+hadamard+rec200,billm:tiny+hadamard,billm:wide+hadamard"
-      cmd=(python -m billm.cli pareto smollm2 --methods "$methods" --tasks wikitext2,pydoc --calib c4 --nsamples 64
-           --seqlen 512 --eval-seqlen 2048 --max-windows 64 --data-dir "$DATA" --out "$out")
-      "${cmd[@]}"
-      made="billm pareto smollm2 --methods $methods --tasks wikitext2,pydoc --calib c4 --nsamples 64 --seqlen 512 --eval-seqlen 2048 --max-windows 64 --out $out"
+      pareto_jobs "$out" "billm:tiny+hadamard+rec200,billm:wide+hadamard+rec200,billm:tiny+hadamard,billm:wide+hadamard"
       { printf '# SmolLM2-135M: block reconstruction at the pareto protocol\n\n'; cat "$out/compare.md"
         printf '\nThe same protocol as [../../pareto](../../pareto/README.md) (64 x 512 C4 calibration, 64 windows of 2048\n'
         printf 'tokens), plus the pydoc text, which no setting was tuned on. `rec200`: 200 steps of block reconstruction\n'

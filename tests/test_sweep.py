@@ -4,7 +4,10 @@ a job whose worker is killed is retried by Ray and resumes from its own progress
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +164,29 @@ def test_another_dtype_is_another_row(tiny_folder, tmp_path, monkeypatch):
     second = json.loads((out / "jobs" / "rtn-w2-seed0" / "row.json").read_text())["fingerprint"]
     assert (first["dtype"], second["dtype"]) == ("torch.float32", "torch.bfloat16")
     assert first["config"]["bits"] == 2  # the spec resolved: a redefined preset is another row
+
+
+def test_a_tables_rows_kept_as_job_rows_are_reused_by_the_same_command(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    argv = ["pareto", str(tiny_folder), "--methods", "fp,rtn:w2", "--tasks", "pydoc", "--calib", "pydoc", "--nsamples",
+            "2", "--seqlen", "32", "--eval-seqlen", "64", "--max-windows", "2", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    jobs = {j.name: json.loads((j / "row.json").read_text()) for j in (out / "jobs").iterdir()}
+    shutil.rmtree(out / "jobs")  # a table from before job rows were kept: only compare.json
+    script = Path(__file__).resolve().parents[1] / "scripts" / "keep_table_rows.py"
+    run = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=os.environ)
+    assert run.returncode == 0, run.stderr
+    kept = {j.name: json.loads((j / "row.json").read_text()) for j in (out / "jobs").iterdir()}
+    assert {n: k["fingerprint"] for n, k in kept.items()} == {n: j["fingerprint"] for n, j in jobs.items()}
+    assert all(k["kept_from"] == "compare.json" for k in kept.values())
+    for k in kept.values():  # a marker only a kept row can carry: read back, never measured again
+        k["row"]["seconds"] = 12345.0
+        (out / "jobs" / f"{k['row']['spec'].replace(':', '-')}-seed0" / "row.json").write_text(json.dumps(k))
+    assert main(argv) == 0
+    again = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["seconds"] for r in again] == [12345.0, 12345.0]
+    assert [{**r, "seconds": 0} for r in again] == [{**r, "seconds": 0} for r in rows]
+    second = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=os.environ)
+    assert second.returncode == 0 and second.stdout.count("already there, left as it is") == 2
