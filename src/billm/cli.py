@@ -317,7 +317,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ARB-LLM, BiLLM as published, and billm's best presets (with and without block reconstruction)
 PARETO_SPECS = ("fp,rtn:w2g128,rtn:w3g128,gptq:w2g128,gptq:w3g128,pbllm,sign,slim:w2,slim:w2+hadamard,billm,billm:plus,"
                 "billm:plus+hadamard,arb,billm:tiny+hadamard,billm:wide+hadamard,billm:tiny+hadamard+rec200,"
-                "billm:wide+hadamard+rec200")
+                "billm:wide+hadamard+rec200,"
+                # the best rows with block reconstruction (docs/results/reconstruct, docs/results/lowrank)
+                "lowrank:b1+rec50,billm:tiny+hadamard+min_salient_cols=36+max_salient_cols=36+rec200,"
+                "slim:w2+hadamard+rec200,billm:plus+hadamard+rec200,gptq:w3g128+rec200")
 DEMO_SPECS = {"full precision": "fp", "BiLLM": "billm", "BiLLM plus": "billm:plus"}
 DEMO_QUICK = {"nsamples": 8, "max_windows": 8}  # billm demo: a first answer in minutes on 2 cores
 DEMO_FULL = {"nsamples": 32, "max_windows": 40}  # billm demo --full
@@ -641,8 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "loaded back and measured; the front marked")
     pa.add_argument("model")
     pa.add_argument("--methods", default=PARETO_SPECS,
-                    help="comma-separated specs, as for compare (default: the baselines, BiLLM, ARB-LLM and billm's "
-                         "own settings)")
+                    help="comma-separated specs, as for compare (default: the baselines, BiLLM, ARB-LLM, billm's "
+                         "own settings and the best ones with block reconstruction)")
     pa.add_argument("--tasks", default="wikitext2", help="the first is the one plotted and whose front is marked")
     _add_calibration(pa)
     pa.add_argument("--eval-seqlen", type=_positive, default=None)
