@@ -287,16 +287,19 @@ def pareto_plot(rows: list[Row], task: str, path: Path, title: str, mark_front: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5) if mark_front else (7, 4.5))
     points = [r for r in rows if not (mark_front and r.storage_bits >= 16)]
+    many = len(points) > 10  # then the legend goes beside the axes, and points differ by marker as well as colour
+    fig, ax = plt.subplots(figsize=(12, 6) if many else (8, 5) if mark_front else (7, 4.5))
     for r in rows:
         if mark_front and r.storage_bits >= 16:
             ax.axhline(r.ppl[task], color="gray", linestyle=":", label=f"{r.label(rows)} ({r.ppl[task]:.1f})")
     front_rows = pareto_front(points, task) if mark_front else []
     front = {id(r) for r in front_rows}
-    for r in points:
+    colours, markers = plt.get_cmap("tab20").colors, "osD^vPX<>"
+    for i, r in enumerate(points):
         ax.scatter(r.storage_bits, r.ppl[task], s=70 if id(r) in front else 40,
-                   edgecolors="black" if id(r) in front else "none",
+                   edgecolors="black" if id(r) in front else "none", color=colours[i % len(colours)],
+                   marker=markers[i % len(markers)] if many else "o",
                    label=f"{r.label(rows)} ({r.storage_bits:.2f} b, {r.ppl[task]:.1f})")
     if front_rows:
         ax.step([r.storage_bits for r in front_rows], [r.ppl[task] for r in front_rows], where="post", color="black",
@@ -307,7 +310,10 @@ def pareto_plot(rows: list[Row], task: str, path: Path, title: str, mark_front: 
     ax.set_ylabel(f"{task} perplexity (log)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7 if mark_front else 8, loc="best")
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7 if mark_front else 8, loc="best")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
