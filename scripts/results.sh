@@ -54,7 +54,7 @@ pareto_jobs() {  # pareto_jobs OUT [METHODS]: billm pareto at its protocol (METH
   local cmd=(python -m billm.cli pareto smollm2 "${pick[@]}" "${protocol[@]}" --data-dir "$DATA" --out "$out")
   "${cmd[@]}" --print-commands | grep -e '--jobs-only' | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{}'
   "${cmd[@]}"
-  made="billm pareto smollm2 ${pick[*]} ${protocol[*]} --out $out"
+  made="billm pareto smollm2${pick[*]:+ ${pick[*]}} ${protocol[*]} --out $out"
 }
 
 for section in "${SECTIONS[@]}"; do
