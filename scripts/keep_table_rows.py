@@ -19,10 +19,8 @@ import json
 from pathlib import Path
 
 from billm.compare import Row, job_fingerprint
-from billm.data import get_calibration_batches, get_eval_tokens
 from billm.io import write_json_atomic
-from billm.model.loading import checkpoint_dtype, load_model
-from billm.sweep import Job, Sweep, job_folder
+from billm.sweep import Job, Sweep, job_folder, job_inputs
 
 
 def main() -> None:
@@ -40,10 +38,7 @@ def main() -> None:
                   nsamples=cal["nsamples"], seqlen=cal["seqlen"], eval_seqlen=table["eval_seqlen"],
                   max_windows=table["max_windows"], batch_size=args.batch_size, data_dir=args.data_dir,
                   through_files=through_files)
-    model, tok = load_model(sweep.model, dtype=checkpoint_dtype(sweep.model))
-    calib = get_calibration_batches(sweep.calib, tok, nsamples=sweep.nsamples, seqlen=sweep.seqlen,
-                                    seed=cal["seeds"][0], data_dir=sweep.data_dir)
-    eval_ids = {t: get_eval_tokens(t, tok, sweep.eval_seqlen, data_dir=sweep.data_dir) for t in sweep.tasks}
+    model, _, calib, eval_ids = job_inputs(sweep, cal["seeds"][0])  # what the command's jobs load
     for saved in table["rows"]:
         row = Row(**saved)
         folder = job_folder(sweep, Job(row.spec, row.seed))

@@ -126,8 +126,9 @@ for section in "${SECTIONS[@]}"; do
       # plus with the rotation), whose rows without
       # it are the pareto table's; and a BiLLM setting between tiny and wide (36 salient columns in every block, under
       # 1.6 storage bits) with and without it; and SliM at fractional widths (1.9 and 1.5 asked; whole groups of 128
-      # columns drop a bit, so layers land at 1.78-1.83 and 1.33-1.5) with and without it. At the pareto protocol (about 3 hours on 2 CPU cores, two jobs at a
-      # time; each job's row is kept in $out/jobs, so an interrupted or extended run measures only what is missing)
+      # columns drop a bit, so layers land at 1.78-1.83 and 1.33-1.5) with and without it. At the pareto protocol (a
+      # row with reconstruction takes about 50 minutes at 1 thread, two jobs at a time on 2 CPU cores; each job's row
+      # is kept in $out/jobs, so an interrupted or extended run measures only what is missing)
       mid="billm:tiny+hadamard+min_salient_cols=36+max_salient_cols=36"
       slim19="slim:w2+hadamard+average=1.9"; slim15="slim:w2+hadamard+average=1.5"
       pareto_jobs "$out" "slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,$mid+rec200,$mid,$slim19+rec200,$slim15+rec200,$slim19,$slim15,billm:rec200,billm:plus+rec200"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from billm.cli import main
+from billm.compare import job_name
 
 SPECS = "fp,rtn:w2,billm"
 RESUME_SPEC = "gptq:w2g32"
@@ -183,7 +184,7 @@ def test_a_tables_rows_kept_as_job_rows_are_reused_by_the_same_command(tiny_fold
     assert all(k["kept_from"] == "compare.json" for k in kept.values())
     for k in kept.values():  # a marker only a kept row can carry: read back, never measured again
         k["row"]["seconds"] = 12345.0
-        (out / "jobs" / f"{k['row']['spec'].replace(':', '-')}-seed0" / "row.json").write_text(json.dumps(k))
+        (out / "jobs" / job_name(k["row"]["spec"]) / "row.json").write_text(json.dumps(k))
     assert main(argv) == 0
     again = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["seconds"] for r in again] == [12345.0, 12345.0]

@@ -76,6 +76,18 @@ def _model(name: str, dtype: str):
     return load_model(name, dtype=checkpoint_dtype(name) if dtype == "auto" else getattr(torch, dtype))
 
 
+def job_inputs(sweep: Sweep, seed: int):
+    """What a job of ``sweep`` under calibration ``seed`` measures on: (model, tokenizer, calibration ids (n, seqlen),
+    evaluation ids per task), the same that make its fingerprint (:func:`billm.compare.job_fingerprint`)."""
+    from .data import get_calibration_batches, get_eval_tokens
+
+    model, tok = _model(sweep.model, sweep.dtype)
+    calib = get_calibration_batches(sweep.calib, tok, nsamples=sweep.nsamples, seqlen=sweep.seqlen, seed=seed,
+                                    data_dir=sweep.data_dir)
+    eval_ids = {t: get_eval_tokens(t, tok, sweep.eval_seqlen, data_dir=sweep.data_dir) for t in sweep.tasks}
+    return model, tok, calib, eval_ids
+
+
 def run_job(sweep: Sweep, job: Job, threads: Optional[int] = None, progress: bool = True) -> Row:
     """Measure one job (see :func:`billm.compare.measure`), loading the model and the data it needs.
 
@@ -83,14 +95,9 @@ def run_job(sweep: Sweep, job: Job, threads: Optional[int] = None, progress: boo
     """
     import torch
 
-    from .data import get_calibration_batches, get_eval_tokens
-
     if threads is not None:
         torch.set_num_threads(threads)
-    model, tok = _model(sweep.model, sweep.dtype)
-    calib = get_calibration_batches(sweep.calib, tok, nsamples=sweep.nsamples, seqlen=sweep.seqlen, seed=job.seed,
-                                    data_dir=sweep.data_dir)
-    eval_ids = {t: get_eval_tokens(t, tok, sweep.eval_seqlen, data_dir=sweep.data_dir) for t in sweep.tasks}
+    model, tok, calib, eval_ids = job_inputs(sweep, job.seed)
     with tempfile.TemporaryDirectory(prefix="billm-job-") as tmp:
         checkpoint = Path(sweep.keep_checkpoints or tmp) / job.name if sweep.through_files else None
         return measure(model, tok, job.spec, calib, eval_ids, seqlen=sweep.eval_seqlen, max_windows=sweep.max_windows,

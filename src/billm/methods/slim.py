@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import enum
+import math
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -197,8 +198,8 @@ def lowered_groups(sizes: list[int], groupsize: int, bits: int, average: float) 
     if not average:
         return 0
     cols, full = sum(sizes), sum(n == groupsize for n in sizes)
-    need = bits * cols - average * cols  # bits to remove, one per column of a lowered group
-    return min(full, max(0, -(-int(round(need * 1e6)) // (groupsize * 1_000_000))))  # ceil, robust to float noise
+    need = (bits - average) * cols / groupsize  # groups' worth of bits to remove
+    return min(full, max(0, math.ceil(round(need, 9))))  # rounded first: 3.0000000001 is 3 groups, not 4
 
 
 def allocation_candidates(salience: Tensor, sizes: list[int], groupsize: int, bits: int,
@@ -213,10 +214,10 @@ def allocation_candidates(salience: Tensor, sizes: list[int], groupsize: int, bi
     """
     full = [g for g, n in enumerate(sizes) if n == groupsize]
     order = sorted(full, key=lambda g: (-float(salience[g]), g))  # most salient first; ties by position
-    base = [bits] * len(sizes)
-    for g in order[len(order) - lowered:] if lowered else []:
+    base, keep = [bits] * len(sizes), len(order) - lowered
+    for g in order[keep:]:
         base[g] = bits - 1
-    order = order[:len(order) - lowered]
+    order = order[:keep]
     cands = [base]
     for k in range(1, len(order) // 2 + 1):
         up, down = order[k - 1], order[-k]
