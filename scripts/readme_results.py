@@ -24,14 +24,14 @@ def pareto_block(results: dict, stamp: str) -> str:
 
     ``results`` is ``compare.json``; ``stamp`` the ``Commit: ...`` line of ``compare.md``.
     """
-    m = re.match(r"Commit: `([^`]+)`, (\d{4}-\d{2}-\d{2}), (\d+) CPU threads", stamp)
+    m = re.match(r"Commit: `([^`]+)`, (\d{4}-\d{2}-\d{2}), (.+), torch ", stamp)  # threads: as the stamp words them
     if not m:
         raise ValueError(f"not a results stamp: {stamp!r}")
     commit, date, threads = m.groups()
     tasks = results["tasks"]
     rows = sorted((Row(**r) for r in results["rows"]), key=lambda r: r.storage_bits)
     front = {id(r) for r in pareto_front(rows, tasks[0])}  # the front as the table in docs/results marks it
-    lines = [f"Made by `scripts/results.sh pareto` at commit `{commit}` on {date} ({threads} CPU threads);",
+    lines = [f"Made by `scripts/results.sh pareto` at commit `{commit}` on {date}; {threads};",
              "the chart, the JSON, the timings and the commit that measured each row are in",
              "[docs/results/pareto/](docs/results/pareto/README.md)."
              + (" The pydoc text is held out: no setting was tuned on it." if "pydoc" in tasks else ""), "",

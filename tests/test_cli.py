@@ -1,5 +1,6 @@
 """The billm command line on a tiny model saved as a normal Hugging Face folder."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -166,6 +167,9 @@ def test_pareto_measures_storage_from_the_files_and_marks_the_front(tiny_folder,
     assert not rows["fp"]["from_file"] and all(rows[s]["from_file"] for s in ("rtn:w2", "gptq:w3g32", "billm"))
     for spec, folder in (("rtn:w2", "rtn-w2-seed0"), ("billm", "billm-seed0")):
         assert rows[spec]["storage_bits"] == pytest.approx(billm.inspect_checkpoint(kept / folder).storage_bits, abs=0)
+        # the row names the bytes it evaluated
+        assert rows[spec]["weights_sha256"] == hashlib.sha256((kept / folder / "model.safetensors").read_bytes()).hexdigest()
+    assert rows["fp"]["weights_sha256"] == "" and rows["rtn:w2"]["weights_sha256"] != rows["billm"]["weights_sha256"]
     table = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")][2:]
     bits = [float(line.split("|")[3]) for line in table]
     assert bits == sorted(bits) and sum("| yes |" in line for line in table) >= 1
@@ -274,7 +278,7 @@ def test_readme_results_rewrites_only_the_marked_table(tmp_path):
     assert run.returncode == 0, run.stderr
     text = readme.read_text()
     assert text.startswith("# t\n\nbefore\n<!-- pareto-table:begin -->\nMade by `scripts/results.sh pareto` at commit "
-                           "`abc1234` on 2026-12-05 (2 CPU threads);") and text.endswith("<!-- pareto-table:end -->\nafter\n")
+                           "`abc1234` on 2026-12-05; 2 CPU threads;") and text.endswith("<!-- pareto-table:end -->\nafter\n")
     assert "old table" not in text and "The pydoc text is held out" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert table[0] == "| method | storage bits | WikiText-2 ppl | pydoc ppl (held out) | front |"

@@ -10,6 +10,7 @@ storage bits measured from the file, and the Pareto front marked.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class Row:
     seed: int = 0  # the calibration sample's seed
     revision: str = ""  # the billm commit of the process that measured it, read as it started (resume.source_revision;
     # a row resumed after an interruption: the last process's, its row.json counts the blocks recorded earlier); "" unrecorded
+    weights_sha256: str = ""  # SHA-256 of the checkpoint's tensors file (from_file rows; "" otherwise, or unrecorded): two
+    # rows with the same digest evaluated the same bytes
 
     def label(self, rows: list["Row"]) -> str:
         """The spec, with the seed when ``rows`` hold several."""
@@ -63,13 +66,14 @@ def _slug(spec: str) -> str:
 def through_file(model, tokenizer, folder: Path, probe: torch.Tensor):
     """Save the quantized ``model`` to ``folder``, load it back and check its logits on ``probe`` are equal.
 
-    Returns (the loaded model, its storage bits measured from the file, its weight bits).
+    Returns (the loaded model, its storage bits measured from the file, its weight bits, the SHA-256 of its
+    tensors file).
 
     Raises:
         QuantizationError: the loaded checkpoint computes other logits than the model it was saved from.
     """
     from .errors import QuantizationError
-    from .packing.checkpoint import inspect, load, save
+    from .packing.checkpoint import WEIGHTS, inspect, load, save
 
     save(model, folder, tokenizer)
     loaded = load(folder)
@@ -79,13 +83,14 @@ def through_file(model, tokenizer, folder: Path, probe: torch.Tensor):
         raise QuantizationError(f"{folder}: the saved checkpoint's logits differ from the quantized model's "
                                 f"(max |diff| {float((a - b).abs().max()):.3g})")
     info = inspect(folder)
-    return loaded, info.storage_bits, info.weight_bits
+    with open(folder / WEIGHTS, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    return loaded, info.storage_bits, info.weight_bits, sha
 
 
 def model_digest(model) -> str:
     """A cheap identity of a model's weights: SHA-256 of its config and, per parameter, its name, shape,
     dtype and first and last 1024 values (a folder overwritten with other weights gets another digest)."""
-    import hashlib
     import json
 
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -211,9 +216,9 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
         rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size, store=store, progress=progress)
         wb, sb, seconds, resumed = rep.weight_bits, rep.storage_bits, rep.seconds, rep.resumed_blocks
     if from_file:
-        work, sb, wb = through_file(work, tokenizer, Path(checkpoint), calibration[:1, :64])
+        work, sb, wb, sha = through_file(work, tokenizer, Path(checkpoint), calibration[:1, :64])
     row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds, from_file=from_file, seed=seed,
-              revision=revision)
+              revision=revision, weights_sha256=sha if from_file else "")
     for task, ids in eval_ids.items():
         row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
     if cfg is None:
