@@ -10,8 +10,9 @@ checkpoint's tensors file and quantization map (the report, which holds timings,
 
 The model is a 2-block random LLaMA (hidden 256, so OBC blocks of 128 columns and the salient
 search see more than one block), calibrated on 4 windows of 64 random token ids (seed 0). With
-``--smollm2`` it is the real SmolLM2-135M on 8 C4 sequences of 256 tokens (seed 0; a few minutes a
-spec): its widths (576, 1536, not powers of 2) and real weights reach paths the small model does not.
+``--smollm2`` it is the real SmolLM2-135M on 16 C4 sequences of 256 tokens (seed 0; two calibration
+batches, as every real run has several; a few minutes a spec): its widths (576, 1536, not powers of 2)
+and real weights reach paths the small model does not.
 Run it twice to check that one command gives the same bytes.
 """
 
@@ -54,12 +55,12 @@ def tiny_llama():
 
 
 def smollm2(data_dir):
-    """(SmolLM2-135M as ``billm.load_model`` loads it, 8 x 256 C4 calibration token ids, seed 0)."""
+    """(SmolLM2-135M as ``billm.load_model`` loads it, 16 x 256 C4 calibration token ids, seed 0)."""
     from billm.data.tokens import get_calibration_batches
     from billm.model.loading import load_model
 
     model, tok = load_model(None)
-    return model, get_calibration_batches("c4", tok, nsamples=8, seqlen=256, seed=0, data_dir=data_dir)
+    return model, get_calibration_batches("c4", tok, nsamples=16, seqlen=256, seed=0, data_dir=data_dir)
 
 
 def digest(spec: str, model, ids: torch.Tensor) -> str:
