@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -737,8 +738,10 @@ def quantize(model: nn.Module, calibration: Union[Tensor, Sequence[Tensor]], con
                 _record(run, i, done, store, before)
                 if weights is not None:
                     _spill(run, i)
-            if done:
-                bar.set_postfix(err=f"{done[-1].hessian_rel_err:.3f}")
+            if done:  # the last layer's output error; a method without a Hessian (RTN) has its weight error
+                last = done[-1]
+                bar.set_postfix({"err": f"{last.hessian_rel_err:.3f}"} if math.isfinite(last.hessian_rel_err)
+                                else {"weight err": f"{last.weight_rel_err:.3f}"})
     finally:  # on any failure: the block back where it was, the mode restored
         if current is not None:
             current.to(run.offload)
