@@ -170,6 +170,7 @@ def test_pareto_measures_storage_from_the_files_and_marks_the_front(tiny_folder,
         # the row names the bytes it evaluated
         assert rows[spec]["weights_sha256"] == hashlib.sha256((kept / folder / "model.safetensors").read_bytes()).hexdigest()
     assert rows["fp"]["weights_sha256"] == "" and rows["rtn:w2"]["weights_sha256"] != rows["billm"]["weights_sha256"]
+    assert {r["threads"] for r in rows.values()} == {torch.get_num_threads()}
     table = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")][2:]
     bits = [float(line.split("|")[3]) for line in table]
     assert bits == sorted(bits) and sum("| yes |" in line for line in table) >= 1

@@ -52,6 +52,8 @@ class Row:
     # a row resumed after an interruption: the last process's, its row.json counts the blocks recorded earlier); "" unrecorded
     weights_sha256: str = ""  # SHA-256 of the checkpoint's tensors file (from_file rows; "" otherwise, or unrecorded): two
     # rows with the same digest evaluated the same bytes
+    threads: int = 0  # torch's CPU threads in the measuring process (0: unrecorded): on the CPU they can change a
+    # search's choices, so two rows of one spec at different thread counts need not hold the same bytes
 
     def label(self, rows: list["Row"]) -> str:
         """The spec, with the seed when ``rows`` hold several."""
@@ -218,7 +220,7 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
     if from_file:
         work, sb, wb, sha = through_file(work, tokenizer, Path(checkpoint), calibration[:1, :64])
     row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds, from_file=from_file, seed=seed,
-              revision=revision, weights_sha256=sha if from_file else "")
+              revision=revision, weights_sha256=sha if from_file else "", threads=torch.get_num_threads())
     for task, ids in eval_ids.items():
         row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
     if cfg is None:
