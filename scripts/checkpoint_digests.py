@@ -80,8 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated specs (default: every method and preset)")
     ap.add_argument("--smollm2", action="store_true", help="the real SmolLM2-135M (give --only: minutes a spec)")
     ap.add_argument("--data-dir", help="the local C4 copy for --smollm2 (see docs/data.md)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch's CPU threads (default 1: the same reductions on every run; compare lists at one count)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # the same GEMM reductions on every run
+    torch.set_num_threads(args.threads)
     if args.smollm2:
         model, ids = smollm2(args.data_dir)
         fresh = lambda: copy.deepcopy(model)  # noqa: E731
