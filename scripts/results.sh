@@ -124,19 +124,18 @@ for section in "${SECTIONS[@]}"; do
       stamp "$out/compare.md" "$made" ;;
     reconstruct-more)
       out=docs/results/reconstruct/more; mkdir -p "$out"
-      # 200 steps of block reconstruction for the baselines' best settings and BiLLM's at 2.55 bits (the paper's, plus,
-      # plus with the rotation), whose rows without
-      # it are the pareto table's; and a BiLLM setting between tiny and wide (36 salient columns in every block, under
-      # 1.6 storage bits) with and without it; and SliM at fractional widths (1.9 and 1.5 asked; whole groups of 128
+      # 200 steps of block reconstruction for the baselines and BiLLM at 2.55 bits (the paper's, plus, plus with the
+      # rotation), whose rows without it are the pareto table's; and a BiLLM setting between tiny and wide (36 salient
+      # columns in every block, under 1.6 storage bits) with and without it; and SliM at fractional widths (1.9 and 1.5 asked; whole groups of 128
       # columns drop a bit, so layers land at 1.78-1.83 and 1.33-1.5) with and without it. At the pareto protocol (a
       # row with reconstruction takes about 50 minutes at 1 thread, two jobs at a time on 2 CPU cores; each job's row
       # is kept in $out/jobs, so an interrupted or extended run measures only what is missing)
       mid="billm:tiny+hadamard+min_salient_cols=36+max_salient_cols=36"
       slim19="slim:w2+hadamard+average=1.9"; slim15="slim:w2+hadamard+average=1.5"
-      pareto_jobs "$out" "slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,$mid+rec200,$mid,$slim19+rec200,$slim15+rec200,$slim19,$slim15,billm:rec200,billm:plus+rec200"
+      pareto_jobs "$out" "slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,$mid+rec200,$mid,$slim19+rec200,$slim15+rec200,$slim19,$slim15,billm:rec200,billm:plus+rec200,slim:w2+rec200,gptq:w2g128+rec200,rtn:w3g128+rec200,pbllm:rec200,sign:rec200,rtn:w2g128+rec200"
       { printf '# SmolLM2-135M: block reconstruction for more settings\n\n'; cat "$out/compare.md"
-        printf '\nThe same protocol as [../../pareto](../../pareto/README.md), whose table holds `slim:w2+hadamard`,\n'
-        printf '`billm:plus+hadamard`, `gptq:w3g128`, `billm` and `billm:plus` without reconstruction; pydoc is the held-out text. `rec200`: 200\n'
+        printf '\nThe same protocol as [../../pareto](../../pareto/README.md), whose table holds the baselines and BiLLM at\n'
+        printf '2.55 bits without reconstruction; pydoc is the held-out text. `rec200`: 200\n'
         printf 'steps of block reconstruction per block, tuning every floating-point field of each format (scales, and means\n'
         printf 'where a format stores them; never codes, signs or bitmaps) toward the full-precision block on the quantized\n'
         printf 'model'"'"'s inputs. Seconds: quantization only, at 1 thread\n'
