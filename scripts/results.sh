@@ -132,7 +132,7 @@ for section in "${SECTIONS[@]}"; do
       # is kept in $out/jobs, so an interrupted or extended run measures only what is missing)
       mid="billm:tiny+hadamard+min_salient_cols=36+max_salient_cols=36"
       slim19="slim:w2+hadamard+average=1.9"; slim15="slim:w2+hadamard+average=1.5"
-      pareto_jobs "$out" "slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,$mid+rec200,$mid,$slim19+rec200,$slim15+rec200,$slim19,$slim15,billm:rec200,billm:plus+rec200,slim:w2+rec200,gptq:w2g128+rec200,rtn:w3g128+rec200,pbllm:rec200,sign:rec200,rtn:w2g128+rec200"
+      pareto_jobs "$out" "slim:w2+hadamard+rec200,gptq:w3g128+rec200,billm:plus+hadamard+rec200,$mid+rec200,$mid,$slim19+rec200,$slim15+rec200,$slim19,$slim15,billm:rec200,billm:plus+rec200,slim:w2+rec200,gptq:w2g128+rec200,rtn:w3g128+rec200,pbllm:rec200,sign:rec200,rtn:w2g128+rec200,arb:rec200"
       { printf '# SmolLM2-135M: block reconstruction for more settings\n\n'; cat "$out/compare.md"
         printf '\nThe same protocol as [../../pareto](../../pareto/README.md), whose table holds the baselines and BiLLM at\n'
         printf '2.55 bits without reconstruction; pydoc is the held-out text. `rec200`: 200\n'
