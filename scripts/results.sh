@@ -126,8 +126,9 @@ for section in "${SECTIONS[@]}"; do
       out=docs/results/reconstruct/more; mkdir -p "$out"
       # 200 steps of block reconstruction for the baselines and BiLLM at 2.55 bits (the paper's, plus, plus with the
       # rotation), whose rows without it are the pareto table's; and a BiLLM setting between tiny and wide (36 salient
-      # columns in every block, under 1.6 storage bits) with and without it; and SliM at fractional widths (1.9 and 1.5 asked; whole groups of 128
-      # columns drop a bit, so layers land at 1.78-1.83 and 1.33-1.5) with and without it. At the pareto protocol (a
+      # columns in every block, under 1.6 storage bits) with and without it; and SliM at fractional widths (1.9 and
+      # 1.5 asked; whole groups of 128 columns drop a bit, so layers land at 1.78-1.83 and 1.33-1.5) with and without
+      # it. At the pareto protocol (a
       # row with reconstruction takes about 50 minutes at 1 thread, two jobs at a time on 2 CPU cores; each job's row
       # is kept in $out/jobs, so an interrupted or extended run measures only what is missing)
       mid="billm:tiny+hadamard+min_salient_cols=36+max_salient_cols=36"

@@ -217,10 +217,11 @@ def measure(model, tokenizer, spec: str, calibration: torch.Tensor, eval_ids: di
         store = _progress_store(job / "progress", fingerprint) if job is not None else None
         rep = quantize(work, calibration, cfg, device=device, batch_size=batch_size, store=store, progress=progress)
         wb, sb, seconds, resumed = rep.weight_bits, rep.storage_bits, rep.seconds, rep.resumed_blocks
+    sha = ""  # the evaluated checkpoint's tensors file, where there is one
     if from_file:
         work, sb, wb, sha = through_file(work, tokenizer, Path(checkpoint), calibration[:1, :64])
     row = Row(spec=spec, weight_bits=wb, storage_bits=sb, seconds=seconds, from_file=from_file, seed=seed,
-              revision=revision, weights_sha256=sha if from_file else "", threads=torch.get_num_threads())
+              revision=revision, weights_sha256=sha, threads=torch.get_num_threads())
     for task, ids in eval_ids.items():
         row.ppl[task] = perplexity(work, ids, seqlen=seqlen, max_windows=max_windows, device=eval_device).ppl
     if cfg is None:
